@@ -1,0 +1,562 @@
+"""The SPHINX model: LLaMA-2 with fairscale tensor parallel, the mixed visual encoders and the
+multi-scale sub-image scheme, written top to bottom from config to logits.
+
+Facts reproduced here (see docs/ARCHITECTURE notes in the README): the sequence is
+``[BOS] + per view [start_img, 32 Q-Former tokens, 257 fused tokens, end_img] + prompt[1:]``, with RoPE
+over the whole sequence and causal attention. SPHINX (`llama_ens`) uses one 224 view; SPHINX-1k
+(`llama_ens5`) uses a 448 input split into a global view plus four quadrants.
+
+Parameter names equal the released checkpoint's (``llma.`` prefix stripped), so a state dict loads
+as is. Visual encoders come from transformers (BLIP-2 Q-Former), open_clip (CLIP ViT-L/14) and timm
+(ConvNeXt-XXL trunk, DINOv2 ViT-g/14 blocks); only their forward wiring is ours.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+
+LLAMA_TYPES = {"llama_ens": (224, 1), "llama_ens5": (448, 5)}  # llama_type -> (image_size, views)
+VIEW_SIZE = 224
+QUERY_TOKENS = 32
+FUSED_TOKENS = 257
+TOKENS_PER_VIEW = 1 + QUERY_TOKENS + FUSED_TOKENS + 1  # start_img, qformer, fused, end_img = 291
+
+
+@dataclass
+class VisionConfig:
+    "Widths of the four frozen visual encoders. Defaults are the released SPHINX values."
+
+    # BLIP-2 (OPT-2.7b config) ViT-g + Q-Former
+    qf_vision_width: int = 1408
+    qf_vision_layers: int = 39
+    qf_vision_heads: int = 16
+    qf_vision_mlp: int = 6144
+    qf_width: int = 768
+    qf_layers: int = 12
+    qf_heads: int = 12
+    qf_mlp: int = 3072
+    # open_clip ViT-L/14 (visual tower used; text tower tensors are stored but unused)
+    clip_width: int = 1024
+    clip_layers: int = 24
+    clip_head_width: int = 64
+    clip_embed_dim: int = 768
+    clip_text_width: int = 768
+    clip_text_heads: int = 12
+    clip_text_vocab: int = 49408
+    # open_clip convnext_xxlarge trunk (timm ConvNeXt)
+    convnext_depths: tuple = (3, 4, 30, 3)
+    convnext_dims: tuple = (384, 768, 1536, 3072)
+    # DINOv2 ViT-g/14
+    dino_width: int = 1536
+    dino_layers: int = 40
+    dino_heads: int = 24
+
+    @property
+    def fused_width(self) -> int:
+        return self.clip_width + self.convnext_dims[-1] + self.dino_width
+
+
+# Released SPHINX encoders, and the tiny widths of the reference's golden model (see tests/data/golden).
+vision_configs = {
+    "sphinx": VisionConfig(),
+    "tiny": VisionConfig(
+        qf_vision_width=40, qf_vision_layers=1, qf_vision_heads=2, qf_vision_mlp=80,
+        qf_width=32, qf_layers=2, qf_heads=2, qf_mlp=64,
+        clip_width=32, clip_layers=2, clip_head_width=16, clip_embed_dim=16,
+        clip_text_width=16, clip_text_heads=2, clip_text_vocab=64,
+        convnext_depths=(1, 1, 1, 1), convnext_dims=(8, 16, 24, 48),
+        dino_width=24, dino_layers=2, dino_heads=2,
+    ),
+}
+
+
+@dataclass
+class SphinxConfig:
+    "LLaMA args (as in a checkpoint's config.json) plus the variant and the encoder widths."
+
+    dim: int = 5120
+    n_layers: int = 40
+    n_heads: int = 40
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    llama_type: str = "llama_ens5"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def __post_init__(self):
+        if self.llama_type not in LLAMA_TYPES:
+            raise ValueError(
+                f"unknown llama_type {self.llama_type!r}; supported: {sorted(LLAMA_TYPES)}"
+            )
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"dim {self.dim} must divide by n_heads {self.n_heads}, "
+                f"and n_heads by n_kv_heads {self.n_kv_heads}"
+            )
+
+    @property
+    def image_size(self) -> int:
+        return LLAMA_TYPES[self.llama_type][0]
+
+    @property
+    def n_views(self) -> int:
+        return LLAMA_TYPES[self.llama_type][1]
+
+    @property
+    def image_tokens(self) -> int:
+        return self.n_views * TOKENS_PER_VIEW
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "SphinxConfig":
+        if name not in sphinx_configs:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(sphinx_configs)}")
+        cfg = dict(sphinx_configs[name])
+        cfg["vision"] = replace(vision_configs[cfg.pop("vision", "sphinx")])
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["vision"]["convnext_depths"] = list(self.vision.convnext_depths)
+        d["vision"]["convnext_dims"] = list(self.vision.convnext_dims)
+        return d
+
+
+sphinx_configs = {
+    "sphinx": dict(llama_type="llama_ens"),
+    "sphinx-1k": dict(llama_type="llama_ens5"),
+    "sphinx-v2-1k": dict(llama_type="llama_ens5"),
+    # tiny widths of the same code: for tests, demos and notebooks on CPU
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=512, vision="tiny"),
+    "tiny-224": dict(
+        dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=512, vision="tiny",
+        llama_type="llama_ens",
+    ),
+    # the benchmark's small preset
+    "small": dict(dim=512, n_layers=8, n_heads=8, multiple_of=256, vocab_size=32000, vision="tiny"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-2 blocks (fairscale tensor parallel)
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    "Static cache: (B, n_local_kv_heads, max_len, head_dim), written in place, never reallocated."
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots: [T] cache slots; k, v: (B, nkv, T, hd)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+def _no_init(_w):  # weights are always loaded or initialized explicitly
+    return _w
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        if cfg.n_heads % mp or cfg.n_kv_heads % mp:
+            raise ValueError(
+                f"n_heads {cfg.n_heads} / n_kv_heads {cfg.n_kv_heads} not divisible by "
+                f"model-parallel size {mp}"
+            )
+        self.n_local_heads = cfg.n_heads // mp
+        self.n_local_kv_heads = cfg.n_kv_heads // mp
+        self.head_dim = cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        kw = dict(bias=False, init_method=_no_init)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * cfg.head_dim, gather_output=False, **kw)
+        self.wk = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False, **kw)
+        self.wv = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False, **kw)
+        self.wo = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.dim, input_is_parallel=True, **kw)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, freqs_cis, mask, slots=None):
+        # x: (B, T, dim); freqs_cis: (B, T, hd/2) complex; mask: (B, 1, T, S) bool or None (causal)
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(slots, k, v)
+        rep = self.n_local_heads // self.n_local_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        kw = dict(bias=False, init_method=_no_init)
+        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False, **kw)
+        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, input_is_parallel=True, **kw)
+        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False, **kw)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs_cis, mask, slots=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# Visual encoders
+# --------------------------------------------------------------------------------------------
+
+
+class QFormer(nn.Module):
+    "BLIP-2 vision model + Q-Former + query tokens (Blip2Model without the language side)."
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2VisionConfig
+        from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+
+        vcfg = Blip2VisionConfig(
+            hidden_size=v.qf_vision_width, num_hidden_layers=v.qf_vision_layers,
+            num_attention_heads=v.qf_vision_heads, intermediate_size=v.qf_vision_mlp,
+            image_size=VIEW_SIZE, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+            qkv_bias=True,
+        )
+        qcfg = Blip2QFormerConfig(
+            hidden_size=v.qf_width, num_hidden_layers=v.qf_layers, num_attention_heads=v.qf_heads,
+            intermediate_size=v.qf_mlp, hidden_act="gelu", layer_norm_eps=1e-12,
+            cross_attention_frequency=2, encoder_hidden_size=v.qf_vision_width,
+            use_qformer_text_input=False,
+        )
+        for c in (vcfg, qcfg):
+            c._attn_implementation = "eager"
+        self.vision_model = Blip2VisionModel(vcfg)
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.query_tokens = nn.Parameter(torch.zeros(1, QUERY_TOKENS, v.qf_width))
+
+    def forward(self, pixel_values):
+        # pixel_values: (N, 3, 224, 224) -> (N, 32, qf_width)
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = self.qformer(
+            query_embeds=query, encoder_hidden_states=image_embeds, encoder_attention_mask=mask
+        )
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def build_clip(v: VisionConfig) -> nn.Module:
+    "open_clip CLIP with its text transformer removed (the text tensors stay, unused)."
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision_cfg = CLIPVisionCfg(
+        layers=v.clip_layers, width=v.clip_width, head_width=v.clip_head_width,
+        patch_size=14, image_size=VIEW_SIZE, mlp_ratio=4.0,
+    )
+    text_cfg = CLIPTextCfg(
+        context_length=77, vocab_size=v.clip_text_vocab, width=v.clip_text_width,
+        heads=v.clip_text_heads, layers=1,
+    )
+    clip = CLIP(v.clip_embed_dim, vision_cfg, text_cfg, quick_gelu=False)
+    clip.transformer = None
+    return clip
+
+
+def clip_encode(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # x: (N, 3, 224, 224) -> (N, 257, clip_width); ln_post on all tokens, no proj.
+    # Batch-first: attention runs over the 257 tokens of each view.
+    x = visual.conv1(x)  # (N, w, 16, 16)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, 256, w)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.ln_pre(x)
+    tr = visual.transformer
+    if getattr(tr, "batch_first", True):
+        x = tr(x)
+    else:  # open_clip < 2.26 ran sequence-first
+        x = tr(x.permute(1, 0, 2)).permute(1, 0, 2)
+    return visual.ln_post(x)
+
+
+def build_convnext(v: VisionConfig) -> nn.Module:
+    "timm ConvNeXt trunk as open_clip uses it: no pooling, no classifier, head.norm kept."
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(
+        depths=v.convnext_depths, dims=v.convnext_dims, num_classes=0, global_pool="",
+        conv_mlp=False, ls_init_value=1e-6,
+    )
+
+
+class SwiGLUFFN(nn.Module):
+    "DINOv2's fused SwiGLU: w3(silu(x1) * x2) with x1, x2 = w12(x).chunk(2)."
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def build_dinov2(v: VisionConfig) -> nn.Module:
+    "DINOv2 ViT-g/14 (hub `dinov2_vitg14` layout) from timm blocks, with the hub's parameter names."
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(
+        img_size=518, patch_size=14, embed_dim=v.dino_width, depth=v.dino_layers,
+        num_heads=v.dino_heads, mlp_ratio=4.0, init_values=1.0, num_classes=0, global_pool="",
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    hidden = (int(v.dino_width * 4 * 2 / 3) + 7) // 8 * 8
+    for blk in vit.blocks:
+        blk.mlp = SwiGLUFFN(v.dino_width, hidden)
+    vit.mask_token = nn.Parameter(torch.zeros(1, v.dino_width))  # stored in checkpoints, unused
+    return vit
+
+
+def dinov2_encode(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # x: (N, 3, 224, 224) ImageNet-normalized -> (N, 257, dino_width) = cat(cls, patches), normed
+    N, _, H, W = x.shape
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (N, 256, d)
+    x = torch.cat([vit.cls_token.to(x.dtype).expand(N, -1, -1), x], dim=1)
+    x = x + _dinov2_pos_embed(vit.pos_embed, H // 14, W // 14).to(x.dtype)
+    for blk in vit.blocks:
+        x = blk(x)
+    return vit.norm(x)
+
+
+def _dinov2_pos_embed(pos_embed: torch.Tensor, h0: int, w0: int) -> torch.Tensor:
+    # DINOv2's interpolate_pos_encoding: bicubic with scale_factor (n + 0.1) / 37, antialias off.
+    # `size=n` gives different numbers.
+    pos = pos_embed.float()
+    cls, patch = pos[:, :1], pos[:, 1:]
+    m = int(math.sqrt(patch.shape[1]))
+    patch = patch.reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(
+        patch, scale_factor=((h0 + 0.1) / m, (w0 + 0.1) / m), mode="bicubic", antialias=False
+    )
+    assert patch.shape[-2:] == (h0, w0), patch.shape
+    return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = ParallelEmbedding(cfg.vocab_size, cfg.dim, init_method=_no_init)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, bias=False, init_method=_no_init)
+
+        v = cfg.vision
+        self.qformer = QFormer(v)
+        self.clip = build_clip(v)
+        self.openclip_convnext_xxl = build_convnext(v)
+        self.dinov2_vitg14 = build_dinov2(v)
+        self.qformer_proj = nn.Sequential(nn.Linear(v.qf_width, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.visual_proj = nn.Sequential(nn.Linear(v.fused_width, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.start_img = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.end_img = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.freqs_cis: torch.Tensor | None = None  # built on first use, on the weights' device
+
+    # -- rope ----------------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        # positions: (B, T) long -> (B, T, hd/2) complex64
+        if self.freqs_cis is None or self.freqs_cis.device != positions.device:
+            self.freqs_cis = precompute_freqs_cis(
+                self.cfg.head_dim, self.cfg.max_seq_len * 2, self.cfg.rope_theta
+            ).to(positions.device)
+        return self.freqs_cis[positions]
+
+    # -- image ---------------------------------------------------------------------------------
+    def views(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (B, 3, S, S) -> (V*B, 3, 224, 224), view-major ([v0 of all rows, TL of all, ...])
+        if self.cfg.n_views == 1:
+            return images
+        g = F.interpolate(images.half(), size=(VIEW_SIZE, VIEW_SIZE), mode="bicubic")
+        s = VIEW_SIZE
+        quads = [images[..., :s, :s], images[..., :s, s:], images[..., s:, :s], images[..., s:, s:]]
+        return torch.cat([g.to(images.dtype)] + quads, dim=0)
+
+    def encode_views(self, x: torch.Tensor) -> dict:
+        # x: (N, 3, 224, 224) CLIP-normalized views -> per-encoder features
+        dt = x.dtype
+        qf = self.qformer(x)  # (N, 32, qf_width)
+        clip = clip_encode(self.clip.visual, x)  # (N, 257, clip_width)
+        cx = F.interpolate(x.half(), size=(256, 256)).to(dt)  # nearest, in fp16 as the reference
+        trunk = self.openclip_convnext_xxl(cx)  # (N, C, 8, 8)
+        t = trunk.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)  # (N, C, 16, 16)
+        t = t.flatten(2).transpose(1, 2)  # (N, 256, C)
+        convnext = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)  # (N, 257, C)
+        mean = torch.tensor(CLIP_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, dtype=dt, device=x.device).view(1, 3, 1, 1)
+        im_mean = torch.tensor(IMAGENET_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
+        im_std = torch.tensor(IMAGENET_STD, dtype=dt, device=x.device).view(1, 3, 1, 1)
+        dino = dinov2_encode(self.dinov2_vitg14, (x * std + mean - im_mean) / im_std)
+        return dict(qformer=qf, clip=clip, convnext_trunk=trunk, convnext=convnext, dinov2=dino)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (B, 3, S, S) -> (B, image_tokens, dim) including start/end tokens
+        B = images.shape[0]
+        f = self.encode_views(self.views(images))
+        q = self.qformer_proj(f["qformer"])  # (V*B, 32, dim)
+        fused = self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+        tokens = torch.cat([q, fused], dim=1)  # (V*B, 289, dim)
+        start = self.start_img.expand(B, -1, -1).to(tokens.dtype)
+        end = self.end_img.expand(B, -1, -1).to(tokens.dtype)
+        parts = []
+        for view in tokens.chunk(self.cfg.n_views, dim=0):  # each (B, 289, dim)
+            parts += [start, view, end]
+        return torch.cat(parts, dim=1)
+
+    # -- text ----------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
+        # tokens: (B, T) with BOS first; image_tokens: (B, I, dim) -> (B, T + I, dim)
+        h = self.tok_embeddings(tokens)
+        if image_tokens is None:
+            return h
+        return torch.cat([h[:, :1], image_tokens.to(h.dtype), h[:, 1:]], dim=1)
+
+    def forward(self, h, positions, mask=None, slots=None, last_only=False):
+        # h: (B, T, dim) embeddings; positions: (B, T) RoPE positions -> logits (B, T|1, V) fp32
+        freqs = self.rope(positions)
+        for layer in self.layers:
+            h = layer(h, freqs, mask, slots)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    # -- caches --------------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_len: int):
+        p = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            c = a.kv_cache
+            if c is None or c.k.shape[0] != batch or c.k.shape[2] < max_len or c.k.dtype != p.dtype:
+                a.kv_cache = KVCache(batch, max_len, a.n_local_kv_heads, a.head_dim, p.dtype, p.device)
+
+    def cache_len(self) -> int:
+        c = self.layers[0].attention.kv_cache
+        return 0 if c is None else c.k.shape[2]
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device, dtype=torch.float32)
+    freqs = torch.outer(t, freqs).float()
+    return torch.polar(torch.ones_like(freqs), freqs)  # complex64 (end, dim/2)
+
+
+def apply_rotary_emb(xq, xk, freqs_cis):
+    # xq: (B, T, nh, hd); freqs_cis: (B, T, hd/2)
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    f = freqs_cis.unsqueeze(2)
+    xq_out = torch.view_as_real(xq_ * f).flatten(3)
+    xk_out = torch.view_as_real(xk_ * f).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+# Model-parallel split dim of each LLaMA tensor (checkpoint key suffix -> dim); everything else
+# (all vision tensors included) is replicated.
+_SPLIT_DIMS = {
+    "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+    "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
+    "attention.wo.weight": 1, "feed_forward.w2.weight": 1, "tok_embeddings.weight": 1,
+}
+
+
+def mp_split_dim(name: str) -> int:
+    "The model-parallel split dim of a parameter (-1: replicated)."
+    if name.startswith(("qformer.", "clip.", "openclip_convnext_xxl.", "dinov2_vitg14.")):
+        return -1
+    for suffix, d in _SPLIT_DIMS.items():
+        if name == suffix or name.endswith("." + suffix):
+            return d
+    return -1

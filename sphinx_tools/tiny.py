@@ -1,0 +1,131 @@
+"""Tiny SPHINX checkpoints made in-process: the real architecture at small widths, random weights
+and a SentencePiece tokenizer trained on the spot, saved in the released folder format. For tests,
+notebooks, demos and users without weights."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import dist
+from .model import SphinxConfig, Transformer, mp_split_dim
+
+VARIANT_PRESETS = {"sphinx-1k": "tiny", "sphinx-v2-1k": "tiny", "sphinx": "tiny-224"}
+
+_WORDS = (
+    "a the of and in on with to is are there image picture photo person man woman child dog cat "
+    "car bus bicycle tree building sky road table chair cup bottle book phone person left right "
+    "top bottom center red green blue yellow white black small large two three several region "
+    "object objects detect all provide bounding box coordinates describe short description text "
+    "what where who how many which please answer question caption detailed keypoints pose "
+    "nose eye ear shoulder elbow wrist hip knee ankle relation between layout title list table "
+    "figure yes no"
+).split()
+
+
+def _corpus(seed: int) -> list[str]:
+    from .conversation import SYSTEM
+
+    g = torch.Generator().manual_seed(seed)
+    lines = [SYSTEM, "### Human: What is in the image?\n### Assistant:"]
+    for _ in range(1500):
+        n = int(torch.randint(3, 12, (1,), generator=g))
+        words = [_WORDS[int(i)] for i in torch.randint(len(_WORDS), (n,), generator=g)]
+        nums = torch.rand(4, generator=g).tolist()
+        box = ",".join(f"{v:.2f}" for v in nums)
+        lines.append(f"{' '.join(words)} <p>{words[0]}</p>[{box}] .")
+        lines.append(f"### Human: {' '.join(words)}?\n### Assistant: {words[-1]}")
+    return lines
+
+
+def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    "Train a LLaMA-style SentencePiece BPE model (byte fallback, split digits) into ``path``."
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(seed)), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        character_coverage=1.0, max_sentence_length=4096,
+    )
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: int = 0):
+    "Deterministic random weights: norms near 1, biases near 0, other tensors N(0, 0.02)."
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if p.ndim <= 1 and ("norm" in name or name.endswith(("gamma", "ln_pre.weight", "ln_post.weight"))
+                            or name.split(".")[-2:-1] == ["1"]):
+            base = torch.ones(p.shape)
+        else:
+            base = torch.zeros(p.shape)
+        noise = torch.randn(p.shape, generator=g) * 0.02
+        if p.ndim >= 2 and p.shape[-1] > 0:
+            noise = torch.randn(p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5
+        p.copy_((base + noise).to(p.dtype))
+
+
+def shard_state_dict(sd: dict, mp: int) -> list[dict]:
+    "Split a full state dict into ``mp`` model-parallel shards along each tensor's split dim."
+    shards = [{} for _ in range(mp)]
+    for k, t in sd.items():
+        d = mp_split_dim(k)
+        parts = t.chunk(mp, dim=d) if d >= 0 else [t] * mp
+        for r in range(mp):
+            shards[r]["llma." + k] = parts[r].clone()
+    return shards
+
+
+def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_file: Path | None,
+                    mp: int = 1) -> Path:
+    "Write a checkpoint folder in the released format (shards, config.json, meta.json)."
+    out.mkdir(parents=True, exist_ok=True)
+    for r, shard in enumerate(shard_state_dict(state_dict, mp)):
+        torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
+    args = cfg.to_json()
+    llama_type = args.pop("llama_type")
+    (out / "config.json").write_text(json.dumps(args, indent=1))
+    (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
+    if tokenizer_file is not None and tokenizer_file != out / "tokenizer.model":
+        (out / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
+    return out
+
+
+def make_tiny_checkpoint(dir, variant: str = "sphinx-1k", mp: int = 1, seed: int = 0,
+                         **overrides) -> Path:
+    """Make a complete tiny checkpoint folder in the released format.
+
+    Args:
+        dir: output folder (created).
+        variant: ``"sphinx-1k"`` / ``"sphinx-v2-1k"`` (448 input, 5 views) or ``"sphinx"`` (224).
+        mp: number of model-parallel shards to write.
+        seed: weight seed (the tokenizer is trained on a fixed synthetic corpus).
+        **overrides: SphinxConfig fields (e.g. ``dim=128, n_layers=4``).
+
+    Returns:
+        The folder path.
+    """
+    if variant not in VARIANT_PRESETS:
+        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANT_PRESETS)}")
+    out = Path(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out / "tokenizer.model")
+    cfg = SphinxConfig.from_name(VARIANT_PRESETS[variant], **overrides)
+    if cfg.n_heads % mp:
+        raise ValueError(f"n_heads {cfg.n_heads} is not divisible by mp={mp}")
+    if dist.init_model_parallel() != 1:
+        raise RuntimeError("make_tiny_checkpoint builds full tensors: call it outside model parallel")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    init_random_(model, seed)
+    return save_checkpoint(out, cfg, model.state_dict(), tok, mp)
