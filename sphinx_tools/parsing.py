@@ -1,0 +1,599 @@
+"""Pure text helpers shared by the task parsers (formats doc §3 and the robustness checklist §5).
+
+SPHINX writes grounded text as ``<p>phrase</p> [x1,y1,x2,y2;x1,y1,x2,y2]``: a phrase tag followed by
+one bracket of ``;``-separated groups; 4 numbers are a box and 2 numbers a point, as fractions of the
+padded square (§2). This module finds those pieces in noisy model text and never raises on it:
+
+- :class:`Answer` cleans a generation (cut at ``###``, drop ``</s>``, undo HTML escaping, strip) and
+  keeps a map back to the raw characters, so per-token log-probabilities still line up.
+- :func:`find_mentions` returns phrases and coordinate brackets in text order.
+- :func:`ground_boxes` / :func:`point_to_pixels` turn them into pixel geometry through
+  :class:`~sphinx_tools.transforms.PaddedResize` (unpad, swap inverted corners, clip, drop
+  degenerate boxes and boxes in the padding band, dedupe repeats), with notes for every repair.
+
+Confidence formula (:meth:`Answer.confidence`): for an object, take every generated token whose
+characters overlap the object's phrase text or its coordinate group, and return
+``exp(mean(logprob))`` over those tokens (the geometric-mean token probability, in ``[0, 1]``).
+Without log-probabilities it is ``None``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sphinx_tools.transforms import PaddedResize
+
+NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_INT_RE = re.compile(r"\+?\d+")
+# Characters allowed inside a coordinate bracket; anything else (letters, %, quotes) means prose.
+_BRACKET_RE = re.compile(r"\[([\d\s.,;eE+\-]*)(\])?")
+_OPEN_TAG_RE = re.compile(r"<p>", re.IGNORECASE)
+_CLOSE_TAG_RE = re.compile(r"</p>", re.IGNORECASE)
+_JUNK_RE = re.compile(r"</?s>|&(?:lt|gt|amp|quot|apos|#\d{1,7}|#[xX][0-9a-fA-F]{1,6});")
+_BIND_GAP_RE = re.compile(r"[\s:]*")  # what may sit between </p> and its bracket
+
+VALUE_TOLERANCE = 0.25  # values in [-0.25, 1.25] are kept (then clipped); beyond is malformed
+DEDUPE_DECIMALS = 3  # boxes equal after rounding normalized coords to this many decimals are repeats
+
+Span = tuple[int, int]
+
+
+# -- cleaned answer with a character map and token confidences -------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    """A model answer, cleaned, with the map back to the raw text and optional token log-probs.
+
+    Build it with :meth:`from_generation`. ``text`` is what the parsers read; ``starts[i]`` and
+    ``ends[i]`` give the raw-text character range that produced ``text[i]``.
+    """
+
+    raw: str
+    text: str
+    starts: np.ndarray
+    ends: np.ndarray
+    logprobs: np.ndarray | None = None
+    token_starts: np.ndarray | None = None
+    token_ends: np.ndarray | None = None
+
+    @classmethod
+    def from_generation(cls, raw, logprobs=None, offsets=None) -> "Answer":
+        """Clean a raw generation and attach its per-token log-probabilities.
+
+        Args:
+            raw: the generated text, raw or already cut (``None`` is read as ``""``).
+            logprobs: one log-probability per generated token, length T, or ``None``.
+            offsets: length T, the character index in ``raw`` where each token starts.
+
+        Returns:
+            An :class:`Answer`.
+
+        Raises:
+            ValueError: if only one of ``logprobs``/``offsets`` is given or their lengths differ.
+        """
+        raw = "" if raw is None else str(raw)
+        text, starts, ends = _clean(raw)
+        if logprobs is None and offsets is None:
+            return cls(raw, text, starts, ends)
+        if logprobs is None or offsets is None:
+            raise ValueError(
+                "`logprobs` and `offsets` go together (one value per generated token), got "
+                f"logprobs={'None' if logprobs is None else len(logprobs)} values, "
+                f"offsets={'None' if offsets is None else len(offsets)} values"
+            )
+        lp = np.asarray(logprobs, dtype=np.float64).reshape(-1)
+        tok_starts = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        if lp.shape != tok_starts.shape:
+            raise ValueError(
+                f"`logprobs` and `offsets` must have one value per token, got {lp.size} and "
+                f"{tok_starts.size}"
+            )
+        tok_ends = np.append(tok_starts[1:], len(raw))
+        tok_ends = np.maximum(tok_ends, tok_starts + 1)  # a token always covers >= 1 character
+        return cls(raw, text, starts, ends, lp, tok_starts, tok_ends)
+
+    def raw_span(self, span: Span) -> Span:
+        "Map a ``[start, end)`` span of ``text`` to the raw text."
+        a, b = span
+        if b <= a:
+            return (0, 0)
+        return int(self.starts[a]), int(self.ends[b - 1])
+
+    def confidence(self, spans) -> float | None:
+        """``exp(mean(logprob))`` over the tokens that overlap any of ``spans``.
+
+        Args:
+            spans: ``[start, end)`` character spans of ``text`` (the phrase and coordinate group
+                of one object).
+
+        Returns:
+            A float in ``[0, 1]``, or ``None`` when there are no log-probs or no token overlaps.
+        """
+        if self.logprobs is None:
+            return None
+        mask = np.zeros(self.logprobs.shape, dtype=bool)
+        for span in spans:
+            a, b = self.raw_span(span)
+            if b > a:
+                mask |= (self.token_starts < b) & (self.token_ends > a)
+        values = self.logprobs[mask]
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return None
+        return float(np.exp(np.clip(values.mean(), -np.inf, 0.0)))
+
+
+def _clean(raw: str):
+    "Cut at '###', drop </s>, unescape HTML entities, strip; keep per-character raw ranges."
+    stop = raw.find("###")
+    end = len(raw) if stop < 0 else stop
+    chars: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    pos = 0
+    for m in _JUNK_RE.finditer(raw, 0, end):
+        for i in range(pos, m.start()):
+            chars.append(raw[i]), starts.append(i), ends.append(i + 1)
+        token = m.group()
+        if token.startswith("&"):
+            for c in html.unescape(token):
+                chars.append(c), starts.append(m.start()), ends.append(m.end())
+        pos = m.end()
+    for i in range(pos, end):
+        chars.append(raw[i]), starts.append(i), ends.append(i + 1)
+    text = "".join(chars)
+    lead = len(text) - len(text.lstrip())
+    trail = len(text.rstrip())
+    text = text[lead:trail]
+    return (
+        text,
+        np.asarray(starts[lead:trail], dtype=np.int64),
+        np.asarray(ends[lead:trail], dtype=np.int64),
+    )
+
+
+# -- brackets, groups and phrases ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    """One ``;``-separated group inside a bracket: 4 values = box, 2 = point.
+
+    ``values`` is empty when the group was malformed; ``notes`` says why or what was repaired.
+    """
+
+    values: tuple[float, ...]
+    span: Span
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Bracket:
+    "A coordinate bracket ``[...]``; ``closed`` is False when the text ended inside it."
+
+    span: Span
+    groups: tuple[Group, ...]
+    closed: bool = True
+
+
+@dataclass(frozen=True)
+class Phrase:
+    "A ``<p>...</p>`` phrase: ``span`` covers the text inside the tags, ``tag_span`` the tags too."
+
+    text: str
+    span: Span
+    tag_span: Span
+    closed: bool = True
+
+
+@dataclass(frozen=True)
+class Mention:
+    "A phrase with its bracket, a phrase alone (ungrounded) or a bracket alone (bare box)."
+
+    phrase: Phrase | None
+    bracket: Bracket | None
+
+    @property
+    def span(self) -> Span:
+        parts = [self.phrase.tag_span] if self.phrase else []
+        parts += [self.bracket.span] if self.bracket else []
+        return (min(s for s, _ in parts), max(e for _, e in parts))
+
+
+def parse_value(token: str, recover_decimals: bool = True) -> tuple[float | None, str | None]:
+    """Read one coordinate token as a fraction of the padded square.
+
+    Values within ``[-0.25, 1.25]`` are returned as they are (callers clip after unpadding). An
+    integer above 1 (``37``, ``370``) is taken as a lost decimal point and rescaled to ``0.37`` only
+    when ``recover_decimals`` is true, with a note saying so; anything else out of range is rejected.
+
+    Args:
+        token: the number text, e.g. ``"0.26"``, ``"1e-1"``, ``"37"``.
+        recover_decimals: whether to rescale integers above 1.
+
+    Returns:
+        ``(value, note)``; ``value`` is ``None`` when the token is rejected, ``note`` explains a
+        rejection or a recovery.
+    """
+    if not NUMBER_RE.fullmatch(token):
+        return None, f"not a number: {token!r}"
+    try:
+        value = float(token)
+    except (ValueError, OverflowError):
+        return None, f"not a number: {token!r}"
+    if not math.isfinite(value):
+        return None, f"non-finite number {token!r}"
+    if -VALUE_TOLERANCE <= value <= 1.0 + VALUE_TOLERANCE:
+        return value, None
+    if recover_decimals and _INT_RE.fullmatch(token):
+        digits = token.lstrip("+")
+        fixed = int(digits) / 10 ** len(digits)
+        return fixed, f"decimal point restored ({token} -> {fixed:g})"
+    return None, f"value {token} out of [0, 1]"
+
+
+def parse_group(content: str, start: int, recover_decimals: bool = True) -> Group:
+    """Parse one group's text (``"0.1,0.2,0.3,0.4"``) found at ``start`` in the cleaned text.
+
+    Returns:
+        A :class:`Group`; ``values`` is empty if any token is not a usable number.
+    """
+    stripped = content.strip()
+    lead = len(content) - len(content.lstrip())
+    span = (start + lead, start + lead + len(stripped))
+    tokens = [t for t in re.split(r"[,\s]+", stripped) if t]
+    values, notes = [], []
+    for token in tokens:
+        value, note = parse_value(token, recover_decimals)
+        if note:
+            notes.append(note)
+        if value is None:
+            return Group((), span, tuple(notes))
+        values.append(value)
+    return Group(tuple(values), span, tuple(notes))
+
+
+def find_brackets(text: str, recover_decimals: bool = True) -> list[Bracket]:
+    """All coordinate brackets in ``text``: ``[`` + numbers, ``,``, ``;``, whitespace + ``]``.
+
+    Brackets that hold no digit (placeholders such as ``[x1, y1, x2, y2]``) or any other character
+    are prose and skipped. A bracket cut off by the end of the text is returned with
+    ``closed=False``; its last group may be incomplete and is dropped with a note. A bracket whose
+    ``]`` is missing before more text keeps its complete groups (noted).
+
+    Args:
+        text: cleaned answer text.
+        recover_decimals: passed to :func:`parse_value`.
+
+    Returns:
+        The brackets in text order.
+    """
+    found = []
+    for m in _BRACKET_RE.finditer(text):
+        content = m.group(1)
+        if not any(c.isdigit() for c in content):
+            continue
+        closed = m.group(2) == "]"
+        at_end = m.end() == len(text)
+        groups, pos = [], m.start(1)
+        parts = content.split(";")
+        for i, part in enumerate(parts):
+            if part.strip():
+                group = parse_group(part, pos, recover_decimals)
+                if not closed and at_end and i == len(parts) - 1:
+                    group = Group((), group.span, group.notes + ("cut off by the end of the text",))
+                elif not closed:
+                    group = Group(group.values, group.span, group.notes + ("missing ]",))
+                groups.append(group)
+            pos += len(part) + 1
+        if not closed and not at_end and not any(len(g.values) in (2, 4) for g in groups):
+            continue  # "[3 items]" is prose, not a bracket that lost its "]"
+        found.append(Bracket((m.start(), m.end()), tuple(groups), closed))
+    return found
+
+
+def find_phrases(text: str, brackets=()) -> list[Phrase]:
+    """All ``<p>...</p>`` phrases; the phrase is the text between a ``<p>`` and the nearest ``</p>``.
+
+    A ``<p>`` with no ``</p>`` before the next ``<p>`` is kept as an unclosed phrase that ends at
+    the next coordinate bracket (or ``<p>``, or the end of the text).
+
+    Args:
+        text: cleaned answer text.
+        brackets: the brackets of ``text`` (from :func:`find_brackets`), to end unclosed phrases.
+
+    Returns:
+        The phrases in text order.
+    """
+    opens = [m for m in _OPEN_TAG_RE.finditer(text)]
+    phrases = []
+    for i, m in enumerate(opens):
+        limit = opens[i + 1].start() if i + 1 < len(opens) else len(text)
+        close = _CLOSE_TAG_RE.search(text, m.end(), limit)
+        if close:
+            a, b, tag_end, closed = m.end(), close.start(), close.end(), True
+        else:
+            nxt = [br.span[0] for br in brackets if br.span[0] >= m.end()]
+            b = min([limit] + nxt)
+            a, tag_end, closed = m.end(), b, False
+        raw = text[a:b]
+        lead = len(raw) - len(raw.lstrip())
+        content = raw.strip()
+        phrases.append(Phrase(content, (a + lead, a + lead + len(content)), (m.start(), tag_end), closed))
+    return phrases
+
+
+def find_mentions(text: str, recover_decimals: bool = True) -> list[Mention]:
+    """Phrases and brackets of ``text`` in order, each phrase bound to the bracket right after it.
+
+    A phrase binds to a bracket when only whitespace (or a colon) separates ``</p>`` from ``[``.
+
+    Args:
+        text: cleaned answer text.
+        recover_decimals: passed to :func:`parse_value`.
+
+    Returns:
+        A list of :class:`Mention`.
+    """
+    brackets = find_brackets(text, recover_decimals)
+    phrases = find_phrases(text, brackets)
+    by_start = {b.span[0]: b for b in brackets}
+    used: set[int] = set()
+    mentions = []
+    for phrase in phrases:
+        gap = _BIND_GAP_RE.match(text, phrase.tag_span[1])
+        bracket = by_start.get(gap.end())
+        if bracket is not None and bracket.span[0] in used:
+            bracket = None
+        if bracket is not None:
+            used.add(bracket.span[0])
+        mentions.append(Mention(phrase, bracket))
+    mentions += [Mention(None, b) for b in brackets if b.span[0] not in used]
+    mentions.sort(key=lambda mention: mention.span[0])
+    return mentions
+
+
+def strip_markup(text: str) -> str:
+    "Remove ``<p>``/``</p>`` tags and coordinate brackets, and tidy the spaces they leave."
+    out = _remove_brackets(text)
+    out = _CLOSE_TAG_RE.sub("", _OPEN_TAG_RE.sub("", out))
+    out = re.sub(r"[ \t]{2,}", " ", out)
+    return out.strip()
+
+
+def _remove_brackets(text: str) -> str:
+    pieces, pos = [], 0
+    for bracket in find_brackets(text):
+        pieces.append(text[pos:bracket.span[0]])
+        pos = bracket.span[1]
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+# -- geometry --------------------------------------------------------------------------------------
+@dataclass
+class GroundedBox:
+    """One box found in the text, already in original-image pixels.
+
+    Attributes:
+        phrase: the phrase it belongs to, or ``None`` for a bare bracket.
+        xyxy: float array (4,), ``[x1, y1, x2, y2]`` pixels, clipped to the image, x1<x2, y1<y2.
+        normalized: float array (4,), the values as written (padded-square fractions).
+        spans: character spans of the cleaned text (phrase + group) used for confidence.
+        notes: repairs and doubts about this object.
+        mention: index of the :class:`Mention` it came from.
+    """
+
+    phrase: str | None
+    xyxy: np.ndarray
+    normalized: np.ndarray
+    spans: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    mention: int = 0
+
+
+def box_to_pixels(values, image_wh, transform: PaddedResize | None = None):
+    """Map one normalized padded-square box to a valid pixel box of the original image.
+
+    Steps: unpad with ``PaddedResize.to_pixels_xyxy`` (§2), swap inverted corners, clip to
+    ``[0, W] x [0, H]``; a box with no area left (degenerate, or wholly in the padding band) is
+    rejected.
+
+    Args:
+        values: 4 floats ``[x1, y1, x2, y2]``, fractions of the padded side.
+        image_wh: ``(width, height)`` of the original image.
+        transform: the coordinate map (a default ``PaddedResize`` if ``None``).
+
+    Returns:
+        ``(xyxy, notes)``: a float array (4,) or ``None`` if rejected, and a list of notes.
+    """
+    transform = transform or PaddedResize()
+    w, h = image_wh
+    box = transform.to_pixels_xyxy([values], (w, h))[0]
+    notes = []
+    if box[0] > box[2] or box[1] > box[3]:
+        box = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
+        notes.append("inverted corners swapped")
+    clipped = np.clip(box, 0, [w, h, w, h])
+    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+        inside = box[2] > 0 and box[0] < w and box[3] > 0 and box[1] < h
+        notes.append("degenerate box dropped" if inside else "box outside the image (padding band) dropped")
+        return None, notes
+    if np.abs(clipped - box).max() > 1e-6:
+        notes.append("clipped to the image")
+    return clipped, notes
+
+
+def point_to_pixels(values, image_wh, transform: PaddedResize | None = None):
+    """Map one normalized point to pixels; ``[0, 0]`` or a point outside the image is not visible.
+
+    Returns:
+        ``(xy, visible, notes)``: a float array (2,) clipped to the image, a bool, a list of notes.
+    """
+    transform = transform or PaddedResize()
+    w, h = image_wh
+    xy = transform.to_pixels_xy(np.asarray(values, dtype=np.float64), (w, h))
+    if values[0] == 0 and values[1] == 0:
+        return np.zeros(2), False, ["[0,0] read as not visible"]
+    if not (0 <= xy[0] <= w and 0 <= xy[1] <= h):
+        return np.clip(xy, 0, [w, h]), False, ["point outside the image (padding band): not visible"]
+    return xy, True, []
+
+
+def ground_boxes(answer: Answer, image_wh, mentions=None, recover_decimals: bool = True,
+                 max_objects: int | None = None, transform: PaddedResize | None = None):
+    """Every valid box of the answer, in order, with repeats removed.
+
+    Args:
+        answer: the cleaned answer.
+        image_wh: ``(width, height)`` of the original image.
+        mentions: pre-computed :func:`find_mentions` result (computed if ``None``).
+        recover_decimals: passed to :func:`parse_value`.
+        max_objects: stop after this many boxes (repetition loops), ``None`` for no cap.
+        transform: the coordinate map.
+
+    Returns:
+        ``(boxes, notes)``: a list of :class:`GroundedBox` and a list of answer-level notes.
+    """
+    if mentions is None:
+        mentions = find_mentions(answer.text, recover_decimals)
+    boxes, notes, seen, repeats = [], [], set(), 0
+    for index, mention in enumerate(mentions):
+        phrase = mention.phrase
+        if mention.bracket is None:
+            continue
+        for group in mention.bracket.groups:
+            if len(group.values) != 4:
+                notes.append(_group_problem(group, "box"))
+                continue
+            xyxy, box_notes = box_to_pixels(group.values, image_wh, transform)
+            if xyxy is None:
+                notes.extend(box_notes)
+                continue
+            key = (phrase.text.lower() if phrase else None,
+                   tuple(np.round(group.values, DEDUPE_DECIMALS)))
+            if key in seen:
+                repeats += 1
+                continue
+            if max_objects is not None and len(boxes) >= max_objects:
+                notes.append(f"stopped at max_objects={max_objects}")
+                return boxes, notes + _summary(repeats, mentions)
+            seen.add(key)
+            spans = [group.span] + ([phrase.span] if phrase else [])
+            obj_notes = list(group.notes) + box_notes
+            if phrase and not phrase.closed:
+                obj_notes.append("missing </p>")
+            boxes.append(GroundedBox(phrase.text if phrase else None, xyxy,
+                                     np.asarray(group.values, dtype=np.float64), spans, obj_notes, index))
+    return boxes, notes + _summary(repeats, mentions)
+
+
+def _group_problem(group: Group, wanted: str) -> str:
+    if not group.values:
+        return "malformed group dropped" + (f" ({'; '.join(group.notes)})" if group.notes else "")
+    return f"group of {len(group.values)} numbers where a {wanted} needs {4 if wanted == 'box' else 2}: dropped"
+
+
+def _summary(repeats: int, mentions) -> list[str]:
+    notes = []
+    if repeats:
+        notes.append(f"{repeats} repeated object(s) removed")
+    if is_truncated(mentions):
+        notes.append("truncated output")
+    return notes
+
+
+def is_truncated(mentions) -> bool:
+    "Whether the text ended inside a bracket or a phrase tag."
+    return any((m.bracket is not None and not m.bracket.closed) or (m.phrase is not None and not m.phrase.closed)
+               for m in mentions)
+
+
+def dedupe(items, key):
+    "Keep the first of items with equal ``key(item)``, in order; returns ``(kept, n_removed)``."
+    seen, kept = set(), []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+# -- small text helpers ----------------------------------------------------------------------------
+_NUMBER_WORDS = {
+    "a", "an", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "several", "many", "some", "multiple", "the", "all", "few", "a few",
+}
+_IRREGULAR_PLURALS = {
+    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
+    "feet": "foot", "teeth": "tooth", "geese": "goose", "oxen": "ox", "persons": "person",
+    "buses": "bus", "knives": "knife", "leaves": "leaf", "wolves": "wolf", "shelves": "shelf",
+}
+_IRREGULAR_SINGULARS = {v: k for k, v in _IRREGULAR_PLURALS.items() if k != "persons"}
+_IRREGULAR_SINGULARS["bus"] = "buses"
+_INVARIANT = {"sheep", "fish", "deer", "series", "species", "glasses", "scissors", "pants", "text"}
+
+
+def singular(word: str) -> str:
+    "A best-effort English singular of a lower-case noun phrase's last word (``people`` -> ``person``)."
+    head, _, last = word.rpartition(" ")
+    if last in _IRREGULAR_PLURALS:
+        last = _IRREGULAR_PLURALS[last]
+    elif last in _INVARIANT or len(last) <= 3 or last.endswith(("ss", "us", "is")):
+        pass
+    elif last.endswith("ies"):
+        last = last[:-3] + "y"
+    elif last.endswith(("ches", "shes", "xes", "sses", "zes")):
+        last = last[:-2]
+    elif last.endswith("s"):
+        last = last[:-1]
+    return f"{head} {last}" if head else last
+
+
+def plural(word: str) -> str:
+    "A best-effort English plural of a noun phrase's last word (``person`` -> ``people``)."
+    head, _, last = word.rpartition(" ")
+    low = last.lower()
+    if low in _IRREGULAR_SINGULARS:
+        last = _IRREGULAR_SINGULARS[low]
+    elif low in _INVARIANT:
+        pass
+    elif low.endswith(("ss", "us", "is")):
+        last = last + "es"
+    elif low.endswith("s"):
+        pass  # most likely already plural
+    elif low.endswith("y") and low[-2:-1] not in tuple("aeiou"):
+        last = last[:-1] + "ies"
+    elif low.endswith(("ch", "sh", "x", "z")):
+        last = last + "es"
+    else:
+        last = last + "s"
+    return f"{head} {last}" if head else last
+
+
+def normalize_label(phrase: str) -> str:
+    """A class label from a phrase: lower case, no counts or number words, singular.
+
+    ``"3 people"`` -> ``"person"``, ``"Two dogs"`` -> ``"dog"``, ``"traffic_lights"`` -> ``"traffic light"``.
+    """
+    words = re.sub(r"[_\-]+", " ", phrase.lower()).replace("&", " and ")
+    words = re.sub(r"[^\w\s']", " ", words).split()
+    while words and (words[0] in _NUMBER_WORDS or NUMBER_RE.fullmatch(words[0])):
+        words = words[1:]
+    return singular(" ".join(words)) if words else ""
+
+
+def join_words(items, conjunction: str = "and") -> str:
+    "``['a', 'b', 'c']`` -> ``'a, b and c'``."
+    items = [str(i) for i in items]
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+
+
+def format_box(values) -> str:
+    "Normalized box -> SPHINX's prompt form ``[0.12,0.34,0.56,0.78]`` (2 decimals, no spaces)."
+    return "[" + ",".join(f"{float(v):.2f}" for v in values) + "]"

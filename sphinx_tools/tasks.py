@@ -1,0 +1,368 @@
+"""The ``Task`` base class that plugins subclass, prompt-template overrides, and ``run_task``.
+
+A task turns options into the human turn (:meth:`Task.prompt`) and the model's answer into a
+structured result (:meth:`Task.parse`)::
+
+    task = sphinx_tools.get_task("rec")
+    task.prompt(expression="the red car")
+    # 'Please provide the bounding box coordinate of the region this sentence describes: the red car.'
+    detections = task.parse("[0.04,0.47,0.40,0.83]", image_size=(640, 480), expression="the red car")
+
+Prompt templates are ``str.format`` strings. Each can be replaced per call (``template=...``) or in
+a user config file: ``$SPHINX_TOOLS_CONFIG``, else ``$XDG_CONFIG_HOME/sphinx-tools/prompts.yaml``
+(``~/.config/sphinx-tools/prompts.yaml``); YAML or JSON, mapping a task name to a template (its
+default variant) or to ``{variant: template}``::
+
+    rec: "Where is {expression}? Answer with a bounding box."
+    caption:
+      short: "Write a short caption for the image."
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import supervision as sv
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sphinx_tools.annotations import PHRASE_FIELD, build_detections
+from sphinx_tools.conversation import build_prompt
+from sphinx_tools.errors import SphinxToolsError
+from sphinx_tools.parsing import Answer, GroundedBox
+
+CONFIG_ENV = "SPHINX_TOOLS_CONFIG"
+
+
+class TaskOptions(BaseModel):
+    """Options every task accepts; tasks subclass this with their own fields.
+
+    Attributes:
+        template: replaces the prompt template for this call (``str.format`` fields as the task's
+            default template).
+        variant: which of the task's templates to use (e.g. caption ``"short"``/``"detailed"``).
+        max_objects: cap on objects kept from one answer (repetition loops).
+        recover_decimals: rescale integer coordinates like ``37`` to ``0.37`` (noted per object);
+            when false such groups are dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | None = None
+    variant: str = "default"
+    max_objects: int = Field(default=100, ge=1)
+    recover_decimals: bool = True
+
+
+class Task:
+    """Base class of every task; a plugin registers instances of subclasses.
+
+    Subclasses set ``name``, ``output``, ``templates`` (``{"default": ..., other variants}``),
+    ``Options`` (a :class:`TaskOptions` subclass) and implement :meth:`prompt_fields` and
+    :meth:`parse_answer`; :meth:`empty` gives the result for junk text.
+    """
+
+    name: ClassVar[str] = ""
+    output: ClassVar[type] = object
+    description: ClassVar[str] = ""
+    templates: ClassVar[dict[str, str]] = {}
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    max_gen_len: ClassVar[int] = 512  # default generation budget for run_task
+
+    plugin: str | None = None  # set by the registry: which plugin registered this task
+
+    # -- options -------------------------------------------------------------------------------
+    def options(self, **options) -> TaskOptions:
+        """Validate options against ``Options``.
+
+        Raises:
+            ValueError: naming each unknown or badly typed option.
+        """
+        try:
+            return self.Options(**options)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "options"
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"unknown option {where!r}")
+                else:
+                    problems.append(f"option {where!r}: {err['msg']} (got {err.get('input')!r})")
+            known = ", ".join(self.Options.model_fields)
+            raise ValueError(f"task {self.name!r}: {'; '.join(problems)}. Options: {known}") from None
+
+    # -- prompt --------------------------------------------------------------------------------
+    def prompt(self, **options) -> str:
+        """The human turn for this task.
+
+        Args:
+            **options: the task's options (see its ``Options``).
+
+        Returns:
+            The instruction text (without the conversation wrapper).
+
+        Raises:
+            ValueError: for unknown, badly typed or missing options, or a template that uses a
+                field the task does not provide.
+        """
+        opts = self.options(**options)
+        template = self.template(opts)
+        fields = self.prompt_fields(opts)
+        return render(template, fields, self.name)
+
+    def template(self, opts: TaskOptions) -> str:
+        "The template to use: ``opts.template``, else the config file's, else the built-in one."
+        if opts.template is not None:
+            return opts.template
+        if opts.variant not in self.templates:
+            raise ValueError(f"task {self.name!r} has no prompt variant {opts.variant!r}; "
+                             f"variants: {', '.join(self.templates)}")
+        return prompt_overrides().get(self.name, {}).get(opts.variant, self.templates[opts.variant])
+
+    def prompt_fields(self, opts: TaskOptions) -> dict[str, Any]:
+        "Values for the template's ``{fields}``."
+        return {}
+
+    # -- parse ---------------------------------------------------------------------------------
+    def parse(self, text, image_size=None, logprobs=None, offsets=None, **options):
+        """Turn the model's answer into this task's result; never raises on the text itself.
+
+        Args:
+            text: the generation, raw (cut at ``###`` here) or already cut.
+            image_size: ``(width, height)`` of the original image; required by grounded tasks.
+            logprobs: one log-probability per generated token, or ``None``.
+            offsets: the character index in ``text`` where each token starts, or ``None``.
+            **options: the same options as :meth:`prompt`.
+
+        Returns:
+            An instance of ``self.output``; an empty one when nothing usable is found.
+
+        Raises:
+            ValueError: for bad arguments (options, image size, logprobs/offsets mismatch).
+        """
+        opts = self.options(**options)
+        answer = Answer.from_generation(text, logprobs, offsets)
+        image_wh = self.check_image_size(image_size)
+        try:
+            return self.parse_answer(answer, image_wh, opts)
+        except Exception as exc:  # model text must never crash a caller; tests turn this into an error
+            warnings.warn(f"task {self.name!r} could not parse the answer ({exc!r}); returning an "
+                          "empty result", RuntimeWarning, stacklevel=2)
+            return self.empty(answer, image_wh, opts, [f"parser error: {exc!r}"])
+
+    def check_image_size(self, image_size):
+        "Validate ``(width, height)``; ``None`` is allowed only for ungrounded tasks."
+        if image_size is None:
+            if self.needs_image_size:
+                raise ValueError(f"task {self.name!r} needs `image_size=(width, height)` to map boxes")
+            return None
+        try:
+            w, h = (int(v) for v in image_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"`image_size` must be (width, height), got {image_size!r}") from None
+        if w <= 0 or h <= 0:
+            raise ValueError(f"`image_size` must be positive (width, height), got {image_size!r}")
+        return (w, h)
+
+    needs_image_size: ClassVar[bool] = True
+
+    def parse_answer(self, answer: Answer, image_wh, opts: TaskOptions):
+        raise NotImplementedError
+
+    def empty(self, answer: Answer, image_wh, opts: TaskOptions, notes=()):
+        "The empty result (junk text, or a parser error)."
+        raise NotImplementedError
+
+    # -- several prompts for one call (pose per person box, REG per region) --------------------
+    def split(self, **options) -> list[dict]:
+        "Option sets for the separate questions one call needs (default: one question)."
+        return [options]
+
+    def merge(self, results: list):
+        "Combine the results of :meth:`split`'s questions (default: the only one)."
+        if len(results) != 1:
+            raise ValueError(f"task {self.name!r} asks one question, got {len(results)} results")
+        return results[0]
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} -> {type_name(self.output)}>"
+
+
+class DetectionsTask(Task):
+    "A task whose result is ``sv.Detections``: the shared empty result and assembly."
+
+    output: ClassVar[type] = sv.Detections
+
+    def empty(self, answer: Answer, image_wh, opts: TaskOptions, notes=()) -> sv.Detections:
+        return build_detections(np.empty((0, 4)), data={PHRASE_FIELD: []}, raw_text=answer.raw,
+                                answer_notes=list(notes))
+
+    def detections(self, answer: Answer, boxes: list[GroundedBox], notes, class_name, *, data=None,
+                   class_id=None, classes=None) -> sv.Detections:
+        """``sv.Detections`` from grounded boxes, with confidences when the answer has log-probs.
+
+        Args:
+            answer: the parsed answer (raw text and token log-probs).
+            boxes: n boxes from :func:`sphinx_tools.parsing.ground_boxes`.
+            notes: answer-level notes.
+            class_name: n class names.
+            data: extra per-object fields; ``data["phrase"]`` is added from the boxes.
+            class_id: n ints, or ``None``.
+            classes: names ``class_id`` indexes into.
+        """
+        confidence = [answer.confidence(b.spans) for b in boxes] if answer.logprobs is not None else None
+        data = {PHRASE_FIELD: [b.phrase or "" for b in boxes], **(data or {})}
+        return build_detections(
+            [b.xyxy for b in boxes] if boxes else np.empty((0, 4)),
+            class_name=class_name, class_id=class_id, confidence=confidence, data=data,
+            notes=[b.notes for b in boxes], raw_text=answer.raw, answer_notes=notes, classes=classes,
+        )
+
+
+def type_name(tp) -> str:
+    "``sv.Detections`` -> ``'supervision.Detections'``, ``str`` -> ``'str'``."
+    module = getattr(tp, "__module__", "builtins")
+    top = module.split(".")[0]
+    return tp.__qualname__ if top == "builtins" else f"{top}.{tp.__qualname__}"
+
+
+def render(template: str, fields: dict, task: str = "") -> str:
+    """Fill a ``str.format`` template, naming any field the task does not provide.
+
+    Raises:
+        ValueError: for a malformed template or an unknown field.
+    """
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"prompt template for {task!r} is malformed ({exc}): {template!r}") from None
+    missing = sorted(n for n in names if n.split(".")[0].split("[")[0] not in fields)
+    if missing:
+        raise ValueError(f"prompt template for {task!r} uses {{{missing[0]}}}; available fields: "
+                         f"{', '.join(sorted(fields)) or 'none'}")
+    return template.format(**fields)
+
+
+# -- user config file ------------------------------------------------------------------------------
+_config_cache: dict = {}
+
+
+def config_path() -> Path:
+    "``$SPHINX_TOOLS_CONFIG``, else ``$XDG_CONFIG_HOME/sphinx-tools/prompts.yaml``."
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "sphinx-tools" / "prompts.yaml"
+
+
+def prompt_overrides() -> dict[str, dict[str, str]]:
+    """The user's prompt templates: ``{task: {variant: template}}`` (empty if there is no file).
+
+    Raises:
+        SphinxToolsError: if the file cannot be read or has the wrong shape.
+    """
+    path = config_path()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return {}
+    key = (str(path), stamp)
+    if key not in _config_cache:
+        _config_cache.clear()
+        _config_cache[key] = _read_config(path)
+    return _config_cache[key]
+
+
+def _read_config(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text or "{}")
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:
+        raise SphinxToolsError(f"cannot read prompt config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SphinxToolsError(f"prompt config {path} must map task names to templates")
+    out = {}
+    for task, value in data.items():
+        if isinstance(value, str):
+            value = {"default": value}
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise SphinxToolsError(f"prompt config {path}: {task!r} must be a template string or "
+                                   "a mapping of variant -> template string")
+        out[str(task)] = {str(k): v for k, v in value.items()}
+    return out
+
+
+# -- running a task on a model ---------------------------------------------------------------------
+def run_task(model, image, task, *, max_gen_len: int | None = None, temperature: float = 0.1,
+             top_p: float = 0.75, sampling: dict | None = None, **options):
+    """Ask the model one task about one image and parse the answer.
+
+    Builds the one-turn conversation with ``conversation.build_prompt``, calls
+    ``model.generate(prompts, images, max_gen_len=..., temperature=..., top_p=..., **sampling)``
+    (a list of generations with ``.text`` and optionally ``.logprobs``/``.offsets``) and parses
+    each answer with the image's size. Tasks that need one question per region (pose with several
+    ``boxes``, REG with several ``regions``) are asked in one batch and merged.
+
+    Args:
+        model: anything with the ``generate`` method above.
+        image: a PIL image (``.size`` is ``(W, H)``) or an HWC array.
+        task: a task name or :class:`Task`.
+        max_gen_len: generation budget; the task's default if ``None``.
+        temperature: sampling temperature (SPHINX benchmarks use 0.1).
+        top_p: nucleus sampling threshold (SPHINX benchmarks use 0.75).
+        sampling: extra keyword arguments passed to ``model.generate`` unchanged.
+        **options: the task's options.
+
+    Returns:
+        The task's result (``task.output``).
+
+    Example:
+        >>> detections = run_task(model, image, "rec", expression="the dog")  # doctest: +SKIP
+    """
+    if isinstance(task, str):
+        from sphinx_tools.registry import get_task
+
+        task = get_task(task)
+    image_wh = image_size_of(image)
+    if "image_size" in task.Options.model_fields and "image_size" not in options:
+        options["image_size"] = image_wh
+    questions = task.split(**options)
+    prompts = [build_prompt([[task.prompt(**q), None]]) for q in questions]
+    kwargs = {"max_gen_len": max_gen_len or task.max_gen_len, "temperature": temperature, "top_p": top_p}
+    kwargs.update(sampling or {})
+    generations = model.generate(prompts, [image] * len(prompts), **kwargs)
+    if len(generations) != len(prompts):
+        raise SphinxToolsError(f"model.generate returned {len(generations)} answers for {len(prompts)} prompts")
+    results = [_parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions)]
+    return task.merge(results)
+
+
+def _parse_generation(task: Task, generation, image_wh, options):
+    text = generation if isinstance(generation, str) else generation.text
+    logprobs = getattr(generation, "logprobs", None)
+    offsets = getattr(generation, "offsets", None)
+    if logprobs is None or offsets is None:
+        logprobs = offsets = None
+    options = {k: v for k, v in options.items() if k != "image_size"}  # given positionally
+    return task.parse(text, image_wh, logprobs=logprobs, offsets=offsets, **options)
+
+
+def image_size_of(image) -> tuple[int, int]:
+    "``(width, height)`` of a PIL image or an HWC/HW array."
+    if hasattr(image, "size") and not isinstance(image, np.ndarray):
+        w, h = image.size
+        return int(w), int(h)
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) >= 2:
+        return int(shape[1]), int(shape[0])
+    raise ValueError(f"cannot tell the size of image of type {type(image).__name__}")
