@@ -209,6 +209,7 @@ def test_broken_third_party_plugin_warns_and_others_still_load(tmp_path, monkeyp
     assert BUILTIN_TASKS <= {t.name for t in list_tasks()}
 
 
+@pytest.mark.slow  # a fresh interpreter imports the package (torch included)
 def test_source_checkout_without_install_still_has_builtins(tmp_path):
     "Simulate an uninstalled checkout: hide the editable-install finder and import from the repo."
     code = textwrap.dedent(f'''
