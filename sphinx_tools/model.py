@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
+from fairscale.nn.model_parallel.mappings import (
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
 )
 
 LLAMA_TYPES = {"llama_ens": (224, 1), "llama_ens5": (448, 5)}  # llama_type -> (image_size, views)
@@ -173,6 +173,53 @@ sphinx_configs = {
 # --------------------------------------------------------------------------------------------
 
 
+# fairscale's own layers allocate full-size weights with the legacy torch.Tensor(...) constructor,
+# which ignores the meta device; these keep fairscale's layout, names and collectives
+# (copy/gather/reduce over the model-parallel group) and allocate only this rank's slice.
+
+
+def _mp_part(n: int, what: str) -> int:
+    world = fs_init.get_model_parallel_world_size()
+    if n % world:
+        raise ValueError(f"{what} {n} is not divisible by the model-parallel size {world}")
+    return n // world
+
+
+class ColumnParallelLinear(nn.Module):
+    "y = x A^T with A split by rows (output features) across model-parallel ranks."
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
+        super().__init__()
+        self.gather_output = gather_output
+        self.weight = nn.Parameter(torch.empty(_mp_part(out_features, "out_features"), in_features))
+
+    def forward(self, x):
+        y = F.linear(copy_to_model_parallel_region(x), self.weight)
+        return gather_from_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    "y = x A^T with A split by columns (input features); x arrives already split."
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, _mp_part(in_features, "in_features")))
+
+    def forward(self, x):
+        return reduce_from_model_parallel_region(F.linear(x, self.weight))
+
+
+class ParallelEmbedding(nn.Module):
+    "Embedding split along the embedding dim, gathered after lookup."
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, _mp_part(embedding_dim, "dim")))
+
+    def forward(self, tokens):
+        return gather_from_model_parallel_region(F.embedding(tokens, self.weight))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -201,10 +248,6 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def _no_init(_w):  # weights are always loaded or initialized explicitly
-    return _w
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: SphinxConfig):
         super().__init__()
@@ -218,11 +261,10 @@ class Attention(nn.Module):
         self.n_local_kv_heads = cfg.n_kv_heads // mp
         self.head_dim = cfg.head_dim
         kv_dim = cfg.n_kv_heads * cfg.head_dim
-        kw = dict(bias=False, init_method=_no_init)
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * cfg.head_dim, gather_output=False, **kw)
-        self.wk = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False, **kw)
-        self.wv = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False, **kw)
-        self.wo = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.dim, input_is_parallel=True, **kw)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * cfg.head_dim, gather_output=False)
+        self.wk = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False)
+        self.wv = ColumnParallelLinear(cfg.dim, kv_dim, gather_output=False)
+        self.wo = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, freqs_cis, mask, slots=None):
@@ -249,10 +291,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: SphinxConfig):
         super().__init__()
-        kw = dict(bias=False, init_method=_no_init)
-        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False, **kw)
-        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, input_is_parallel=True, **kw)
-        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False, **kw)
+        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False)
+        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim)
+        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, gather_output=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -425,10 +466,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: SphinxConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = ParallelEmbedding(cfg.vocab_size, cfg.dim, init_method=_no_init)
+        self.tok_embeddings = ParallelEmbedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, bias=False, init_method=_no_init)
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size)
 
         v = cfg.vision
         self.qformer = QFormer(v)

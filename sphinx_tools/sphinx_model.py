@@ -156,8 +156,6 @@ class SphinxModel:
 
     # -- generation ----------------------------------------------------------------------------
     def _rows(self, prompts: Sequence[str], images) -> list[torch.Tensor]:
-        if isinstance(prompts, str):
-            raise ValueError("`prompts` must be a list of strings, got a single str")
         if images is None:
             images = [None] * len(prompts)
         if len(images) != len(prompts):
@@ -232,6 +230,8 @@ class SphinxModel:
             raise RuntimeError("this model has no tokenizer: build it with tokenizer_path=...")
         if max_gen_len < 1:
             raise ValueError(f"`max_gen_len` must be >= 1, got {max_gen_len}")
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`prompts` must be a list of strings, got {prompts!r:.80}")
         rows = self._rows(list(prompts), images)
         B = len(rows)
         ids: list[list[int]] = [[] for _ in range(B)]

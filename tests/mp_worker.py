@@ -1,0 +1,46 @@
+"Worker for the model-parallel tests: one process per rank on gloo; results go to files."
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def run(rank: int, world: int, port: int, ckpt: str, out: str, golden_io: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = {}
+    try:
+        from sphinx_tools import SphinxModel, build_prompt
+        from sphinx_tools.errors import CheckpointError
+
+        try:
+            m = SphinxModel.from_pretrained(ckpt)
+        except CheckpointError as e:
+            result["error"] = str(e)
+        else:
+            io = torch.load(golden_io, weights_only=True)
+            logits = m.logits(io["prompt_token_ids"][None], io["image"][None])
+            result["logits_diff"] = float((logits - io["logits"]).abs().max())
+            text_only = m.logits(io["prompt_token_ids"][None], None)
+            result["text_only_diff"] = float((text_only - io["logits_text_only"]).abs().max())
+            gen = m.generate([io["prompt"]], [io["image"]], max_gen_len=16, stop=())[0]
+            result["greedy"] = gen.token_ids
+            p = build_prompt([["Describe the image.", None]])
+            sampled = m.generate([p, io["prompt"]], [io["image"], None], max_gen_len=12,
+                                 temperature=0.9, top_p=0.9, seed=7)
+            result["sampled"] = [g.token_ids for g in sampled]
+            result["local_wq"] = list(m.transformer.layers[0].attention.wq.weight.shape)
+    except Exception:
+        result["crash"] = traceback.format_exc()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank, world, port = (int(a) for a in sys.argv[1:4])
+    run(rank, world, port, *sys.argv[4:7])
