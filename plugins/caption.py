@@ -1,6 +1,7 @@
 """Captioning and VQA: free-text answers (formats doc §4.10, §4.11; prompts VERIFIED).
 
-``caption`` variants: ``default`` (one sentence), ``detailed``, ``general`` (``What's in the image?``).
+``caption`` variants: ``default`` (one sentence), ``detailed``, ``general``
+(``What's in the image?``).
 ``vqa`` wraps the question in the benchmark suffixes: ``default`` (single word or phrase), ``open``
 (the question alone), ``multiple_choice`` (chosen automatically when ``choices`` are given). With
 ``normalize=True`` a yes/no answer becomes ``"yes"``/``"no"``, a multiple-choice answer its option
@@ -58,7 +59,8 @@ _LETTER_RE = re.compile(r"^\(?([A-Z])(?:[.):\s]|$)")
 
 
 def normalize_answer(text: str, choices=None) -> str:
-    """``"Yes."`` -> ``"yes"``; ``"B. a cat"`` -> ``"B"`` (with choices); ``"Paris."`` -> ``"Paris"``.
+    """Normalize a short answer: ``"Yes."`` -> ``"yes"``, ``"Paris."`` -> ``"Paris"``, and with
+    choices ``"B. a cat"`` -> ``"B"``.
 
     A multiple-choice answer that names no valid letter or choice text is returned cleaned, never
     replaced by a guess.
@@ -70,7 +72,7 @@ def normalize_answer(text: str, choices=None) -> str:
         if m and m.group(1) in letters:
             return m.group(1)
         lowered = text.lower().rstrip(".").strip()
-        for letter, choice in zip(letters, choices):
+        for letter, choice in zip(letters, choices, strict=False):
             if lowered == choice.lower().strip().rstrip("."):
                 return letter
     first = re.split(r"[\s,.!]+", text.lower(), maxsplit=1)[0] if text else ""

@@ -1,4 +1,6 @@
-"""Object detection: all objects, or given classes (formats doc §4.5; prompt VERIFIED, output INFERRED).
+"""Object detection: all objects, or given classes.
+
+Formats doc §4.5: prompt VERIFIED, output INFERRED.
 
 Expected answer: ``<p>{label}</p> [b1;b2;...]`` per category, possibly inside prose (``There are
 <p>13 ships</p>[...] in the image.``). Labels are normalized (counts and number words removed,
@@ -60,11 +62,16 @@ class Detection(DetectionsTask):
         return {"classes": join_words(classes) if classes else "objects"}
 
     def parse_answer(self, answer, image_wh, opts):
-        boxes, notes = ground_boxes(answer, image_wh, recover_decimals=opts.recover_decimals,
-                                    max_objects=opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+        )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no box found"])
-        default = normalize_label(opts.classes[0]) if opts.classes and len(opts.classes) == 1 else "object"
+        default = (
+            normalize_label(opts.classes[0])
+            if opts.classes and len(opts.classes) == 1
+            else "object"
+        )
         labels = []
         for box in boxes:
             label = normalize_label(box.phrase) if box.phrase else ""

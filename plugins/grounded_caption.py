@@ -19,15 +19,39 @@ from sphinx_tools.tasks import Task, TaskOptions
 
 _TAG_RE = re.compile(r"</?p>", re.IGNORECASE)
 _STARTERS = {
-    "a", "an", "the", "this", "that", "these", "those", "his", "her", "their", "its", "my", "our",
-    "your", "some", "several", "many", "two", "three", "four", "five", "six", "seven", "eight",
-    "nine", "ten", "one",
+    "a",
+    "an",
+    "the",
+    "this",
+    "that",
+    "these",
+    "those",
+    "his",
+    "her",
+    "their",
+    "its",
+    "my",
+    "our",
+    "your",
+    "some",
+    "several",
+    "many",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "one",
 }
 _BOUNDARY_RE = re.compile(r"[.!?;:,\n]")
 
 
 def guess_phrase_start(chunk: str) -> int:
-    "Where the noun phrase ending ``chunk`` starts: at its last determiner/number word, else its start."
+    "Start of the noun phrase ending ``chunk``: its last determiner or number word, else its start."
     cut = max((m.end() for m in _BOUNDARY_RE.finditer(chunk)), default=0)
     start = None
     for m in re.finditer(r"[A-Za-z0-9']+", chunk[cut:]):
@@ -44,13 +68,18 @@ class GroundedCaptionTask(Task):
     name = "grounded_caption"
     output = GroundedCaption
     description = "Caption with a box list after each mentioned object"
-    templates = {"default": "Describe the image concisely. Include the bounding box for each mentioned object."}
+    templates = {
+        "default": "Describe the image concisely. "
+        "Include the bounding box for each mentioned object."
+    }
     Options = TaskOptions
     max_gen_len = 512
 
     def parse_answer(self, answer, image_wh, opts):
         mentions = find_mentions(answer.text, opts.recover_decimals)
-        boxes, notes = ground_boxes(answer, image_wh, mentions, opts.recover_decimals, opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, mentions, opts.recover_decimals, opts.max_objects
+        )
         by_mention = {}
         for box in boxes:
             by_mention.setdefault(box.mention, []).append(box)
@@ -59,7 +88,7 @@ class GroundedCaptionTask(Task):
         for index, span in enumerate(spans):
             if span is None or index not in by_mention:
                 continue
-            phrase = text[span[0]:span[1]]
+            phrase = text[span[0] : span[1]]
             if not phrase:
                 continue
             mention_boxes = by_mention[index]
@@ -87,7 +116,7 @@ class GroundedCaptionTask(Task):
                 continue
             caption = "".join(out).rstrip()
             out = [caption]
-            first = guess_phrase_start(caption[_last_end(spans):]) + _last_end(spans)
+            first = guess_phrase_start(caption[_last_end(spans) :]) + _last_end(spans)
             spans.append((first, len(caption)) if first < len(caption) else None)
             guessed.add(index)
             pos = end
@@ -100,16 +129,25 @@ class GroundedCaptionTask(Task):
         return stripped, spans, guessed
 
     def _detections(self, answer, rows, notes):
-        confidence = [answer.confidence(b.spans) for _, _, b in rows] if answer.logprobs is not None else None
+        confidence = (
+            [answer.confidence(b.spans) for _, _, b in rows]
+            if answer.logprobs is not None
+            else None
+        )
         return build_detections(
             [b.xyxy for _, _, b in rows] if rows else np.empty((0, 4)),
-            class_name=[p for _, p, _ in rows], confidence=confidence,
+            class_name=[p for _, p, _ in rows],
+            confidence=confidence,
             data={ENTITY_FIELD: np.asarray([i for i, _, _ in rows], dtype=int)},
-            notes=[b.notes for _, _, b in rows], raw_text=answer.raw, answer_notes=notes,
+            notes=[b.notes for _, _, b in rows],
+            raw_text=answer.raw,
+            answer_notes=notes,
         )
 
     def empty(self, answer, image_wh, opts, notes=()):
-        return GroundedCaption(strip_markup(answer.text), [], self._detections(answer, [], list(notes)))
+        return GroundedCaption(
+            strip_markup(answer.text), [], self._detections(answer, [], list(notes))
+        )
 
 
 def _last_end(spans) -> int:

@@ -1,8 +1,9 @@
 """Document layout detection (formats doc §4.8; prompt, output and class names all UNKNOWN).
 
 Read like detection: ``<p>{class}</p> [b1;b2;...]``. The raw label is normalized and mapped
-through a synonym table into the chosen vocabulary (PubLayNet or DocLayNet); ``data["raw_class_name"]``
-keeps the label as written. Extend or replace entries with ``synonyms={"heading": "title"}``.
+through a synonym table into the chosen vocabulary (PubLayNet or DocLayNet);
+``data["raw_class_name"]`` keeps the label as written. Extend or replace entries with
+``synonyms={"heading": "title"}``.
 """
 
 from typing import Literal
@@ -14,37 +15,91 @@ from sphinx_tools.tasks import DetectionsTask, TaskOptions
 
 VOCABULARIES = {
     "publaynet": ["text", "title", "list", "table", "figure"],
-    "doclaynet": ["Caption", "Footnote", "Formula", "List-item", "Page-footer", "Page-header",
-                  "Picture", "Section-header", "Table", "Text", "Title"],
+    "doclaynet": [
+        "Caption",
+        "Footnote",
+        "Formula",
+        "List-item",
+        "Page-footer",
+        "Page-header",
+        "Picture",
+        "Section-header",
+        "Table",
+        "Text",
+        "Title",
+    ],
 }
 # normalized label (see parsing.normalize_label) -> class of the vocabulary
 SYNONYMS = {
     "publaynet": {
-        "text": "text", "paragraph": "text", "plain text": "text", "body text": "text",
-        "caption": "text", "figure caption": "text", "table caption": "text", "footnote": "text",
-        "formula": "text", "equation": "text", "page header": "text", "page footer": "text",
-        "header": "text", "footer": "text", "abstract": "text", "reference": "text",
-        "title": "title", "section header": "title", "heading": "title", "section title": "title",
-        "subtitle": "title", "headline": "title",
-        "list": "list", "list item": "list", "bullet list": "list",
+        "text": "text",
+        "paragraph": "text",
+        "plain text": "text",
+        "body text": "text",
+        "caption": "text",
+        "figure caption": "text",
+        "table caption": "text",
+        "footnote": "text",
+        "formula": "text",
+        "equation": "text",
+        "page header": "text",
+        "page footer": "text",
+        "header": "text",
+        "footer": "text",
+        "abstract": "text",
+        "reference": "text",
+        "title": "title",
+        "section header": "title",
+        "heading": "title",
+        "section title": "title",
+        "subtitle": "title",
+        "headline": "title",
+        "list": "list",
+        "list item": "list",
+        "bullet list": "list",
         "table": "table",
-        "figure": "figure", "picture": "figure", "image": "figure", "chart": "figure",
-        "photo": "figure", "diagram": "figure", "graph": "figure",
+        "figure": "figure",
+        "picture": "figure",
+        "image": "figure",
+        "chart": "figure",
+        "photo": "figure",
+        "diagram": "figure",
+        "graph": "figure",
     },
     "doclaynet": {
-        "caption": "Caption", "figure caption": "Caption", "table caption": "Caption",
-        "footnote": "Footnote", "formula": "Formula", "equation": "Formula",
-        "list": "List-item", "list item": "List-item", "bullet list": "List-item",
-        "page footer": "Page-footer", "footer": "Page-footer",
-        "page header": "Page-header", "header": "Page-header",
-        "picture": "Picture", "figure": "Picture", "image": "Picture", "chart": "Picture",
-        "photo": "Picture", "diagram": "Picture", "graph": "Picture",
-        "section header": "Section-header", "heading": "Section-header",
-        "section title": "Section-header", "subtitle": "Section-header",
+        "caption": "Caption",
+        "figure caption": "Caption",
+        "table caption": "Caption",
+        "footnote": "Footnote",
+        "formula": "Formula",
+        "equation": "Formula",
+        "list": "List-item",
+        "list item": "List-item",
+        "bullet list": "List-item",
+        "page footer": "Page-footer",
+        "footer": "Page-footer",
+        "page header": "Page-header",
+        "header": "Page-header",
+        "picture": "Picture",
+        "figure": "Picture",
+        "image": "Picture",
+        "chart": "Picture",
+        "photo": "Picture",
+        "diagram": "Picture",
+        "graph": "Picture",
+        "section header": "Section-header",
+        "heading": "Section-header",
+        "section title": "Section-header",
+        "subtitle": "Section-header",
         "table": "Table",
-        "text": "Text", "paragraph": "Text", "plain text": "Text", "body text": "Text",
-        "abstract": "Text", "reference": "Text",
-        "title": "Title", "headline": "Title",
+        "text": "Text",
+        "paragraph": "Text",
+        "plain text": "Text",
+        "body text": "Text",
+        "abstract": "Text",
+        "reference": "Text",
+        "title": "Title",
+        "headline": "Title",
     },
 }
 
@@ -89,8 +144,9 @@ class Layout(DetectionsTask):
         return {"classes": join_words([n.lower().replace("-", " ") for n in names], "or")}
 
     def parse_answer(self, answer, image_wh, opts):
-        boxes, notes = ground_boxes(answer, image_wh, recover_decimals=opts.recover_decimals,
-                                    max_objects=opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+        )
         classes = list(VOCABULARIES.get(opts.vocabulary, []))
         kept, names, raw = [], [], []
         for box in boxes:
@@ -98,7 +154,9 @@ class Layout(DetectionsTask):
             name = map_label(label, opts.vocabulary, opts.synonyms) if label else None
             if name is None:
                 if opts.drop_unknown:
-                    notes.append(f"region labelled {box.phrase!r} dropped (not in {opts.vocabulary})")
+                    notes.append(
+                        f"region labelled {box.phrase!r} dropped (not in {opts.vocabulary})"
+                    )
                     continue
                 name = label or "unknown"
                 box.notes.append(f"label {box.phrase!r} not in {opts.vocabulary}")
@@ -108,8 +166,15 @@ class Layout(DetectionsTask):
         if not kept:
             return self.empty(answer, image_wh, opts, notes + ["no layout region found"])
         ids = [classes.index(n) for n in names]
-        return self.detections(answer, kept, notes, names, class_id=ids, classes=classes,
-                               data={RAW_CLASS_NAME_FIELD: raw})
+        return self.detections(
+            answer,
+            kept,
+            notes,
+            names,
+            class_id=ids,
+            classes=classes,
+            data={RAW_CLASS_NAME_FIELD: raw},
+        )
 
     def empty(self, answer, image_wh, opts, notes=()):
         detections = super().empty(answer, image_wh, opts, notes)

@@ -19,7 +19,7 @@ TEXT_CLASS = "text"
 
 
 class Ocr(DetectionsTask):
-    "Text spotting -> ``sv.Detections`` with ``data['text']``; ``variant='read'`` for plain reading."
+    "Text spotting -> ``sv.Detections`` with ``data['text']``; ``variant='read'``: plain reading."
 
     name = "ocr"
     description = "Text spotting with boxes; variant 'read' for plain text reading"
@@ -33,23 +33,31 @@ class Ocr(DetectionsTask):
     def parse_answer(self, answer, image_wh, opts):
         if opts.variant == "read":
             return self._read(answer, image_wh, opts)
-        boxes, notes = ground_boxes(answer, image_wh, recover_decimals=opts.recover_decimals,
-                                    max_objects=opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+        )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no text box found"])
         for box in boxes:
             if not box.phrase:
                 box.notes.append("box without text")
         texts = [box.phrase or "" for box in boxes]
-        return self.detections(answer, boxes, notes, [TEXT_CLASS] * len(boxes), data={TEXT_FIELD: texts})
+        return self.detections(
+            answer, boxes, notes, [TEXT_CLASS] * len(boxes), data={TEXT_FIELD: texts}
+        )
 
     def _read(self, answer, image_wh, opts):
         text = strip_markup(answer.text)
         if not text:
             return self.empty(answer, image_wh, opts, ["empty answer"])
         w, h = image_wh
-        whole = GroundedBox(None, np.array([0.0, 0.0, w, h]), np.array([0.0, 0.0, 1.0, 1.0]),
-                            [(0, len(answer.text))], ["whole image: text read without boxes"])
+        whole = GroundedBox(
+            None,
+            np.array([0.0, 0.0, w, h]),
+            np.array([0.0, 0.0, 1.0, 1.0]),
+            [(0, len(answer.text))],
+            ["whole image: text read without boxes"],
+        )
         return self.detections(answer, [whole], [], [TEXT_CLASS], data={TEXT_FIELD: [text]})
 
     def empty(self, answer, image_wh, opts, notes=()):

@@ -1,4 +1,6 @@
-"""Human pose: person region -> COCO-17 key points (formats doc §4.6; prompt VERIFIED, output INFERRED).
+"""Human pose: person region -> COCO-17 key points.
+
+Formats doc §4.6: prompt VERIFIED, output INFERRED.
 
 Prompt: ``Detect the key points of the person in the region [x1,y1,x2,y2].`` with the person box in
 SPHINX's coordinate form (the whole image if no box is given). Expected answer: one
@@ -27,14 +29,45 @@ from sphinx_tools.tasks import Task, TaskOptions
 from sphinx_tools.transforms import PaddedResize
 
 COCO_KEYPOINTS = (
-    "nose", "left eye", "right eye", "left ear", "right ear", "left shoulder", "right shoulder",
-    "left elbow", "right elbow", "left wrist", "right wrist", "left hip", "right hip", "left knee",
-    "right knee", "left ankle", "right ankle",
+    "nose",
+    "left eye",
+    "right eye",
+    "left ear",
+    "right ear",
+    "left shoulder",
+    "right shoulder",
+    "left elbow",
+    "right elbow",
+    "left wrist",
+    "right wrist",
+    "left hip",
+    "right hip",
+    "left knee",
+    "right knee",
+    "left ankle",
+    "right ankle",
 )
 # 1-based COCO skeleton, as in the SPHINX demo
 COCO_SKELETON = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
-    (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+    (16, 14),
+    (14, 12),
+    (17, 15),
+    (15, 13),
+    (12, 13),
+    (6, 12),
+    (7, 13),
+    (6, 7),
+    (6, 8),
+    (7, 9),
+    (8, 10),
+    (9, 11),
+    (2, 3),
+    (1, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),
+    (5, 7),
 )
 _INDEX = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
 _ALIASES = {"l": "left", "r": "right", "lt": "left", "rt": "right"}
@@ -132,8 +165,13 @@ class Pose(Task):
 
     @staticmethod
     def _person():
-        return {"xy": np.zeros((17, 2)), "visible": np.zeros(17, bool), "written": np.zeros(17, bool),
-                "spans": [[] for _ in range(17)], "notes": []}
+        return {
+            "xy": np.zeros((17, 2)),
+            "visible": np.zeros(17, bool),
+            "written": np.zeros(17, bool),
+            "spans": [[] for _ in range(17)],
+            "notes": [],
+        }
 
     def _put(self, people, index, group, spans, image_wh):
         if people[-1]["written"][index]:
@@ -142,7 +180,9 @@ class Pose(Task):
         xy, visible, point_notes = point_to_pixels(group.values, image_wh)
         person["xy"][index], person["visible"][index], person["written"][index] = xy, visible, True
         person["spans"][index] = spans + [group.span]
-        person["notes"] += [f"{COCO_KEYPOINTS[index]}: {n}" for n in list(group.notes) + point_notes]
+        person["notes"] += [
+            f"{COCO_KEYPOINTS[index]}: {n}" for n in list(group.notes) + point_notes
+        ]
 
     @staticmethod
     def _dedupe(people, notes):
@@ -201,8 +241,10 @@ class Pose(Task):
 
     def empty(self, answer, image_wh, opts, notes=()):
         return sv.KeyPoints(
-            xy=np.empty((0, 17, 2), dtype=np.float32), class_id=np.empty(0, dtype=int),
-            visible=np.empty((0, 17), dtype=bool), data=self._data(0, np.empty((0, 4)), "", []),
+            xy=np.empty((0, 17, 2), dtype=np.float32),
+            class_id=np.empty(0, dtype=int),
+            visible=np.empty((0, 17), dtype=bool),
+            data=self._data(0, np.empty((0, 4)), "", []),
         )
 
 

@@ -25,21 +25,23 @@ class Rec(DetectionsTask):
     name = "rec"
     description = "Referring expression comprehension: expression -> box"
     templates = {
-        "default": "Please provide the bounding box coordinate of the region this sentence describes: "
-        "{expression}.",
+        "default": "Please provide the bounding box coordinate of the region "
+        "this sentence describes: {expression}.",
     }
     Options = RecOptions
     max_gen_len = 64
 
     def prompt_fields(self, opts):
         if not opts.expression or not opts.expression.strip():
-            raise ValueError("task 'rec' needs `expression`, the phrase to locate, got "
-                             f"{opts.expression!r}")
+            raise ValueError(
+                f"task 'rec' needs `expression`, the phrase to locate, got {opts.expression!r}"
+            )
         return {"expression": opts.expression.strip().rstrip(".")}
 
     def parse_answer(self, answer, image_wh, opts):
-        boxes, notes = ground_boxes(answer, image_wh, recover_decimals=opts.recover_decimals,
-                                    max_objects=opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+        )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no box found"])
         if len(boxes) > 1 and not opts.all_boxes:

@@ -31,8 +31,10 @@ class RegOptions(TaskOptions):
 def region_text(region, image_size, task: str) -> str:
     "Pixel box -> ``[0.12,0.34,0.56,0.78]`` in padded-square fractions (ValueError if unusable)."
     if region is None or image_size is None:
-        raise ValueError(f"task {task!r} needs `region` (pixels x1, y1, x2, y2) and `image_size` "
-                         f"(width, height), got region={region!r}, image_size={image_size!r}")
+        raise ValueError(
+            f"task {task!r} needs `region` (pixels x1, y1, x2, y2) and `image_size` "
+            f"(width, height), got region={region!r}, image_size={image_size!r}"
+        )
     x1, y1, x2, y2 = region
     if not (x2 > x1 and y2 > y1) or not np.isfinite(region).all():
         raise ValueError(f"`region` must be x1 < x2, y1 < y2 in pixels, got {region!r}")
@@ -75,14 +77,22 @@ class Reg(DetectionsTask):
 
     def _single(self, answer, box, caption, confidence, notes):
         return build_detections(
-            box[None], class_name=[caption], data={CAPTION_FIELD: [caption]},
+            box[None],
+            class_name=[caption],
+            data={CAPTION_FIELD: [caption]},
             confidence=None if confidence is None else [confidence],
-            notes=[[]], raw_text=answer.raw, answer_notes=notes,
+            notes=[[]],
+            raw_text=answer.raw,
+            answer_notes=notes,
         )
 
     def empty(self, answer, image_wh, opts, notes=()):
-        return build_detections(np.empty((0, 4)), data={CAPTION_FIELD: []}, raw_text=answer.raw,
-                                answer_notes=list(notes))
+        return build_detections(
+            np.empty((0, 4)),
+            data={CAPTION_FIELD: []},
+            raw_text=answer.raw,
+            answer_notes=list(notes),
+        )
 
 
 @hookimpl

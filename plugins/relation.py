@@ -48,23 +48,29 @@ class Relation(DetectionsTask):
     output = SceneGraph
     description = "Relation grounding / subject-predicate-object triples"
     templates = {
-        "default": "Please provide the bounding box coordinate of the region this sentence describes: "
-        "{expression}.",
-        "triplets": "Detect the relationships between the objects in the image. Include the bounding "
-        "box for each mentioned object.",
+        "default": "Please provide the bounding box coordinate of the region "
+        "this sentence describes: {expression}.",
+        "triplets": "Detect the relationships between the objects in the image. "
+        "Include the bounding box for each mentioned object.",
     }
     Options = RelationOptions
     max_gen_len = 512
 
     def prompt_fields(self, opts):
-        expression = opts.expression or " ".join(p for p in (opts.subject, opts.predicate, opts.object) if p)
+        expression = opts.expression or " ".join(
+            p for p in (opts.subject, opts.predicate, opts.object) if p
+        )
         if opts.variant == "default" and not expression.strip():
-            raise ValueError("task 'relation' needs `expression` (or subject/predicate/object), got none")
+            raise ValueError(
+                "task 'relation' needs `expression` (or subject/predicate/object), got none"
+            )
         return {"expression": expression.strip().rstrip(".")}
 
     def parse_answer(self, answer, image_wh, opts):
         mentions = find_mentions(answer.text, opts.recover_decimals)
-        boxes, notes = ground_boxes(answer, image_wh, mentions, opts.recover_decimals, opts.max_objects)
+        boxes, notes = ground_boxes(
+            answer, image_wh, mentions, opts.recover_decimals, opts.max_objects
+        )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no box found"])
         bare_name = opts.subject or opts.expression or ""
@@ -82,10 +88,10 @@ class Relation(DetectionsTask):
         "Triples between consecutive grounded mentions joined by a short predicate."
         grounded = [i for i in range(len(mentions)) if i in rows]
         triples = []
-        for a, b in zip(grounded, grounded[1:]):
+        for a, b in zip(grounded, grounded[1:], strict=False):
             if mentions[a].phrase is None or mentions[b].phrase is None:
                 continue
-            predicate = predicate_between(text[mentions[a].span[1]:mentions[b].span[0]])
+            predicate = predicate_between(text[mentions[a].span[1] : mentions[b].span[0]])
             if predicate:
                 triples += [(s, predicate, o) for s in rows[a] for o in rows[b]]
         return triples

@@ -34,8 +34,18 @@ TRUNCATED_KEY = "truncated"  # bool: the text ended inside a bracket or tag
 CLASSES_KEY = "classes"  # list[str]: the names class_id indexes into
 
 
-def build_detections(xyxy, *, class_name=None, class_id=None, confidence=None, data=None,
-                     notes=None, raw_text: str = "", answer_notes=(), classes=None) -> sv.Detections:
+def build_detections(
+    xyxy,
+    *,
+    class_name=None,
+    class_id=None,
+    confidence=None,
+    data=None,
+    notes=None,
+    raw_text: str = "",
+    answer_notes=(),
+    classes=None,
+) -> sv.Detections:
     """Assemble an ``sv.Detections`` with the project's data and metadata conventions.
 
     Args:
@@ -89,9 +99,14 @@ def merge_detections(results: list[sv.Detections]) -> sv.Detections:
 
 
 def _without_metadata(detections: sv.Detections) -> sv.Detections:
-    return sv.Detections(xyxy=detections.xyxy, mask=detections.mask, confidence=detections.confidence,
-                         class_id=detections.class_id, tracker_id=detections.tracker_id,
-                         data=dict(detections.data))
+    return sv.Detections(
+        xyxy=detections.xyxy,
+        mask=detections.mask,
+        confidence=detections.confidence,
+        class_id=detections.class_id,
+        tracker_id=detections.tracker_id,
+        data=dict(detections.data),
+    )
 
 
 def _strings(values) -> np.ndarray:
@@ -132,16 +147,22 @@ class SceneGraph:
 
     def __post_init__(self):
         if not isinstance(self.detections, sv.Detections):
-            raise ValueError(f"`detections` must be sv.Detections, got {type(self.detections).__name__}")
+            raise ValueError(
+                f"`detections` must be sv.Detections, got {type(self.detections).__name__}"
+            )
         n = len(self.detections)
         checked = []
         for triple in self.triples:
             if len(triple) != 3 or not isinstance(triple[1], str):
-                raise ValueError(f"a triple must be (subject_index, predicate, object_index), got {triple!r}")
+                raise ValueError(
+                    f"a triple must be (subject_index, predicate, object_index), got {triple!r}"
+                )
             s, p, o = triple
             for index in (s, o):
                 if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-                    raise ValueError(f"triple {triple!r} refers to object {index!r}, expected 0 <= index < {n}")
+                    raise ValueError(
+                        f"triple {triple!r} refers to object {index!r}, expected 0 <= index < {n}"
+                    )
             checked.append((int(s), p, int(o)))
         self.triples = checked
 
@@ -156,7 +177,7 @@ class SceneGraph:
 
 # -- grounded captions -----------------------------------------------------------------------------
 class Entity(NamedTuple):
-    "A grounded phrase: its text, its ``[start, end)`` span in the caption, its boxes (k, 4) pixels."
+    "A grounded phrase: text, ``[start, end)`` span in the caption, boxes (k, 4) in pixels."
 
     phrase: str
     span: tuple[int, int]
@@ -191,7 +212,9 @@ class GroundedCaption:
                 raise ValueError(f"entity span {span} does not hold {phrase!r} in the caption")
             xyxy = np.asarray(xyxy, dtype=np.float64)
             if xyxy.ndim != 2 or xyxy.shape[1] != 4:
-                raise ValueError(f"entity {phrase!r} boxes must have shape (k, 4), got {xyxy.shape}")
+                raise ValueError(
+                    f"entity {phrase!r} boxes must have shape (k, 4), got {xyxy.shape}"
+                )
             checked.append(Entity(phrase, (start, end), xyxy))
         self.entities = checked
         if self.detections is None:
@@ -202,8 +225,12 @@ class GroundedCaption:
         xyxy = np.concatenate(boxes) if boxes else np.empty((0, 4))
         names = [e.phrase for e in self.entities for _ in range(len(e.xyxy))]
         index = [i for i, e in enumerate(self.entities) for _ in range(len(e.xyxy))]
-        return build_detections(xyxy, class_name=names, data={ENTITY_FIELD: np.asarray(index, dtype=int)},
-                                raw_text=self.text)
+        return build_detections(
+            xyxy,
+            class_name=names,
+            data={ENTITY_FIELD: np.asarray(index, dtype=int)},
+            raw_text=self.text,
+        )
 
     def __str__(self) -> str:
         return self.text

@@ -1,8 +1,8 @@
 """Pure text helpers shared by the task parsers (formats doc §3 and the robustness checklist §5).
 
 SPHINX writes grounded text as ``<p>phrase</p> [x1,y1,x2,y2;x1,y1,x2,y2]``: a phrase tag followed by
-one bracket of ``;``-separated groups; 4 numbers are a box and 2 numbers a point, as fractions of the
-padded square (§2). This module finds those pieces in noisy model text and never raises on it:
+one bracket of ``;``-separated groups; 4 numbers are a box and 2 numbers a point, as fractions of
+the padded square (§2). This module finds those pieces in noisy model text and never raises on it:
 
 - :class:`Answer` cleans a generation (cut at ``###``, drop ``</s>``, undo HTML escaping, strip) and
   keeps a map back to the raw characters, so per-token log-probabilities still line up.
@@ -38,7 +38,9 @@ _JUNK_RE = re.compile(r"</?s>|&(?:lt|gt|amp|quot|apos|#\d{1,7}|#[xX][0-9a-fA-F]{
 _BIND_GAP_RE = re.compile(r"[\s:]*")  # what may sit between </p> and its bracket
 
 VALUE_TOLERANCE = 0.25  # values in [-0.25, 1.25] are kept (then clipped); beyond is malformed
-DEDUPE_DECIMALS = 3  # boxes equal after rounding normalized coords to this many decimals are repeats
+DEDUPE_DECIMALS = (
+    3  # boxes equal after rounding normalized coords to this many decimals are repeats
+)
 
 Span = tuple[int, int]
 
@@ -207,7 +209,8 @@ def parse_value(token: str, recover_decimals: bool = True) -> tuple[float | None
 
     Values within ``[-0.25, 1.25]`` are returned as they are (callers clip after unpadding). An
     integer above 1 (``37``, ``370``) is taken as a lost decimal point and rescaled to ``0.37`` only
-    when ``recover_decimals`` is true, with a note saying so; anything else out of range is rejected.
+    when ``recover_decimals`` is true, with a note saying so; anything else out of range is
+    rejected.
 
     Args:
         token: the number text, e.g. ``"0.26"``, ``"1e-1"``, ``"37"``.
@@ -295,7 +298,7 @@ def find_brackets(text: str, recover_decimals: bool = True) -> list[Bracket]:
 
 
 def find_phrases(text: str, brackets=()) -> list[Phrase]:
-    """All ``<p>...</p>`` phrases; the phrase is the text between a ``<p>`` and the nearest ``</p>``.
+    """All ``<p>...</p>`` phrases: the text between a ``<p>`` and the nearest ``</p>``.
 
     A ``<p>`` with no ``</p>`` before the next ``<p>`` is kept as an unclosed phrase that ends at
     the next coordinate bracket (or ``<p>``, or the end of the text).
@@ -321,7 +324,9 @@ def find_phrases(text: str, brackets=()) -> list[Phrase]:
         raw = text[a:b]
         lead = len(raw) - len(raw.lstrip())
         content = raw.strip()
-        phrases.append(Phrase(content, (a + lead, a + lead + len(content)), (m.start(), tag_end), closed))
+        phrases.append(
+            Phrase(content, (a + lead, a + lead + len(content)), (m.start(), tag_end), closed)
+        )
     return phrases
 
 
@@ -366,7 +371,7 @@ def strip_markup(text: str) -> str:
 def _remove_brackets(text: str) -> str:
     pieces, pos = [], 0
     for bracket in find_brackets(text):
-        pieces.append(text[pos:bracket.span[0]])
+        pieces.append(text[pos : bracket.span[0]])
         pos = bracket.span[1]
     pieces.append(text[pos:])
     return "".join(pieces)
@@ -414,12 +419,16 @@ def box_to_pixels(values, image_wh, transform: PaddedResize | None = None):
     box = transform.to_pixels_xyxy([values], (w, h))[0]
     notes = []
     if box[0] > box[2] or box[1] > box[3]:
-        box = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
+        box = np.array(
+            [min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])]
+        )
         notes.append("inverted corners swapped")
     clipped = np.clip(box, 0, [w, h, w, h])
     if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
         inside = box[2] > 0 and box[0] < w and box[3] > 0 and box[1] < h
-        notes.append("degenerate box dropped" if inside else "box outside the image (padding band) dropped")
+        notes.append(
+            "degenerate box dropped" if inside else "box outside the image (padding band) dropped"
+        )
         return None, notes
     if np.abs(clipped - box).max() > 1e-6:
         notes.append("clipped to the image")
@@ -438,12 +447,22 @@ def point_to_pixels(values, image_wh, transform: PaddedResize | None = None):
     if values[0] == 0 and values[1] == 0:
         return np.zeros(2), False, ["[0,0] read as not visible"]
     if not (0 <= xy[0] <= w and 0 <= xy[1] <= h):
-        return np.clip(xy, 0, [w, h]), False, ["point outside the image (padding band): not visible"]
+        return (
+            np.clip(xy, 0, [w, h]),
+            False,
+            ["point outside the image (padding band): not visible"],
+        )
     return xy, True, []
 
 
-def ground_boxes(answer: Answer, image_wh, mentions=None, recover_decimals: bool = True,
-                 max_objects: int | None = None, transform: PaddedResize | None = None):
+def ground_boxes(
+    answer: Answer,
+    image_wh,
+    mentions=None,
+    recover_decimals: bool = True,
+    max_objects: int | None = None,
+    transform: PaddedResize | None = None,
+):
     """Every valid box of the answer, in order, with repeats removed.
 
     Args:
@@ -472,8 +491,10 @@ def ground_boxes(answer: Answer, image_wh, mentions=None, recover_decimals: bool
             if xyxy is None:
                 notes.extend(box_notes)
                 continue
-            key = (phrase.text.lower() if phrase else None,
-                   tuple(np.round(group.values, DEDUPE_DECIMALS)))
+            key = (
+                phrase.text.lower() if phrase else None,
+                tuple(np.round(group.values, DEDUPE_DECIMALS)),
+            )
             if key in seen:
                 repeats += 1
                 continue
@@ -485,15 +506,24 @@ def ground_boxes(answer: Answer, image_wh, mentions=None, recover_decimals: bool
             obj_notes = list(group.notes) + box_notes
             if phrase and not phrase.closed:
                 obj_notes.append("missing </p>")
-            boxes.append(GroundedBox(phrase.text if phrase else None, xyxy,
-                                     np.asarray(group.values, dtype=np.float64), spans, obj_notes, index))
+            boxes.append(
+                GroundedBox(
+                    phrase.text if phrase else None,
+                    xyxy,
+                    np.asarray(group.values, dtype=np.float64),
+                    spans,
+                    obj_notes,
+                    index,
+                )
+            )
     return boxes, notes + _summary(repeats, mentions)
 
 
 def _group_problem(group: Group, wanted: str) -> str:
     if not group.values:
         return "malformed group dropped" + (f" ({'; '.join(group.notes)})" if group.notes else "")
-    return f"group of {len(group.values)} numbers where a {wanted} needs {4 if wanted == 'box' else 2}: dropped"
+    needs = 4 if wanted == "box" else 2
+    return f"group of {len(group.values)} numbers where a {wanted} needs {needs}: dropped"
 
 
 def _summary(repeats: int, mentions) -> list[str]:
@@ -507,8 +537,11 @@ def _summary(repeats: int, mentions) -> list[str]:
 
 def is_truncated(mentions) -> bool:
     "Whether the text ended inside a bracket or a phrase tag."
-    return any((m.bracket is not None and not m.bracket.closed) or (m.phrase is not None and not m.phrase.closed)
-               for m in mentions)
+    return any(
+        (m.bracket is not None and not m.bracket.closed)
+        or (m.phrase is not None and not m.phrase.closed)
+        for m in mentions
+    )
 
 
 def dedupe(items, key):
@@ -524,13 +557,45 @@ def dedupe(items, key):
 
 # -- small text helpers ----------------------------------------------------------------------------
 _NUMBER_WORDS = {
-    "a", "an", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "several", "many", "some", "multiple", "the", "all", "few", "a few",
+    "a",
+    "an",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "several",
+    "many",
+    "some",
+    "multiple",
+    "the",
+    "all",
+    "few",
+    "a few",
 }
 _IRREGULAR_PLURALS = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-    "feet": "foot", "teeth": "tooth", "geese": "goose", "oxen": "ox", "persons": "person",
-    "buses": "bus", "knives": "knife", "leaves": "leaf", "wolves": "wolf", "shelves": "shelf",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "mice": "mouse",
+    "feet": "foot",
+    "teeth": "tooth",
+    "geese": "goose",
+    "oxen": "ox",
+    "persons": "person",
+    "buses": "bus",
+    "knives": "knife",
+    "leaves": "leaf",
+    "wolves": "wolf",
+    "shelves": "shelf",
 }
 _IRREGULAR_SINGULARS = {v: k for k, v in _IRREGULAR_PLURALS.items() if k != "persons"}
 _IRREGULAR_SINGULARS["bus"] = "buses"
@@ -538,7 +603,7 @@ _INVARIANT = {"sheep", "fish", "deer", "series", "species", "glasses", "scissors
 
 
 def singular(word: str) -> str:
-    "A best-effort English singular of a lower-case noun phrase's last word (``people`` -> ``person``)."
+    "Best-effort English singular of a lower-case phrase's last word (``people`` -> ``person``)."
     head, _, last = word.rpartition(" ")
     if last in _IRREGULAR_PLURALS:
         last = _IRREGULAR_PLURALS[last]
@@ -577,7 +642,8 @@ def plural(word: str) -> str:
 def normalize_label(phrase: str) -> str:
     """A class label from a phrase: lower case, no counts or number words, singular.
 
-    ``"3 people"`` -> ``"person"``, ``"Two dogs"`` -> ``"dog"``, ``"traffic_lights"`` -> ``"traffic light"``.
+    ``"3 people"`` -> ``"person"``, ``"Two dogs"`` -> ``"dog"``,
+    ``"traffic_lights"`` -> ``"traffic light"``.
     """
     words = re.sub(r"[_\-]+", " ", phrase.lower()).replace("&", " and ")
     words = re.sub(r"[^\w\s']", " ", words).split()

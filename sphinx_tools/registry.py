@@ -34,7 +34,17 @@ LOAD_PLUGINS_ENV = "SPHINX_TOOLS_LOAD_PLUGINS"
 BUILTIN_PACKAGE = "sphinx_tools.plugins"
 DEFAULT_PLUGINS = tuple(
     f"{BUILTIN_PACKAGE}.{name}"
-    for name in ("rec", "reg", "grounded_caption", "detection", "pose", "ocr", "relation", "layout", "caption")
+    for name in (
+        "rec",
+        "reg",
+        "grounded_caption",
+        "detection",
+        "pose",
+        "ocr",
+        "relation",
+        "layout",
+        "caption",
+    )
 )
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -74,8 +84,11 @@ def _register_entry_point(ep, builtin: bool) -> None:
     try:
         plugin = ep.load()
     except Exception as exc:  # one broken plugin must not take the others down
-        warnings.warn(f"sphinx_tools plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"sphinx_tools plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return
     if pm.is_registered(plugin):
         return
@@ -99,8 +112,11 @@ def _register_defaults() -> None:
             continue
         name = module_name.rsplit(".", 1)[1]
         pm.register(module, name=name if pm.get_plugin(name) is None else module_name)
-        _plugin_info[pm.get_name(module)] = {"distribution": "sphinx-tools", "version": _own_version(),
-                                             "builtin": True}
+        _plugin_info[pm.get_name(module)] = {
+            "distribution": "sphinx-tools",
+            "version": _own_version(),
+            "builtin": True,
+        }
 
 
 def _import_builtin(module_name: str):
@@ -122,7 +138,9 @@ def _map_source_plugins() -> bool:
     init = folder / "__init__.py"
     if BUILTIN_PACKAGE in sys.modules or not init.is_file():
         return False
-    spec = importlib.util.spec_from_file_location(BUILTIN_PACKAGE, init, submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        BUILTIN_PACKAGE, init, submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[BUILTIN_PACKAGE] = module
     spec.loader.exec_module(module)
@@ -162,7 +180,7 @@ def list_plugins() -> list[dict]:
 
 # -- tasks -----------------------------------------------------------------------------------------
 def _collect_tasks() -> dict[str, Task]:
-    "Call every ``register_tasks`` hook; a later-registered plugin overrides a name, with a warning."
+    "Call every ``register_tasks`` hook; a later plugin overrides a task name, with a warning."
     load_plugins()
     tasks: dict[str, Task] = {}
     for impl in pm.hook.register_tasks.get_hookimpls():  # registration order
@@ -173,8 +191,11 @@ def _collect_tasks() -> dict[str, Task]:
             if not isinstance(task, Task) or not task.name:
                 raise TypeError(f"plugin {_plugin!r} registered {task!r}, expected a named Task")
             if task.name in tasks:
-                warnings.warn(f"task {task.name!r} from plugin {_plugin!r} replaces the one from "
-                              f"{tasks[task.name].plugin!r}", stacklevel=2)
+                warnings.warn(
+                    f"task {task.name!r} from plugin {_plugin!r} replaces the one from "
+                    f"{tasks[task.name].plugin!r}",
+                    stacklevel=2,
+                )
             task.plugin = _plugin
             tasks[task.name] = task
 

@@ -5,8 +5,9 @@ structured result (:meth:`Task.parse`)::
 
     task = sphinx_tools.get_task("rec")
     task.prompt(expression="the red car")
-    # 'Please provide the bounding box coordinate of the region this sentence describes: the red car.'
-    detections = task.parse("[0.04,0.47,0.40,0.83]", image_size=(640, 480), expression="the red car")
+    # 'Please provide the bounding box coordinate of the region this sentence describes: the red
+    # car.'
+    detections = task.parse("[0.04,0.47,0.40,0.83]", (640, 480), expression="the red car")
 
 Prompt templates are ``str.format`` strings. Each can be replaced per call (``template=...``) or in
 a user config file: ``$SPHINX_TOOLS_CONFIG``, else ``$XDG_CONFIG_HOME/sphinx-tools/prompts.yaml``
@@ -94,7 +95,9 @@ class Task:
                 else:
                     problems.append(f"option {where!r}: {err['msg']} (got {err.get('input')!r})")
             known = ", ".join(self.Options.model_fields)
-            raise ValueError(f"task {self.name!r}: {'; '.join(problems)}. Options: {known}") from None
+            raise ValueError(
+                f"task {self.name!r}: {'; '.join(problems)}. Options: {known}"
+            ) from None
 
     # -- prompt --------------------------------------------------------------------------------
     def prompt(self, **options) -> str:
@@ -120,8 +123,10 @@ class Task:
         if opts.template is not None:
             return opts.template
         if opts.variant not in self.templates:
-            raise ValueError(f"task {self.name!r} has no prompt variant {opts.variant!r}; "
-                             f"variants: {', '.join(self.templates)}")
+            raise ValueError(
+                f"task {self.name!r} has no prompt variant {opts.variant!r}; "
+                f"variants: {', '.join(self.templates)}"
+            )
         return prompt_overrides().get(self.name, {}).get(opts.variant, self.templates[opts.variant])
 
     def prompt_fields(self, opts: TaskOptions) -> dict[str, Any]:
@@ -150,16 +155,24 @@ class Task:
         image_wh = self.check_image_size(image_size)
         try:
             return self.parse_answer(answer, image_wh, opts)
-        except Exception as exc:  # model text must never crash a caller; tests turn this into an error
-            warnings.warn(f"task {self.name!r} could not parse the answer ({exc!r}); returning an "
-                          "empty result", RuntimeWarning, stacklevel=2)
+        except (
+            Exception
+        ) as exc:  # model text must never crash a caller; tests turn this into an error
+            warnings.warn(
+                f"task {self.name!r} could not parse the answer ({exc!r}); returning an "
+                "empty result",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return self.empty(answer, image_wh, opts, [f"parser error: {exc!r}"])
 
     def check_image_size(self, image_size):
         "Validate ``(width, height)``; ``None`` is allowed only for ungrounded tasks."
         if image_size is None:
             if self.needs_image_size:
-                raise ValueError(f"task {self.name!r} needs `image_size=(width, height)` to map boxes")
+                raise ValueError(
+                    f"task {self.name!r} needs `image_size=(width, height)` to map boxes"
+                )
             return None
         try:
             w, h = (int(v) for v in image_size)
@@ -199,11 +212,21 @@ class DetectionsTask(Task):
     output: ClassVar[type] = sv.Detections
 
     def empty(self, answer: Answer, image_wh, opts: TaskOptions, notes=()) -> sv.Detections:
-        return build_detections(np.empty((0, 4)), data={PHRASE_FIELD: []}, raw_text=answer.raw,
-                                answer_notes=list(notes))
+        return build_detections(
+            np.empty((0, 4)), data={PHRASE_FIELD: []}, raw_text=answer.raw, answer_notes=list(notes)
+        )
 
-    def detections(self, answer: Answer, boxes: list[GroundedBox], notes, class_name, *, data=None,
-                   class_id=None, classes=None) -> sv.Detections:
+    def detections(
+        self,
+        answer: Answer,
+        boxes: list[GroundedBox],
+        notes,
+        class_name,
+        *,
+        data=None,
+        class_id=None,
+        classes=None,
+    ) -> sv.Detections:
         """``sv.Detections`` from grounded boxes, with confidences when the answer has log-probs.
 
         Args:
@@ -215,12 +238,20 @@ class DetectionsTask(Task):
             class_id: n ints, or ``None``.
             classes: names ``class_id`` indexes into.
         """
-        confidence = [answer.confidence(b.spans) for b in boxes] if answer.logprobs is not None else None
+        confidence = (
+            [answer.confidence(b.spans) for b in boxes] if answer.logprobs is not None else None
+        )
         data = {PHRASE_FIELD: [b.phrase or "" for b in boxes], **(data or {})}
         return build_detections(
             [b.xyxy for b in boxes] if boxes else np.empty((0, 4)),
-            class_name=class_name, class_id=class_id, confidence=confidence, data=data,
-            notes=[b.notes for b in boxes], raw_text=answer.raw, answer_notes=notes, classes=classes,
+            class_name=class_name,
+            class_id=class_id,
+            confidence=confidence,
+            data=data,
+            notes=[b.notes for b in boxes],
+            raw_text=answer.raw,
+            answer_notes=notes,
+            classes=classes,
         )
 
 
@@ -240,11 +271,15 @@ def render(template: str, fields: dict, task: str = "") -> str:
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as exc:
-        raise ValueError(f"prompt template for {task!r} is malformed ({exc}): {template!r}") from None
+        raise ValueError(
+            f"prompt template for {task!r} is malformed ({exc}): {template!r}"
+        ) from None
     missing = sorted(n for n in names if n.split(".")[0].split("[")[0] not in fields)
     if missing:
-        raise ValueError(f"prompt template for {task!r} uses {{{missing[0]}}}; available fields: "
-                         f"{', '.join(sorted(fields)) or 'none'}")
+        raise ValueError(
+            f"prompt template for {task!r} uses {{{missing[0]}}}; available fields: "
+            f"{', '.join(sorted(fields)) or 'none'}"
+        )
     return template.format(**fields)
 
 
@@ -296,15 +331,26 @@ def _read_config(path: Path) -> dict:
         if isinstance(value, str):
             value = {"default": value}
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise SphinxToolsError(f"prompt config {path}: {task!r} must be a template string or "
-                                   "a mapping of variant -> template string")
+            raise SphinxToolsError(
+                f"prompt config {path}: {task!r} must be a template string or "
+                "a mapping of variant -> template string"
+            )
         out[str(task)] = {str(k): v for k, v in value.items()}
     return out
 
 
 # -- running a task on a model ---------------------------------------------------------------------
-def run_task(model, image, task, *, max_gen_len: int | None = None, temperature: float = 0.1,
-             top_p: float = 0.75, sampling: dict | None = None, **options):
+def run_task(
+    model,
+    image,
+    task,
+    *,
+    max_gen_len: int | None = None,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    sampling: dict | None = None,
+    **options,
+):
     """Ask the model one task about one image and parse the answer.
 
     Builds the one-turn conversation with ``conversation.build_prompt``, calls
@@ -338,12 +384,20 @@ def run_task(model, image, task, *, max_gen_len: int | None = None, temperature:
         options["image_size"] = image_wh
     questions = task.split(**options)
     prompts = [build_prompt([[task.prompt(**q), None]]) for q in questions]
-    kwargs = {"max_gen_len": max_gen_len or task.max_gen_len, "temperature": temperature, "top_p": top_p}
+    kwargs = {
+        "max_gen_len": max_gen_len or task.max_gen_len,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
     kwargs.update(sampling or {})
     generations = model.generate(prompts, [image] * len(prompts), **kwargs)
     if len(generations) != len(prompts):
-        raise SphinxToolsError(f"model.generate returned {len(generations)} answers for {len(prompts)} prompts")
-    results = [_parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions)]
+        raise SphinxToolsError(
+            f"model.generate returned {len(generations)} answers for {len(prompts)} prompts"
+        )
+    results = [
+        _parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions, strict=True)
+    ]
     return task.merge(results)
 
 

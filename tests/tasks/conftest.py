@@ -48,7 +48,7 @@ class FakeModel:
         assert len(prompts) == len(images)
         self.calls.append((list(prompts), list(images), kwargs))
         assert len(self.queue) >= len(prompts), "FakeModel: not enough enqueued answers"
-        out, self.queue = self.queue[: len(prompts)], self.queue[len(prompts):]
+        out, self.queue = self.queue[: len(prompts)], self.queue[len(prompts) :]
         return out
 
 
@@ -81,4 +81,3 @@ def register_plugin():
     for name in names:
         if pm.get_plugin(name) is not None:
             pm.unregister(name=name)
-

@@ -16,7 +16,9 @@ EMPTY = np.empty((0, 4))
 
 def check(detections, xyxy, names=None, field="class_name"):
     assert isinstance(detections, sv.Detections)
-    np.testing.assert_allclose(detections.xyxy, np.asarray(xyxy, dtype=float).reshape(-1, 4), atol=1e-6)
+    np.testing.assert_allclose(
+        detections.xyxy, np.asarray(xyxy, dtype=float).reshape(-1, 4), atol=1e-6
+    )
     if names is not None:
         assert list(detections.data[field]) == list(names)
     # invariants every result keeps
@@ -28,14 +30,62 @@ def check(detections, xyxy, names=None, field="class_name"):
 @pytest.mark.parametrize(
     "text, wh, options, xyxy, names",
     [
-        ("[0.04,0.47,0.40,0.83]", L, {"expression": "Trump"}, [25.6, 220.8, 256.0, 451.2], ["Trump"]),  # real
-        ("[0.04,0.47,0.40,0.83]", P, {"expression": "x"}, [0.0, 300.8, 176.0, 531.2], ["x"]),  # portrait, clipped x1
-        ("[0.04, 0.47, 0.40, 0.83]", L, {}, [25.6, 220.8, 256.0, 451.2], [""]),  # spaces, no expression
-        ("[0.04,0.47,0.40,0.83]\n###", L, {}, [25.6, 220.8, 256.0, 451.2], None),  # raw with end signal
-        ("The box is [0.04,0.47,0.40,0.83].", L, {}, [25.6, 220.8, 256.0, 451.2], None),  # prose around
-        ("<p>Biden</p> [0.61,0.45,0.95,0.83]", L, {}, [390.4, 208.0, 608.0, 451.2], ["Biden"]),  # tagged
-        ("[0.04,0.47,0.40,0.83;0.61,0.45,0.95,0.83]", L, {}, [25.6, 220.8, 256.0, 451.2], None),  # first only
-        ("[04,47,40,83]", L, {}, [25.6, 220.8, 256.0, 451.2], None),  # lost decimal points, recovered
+        (
+            "[0.04,0.47,0.40,0.83]",
+            L,
+            {"expression": "Trump"},
+            [25.6, 220.8, 256.0, 451.2],
+            ["Trump"],
+        ),  # real
+        (
+            "[0.04,0.47,0.40,0.83]",
+            P,
+            {"expression": "x"},
+            [0.0, 300.8, 176.0, 531.2],
+            ["x"],
+        ),  # portrait, clipped x1
+        (
+            "[0.04, 0.47, 0.40, 0.83]",
+            L,
+            {},
+            [25.6, 220.8, 256.0, 451.2],
+            [""],
+        ),  # spaces, no expression
+        (
+            "[0.04,0.47,0.40,0.83]\n###",
+            L,
+            {},
+            [25.6, 220.8, 256.0, 451.2],
+            None,
+        ),  # raw with end signal
+        (
+            "The box is [0.04,0.47,0.40,0.83].",
+            L,
+            {},
+            [25.6, 220.8, 256.0, 451.2],
+            None,
+        ),  # prose around
+        (
+            "<p>Biden</p> [0.61,0.45,0.95,0.83]",
+            L,
+            {},
+            [390.4, 208.0, 608.0, 451.2],
+            ["Biden"],
+        ),  # tagged
+        (
+            "[0.04,0.47,0.40,0.83;0.61,0.45,0.95,0.83]",
+            L,
+            {},
+            [25.6, 220.8, 256.0, 451.2],
+            None,
+        ),  # first only
+        (
+            "[04,47,40,83]",
+            L,
+            {},
+            [25.6, 220.8, 256.0, 451.2],
+            None,
+        ),  # lost decimal points, recovered
         ("", L, {}, EMPTY, []),  # empty
         ("I cannot see that in the image.", L, {}, EMPTY, []),  # prose, no bracket (I92)
         ("[0.04,0.47,0.4", L, {}, EMPTY, []),  # truncated
@@ -74,18 +124,66 @@ def test_rec_truncation_is_flagged():
 @pytest.mark.parametrize(
     "text, wh, options, xyxy, names",
     [
-        ("<p>people</p> [0.04,0.47,0.39,0.84;0.35,0.41,0.67,0.84;0.62,0.45,0.94,0.84]", L, {"classes": ["person"]},
-         [[25.6, 220.8, 249.6, 457.6], [224.0, 182.4, 428.8, 457.6], [396.8, 208.0, 601.6, 457.6]],
-         ["person"] * 3),  # ; groups, demo shape
-        ("There are <p>2 dogs</p>[0.1,0.2,0.3,0.4;0.5,0.5,0.6,0.6] and <p>a cat</p> [0.2,0.2,0.3,0.3] in the image.",
-         (100, 100), {}, [[10, 20, 30, 40], [50, 50, 60, 60], [20, 20, 30, 30]], ["dog", "dog", "cat"]),  # prose
-        ("<p>car</p> [0.1,0.2,0.3,0.4] <p>car</p> [0.1,0.2,0.3,0.4] <p>car</p> [0.1,0.2,0.3,0.4]",
-         (100, 100), {}, [[10, 20, 30, 40]], ["car"]),  # repetition loop
-        ("[0.1,0.2,0.3,0.4]", (100, 100), {"classes": ["bus"]}, [[10, 20, 30, 40]], ["bus"]),  # bare box, one class
-        ("[0.1,0.2,0.3,0.4]", (100, 100), {}, [[10, 20, 30, 40]], ["object"]),  # bare box, all objects
-        ("<p>person</p> [0.1,0.2,0.3,0.4;0.5,0.6", (100, 100), {}, [[10, 20, 30, 40]], ["person"]),  # truncated
-        ("&lt;p&gt;dog&lt;/p&gt; [0.1,0.2,0.3,0.4]", (100, 100), {}, [[10, 20, 30, 40]], ["dog"]),  # escaped
-        ("<p>dog</p> [0.3,0.4,0.1,0.2]", (100, 100), {}, [[10, 20, 30, 40]], ["dog"]),  # inverted corners
+        (
+            "<p>people</p> [0.04,0.47,0.39,0.84;0.35,0.41,0.67,0.84;0.62,0.45,0.94,0.84]",
+            L,
+            {"classes": ["person"]},
+            [
+                [25.6, 220.8, 249.6, 457.6],
+                [224.0, 182.4, 428.8, 457.6],
+                [396.8, 208.0, 601.6, 457.6],
+            ],
+            ["person"] * 3,
+        ),  # ; groups, demo shape
+        (
+            "There are <p>2 dogs</p>[0.1,0.2,0.3,0.4;0.5,0.5,0.6,0.6] and <p>a cat</p> [0.2,0.2,0.3,0.3] in the image.",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40], [50, 50, 60, 60], [20, 20, 30, 30]],
+            ["dog", "dog", "cat"],
+        ),  # prose
+        (
+            "<p>car</p> [0.1,0.2,0.3,0.4] <p>car</p> [0.1,0.2,0.3,0.4] <p>car</p> [0.1,0.2,0.3,0.4]",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40]],
+            ["car"],
+        ),  # repetition loop
+        (
+            "[0.1,0.2,0.3,0.4]",
+            (100, 100),
+            {"classes": ["bus"]},
+            [[10, 20, 30, 40]],
+            ["bus"],
+        ),  # bare box, one class
+        (
+            "[0.1,0.2,0.3,0.4]",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40]],
+            ["object"],
+        ),  # bare box, all objects
+        (
+            "<p>person</p> [0.1,0.2,0.3,0.4;0.5,0.6",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40]],
+            ["person"],
+        ),  # truncated
+        (
+            "&lt;p&gt;dog&lt;/p&gt; [0.1,0.2,0.3,0.4]",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40]],
+            ["dog"],
+        ),  # escaped
+        (
+            "<p>dog</p> [0.3,0.4,0.1,0.2]",
+            (100, 100),
+            {},
+            [[10, 20, 30, 40]],
+            ["dog"],
+        ),  # inverted corners
         ("<p>dog</p> [0.1,0.2]", (100, 100), {}, EMPTY, []),  # a point is not a box
         ("Detect all objects shown in the image.", L, {}, EMPTY, []),  # echo of the prompt
         ("", P, {}, EMPTY, []),
@@ -114,15 +212,33 @@ def test_detection_max_objects_caps_loops():
 @pytest.mark.parametrize(
     "text, options, xyxy, texts",
     [
-        ("<p>STOP</p> [0.1,0.2,0.3,0.4] <p>Main St.</p>[0.5,0.5,0.9,0.6]", {},
-         [[10, 20, 30, 40], [50, 50, 90, 60]], ["STOP", "Main St."]),
-        ("<p>SALE 50%</p> [0.1,0.2,0.3,0.4;0.5,0.2,0.7,0.4]", {},
-         [[10, 20, 30, 40], [50, 20, 70, 40]], ["SALE 50%", "SALE 50%"]),  # repeated string shares a list
-        ("<p>a [1] b; c</p> [0.1,0.2,0.3,0.4]", {}, [[10, 20, 30, 40]], ["a [1] b; c"]),  # specials in text
+        (
+            "<p>STOP</p> [0.1,0.2,0.3,0.4] <p>Main St.</p>[0.5,0.5,0.9,0.6]",
+            {},
+            [[10, 20, 30, 40], [50, 50, 90, 60]],
+            ["STOP", "Main St."],
+        ),
+        (
+            "<p>SALE 50%</p> [0.1,0.2,0.3,0.4;0.5,0.2,0.7,0.4]",
+            {},
+            [[10, 20, 30, 40], [50, 20, 70, 40]],
+            ["SALE 50%", "SALE 50%"],
+        ),  # repeated string shares a list
+        (
+            "<p>a [1] b; c</p> [0.1,0.2,0.3,0.4]",
+            {},
+            [[10, 20, 30, 40]],
+            ["a [1] b; c"],
+        ),  # specials in text
         ("<p>0.25</p> [0.1,0.2,0.3,0.4]", {}, [[10, 20, 30, 40]], ["0.25"]),  # digits as text
         ("[0.1,0.2,0.3,0.4]", {}, [[10, 20, 30, 40]], [""]),  # box without text
         ("No text found.", {}, EMPTY, []),
-        ("HELLO WORLD\nsecond line", {"variant": "read"}, [[0, 0, 100, 100]], ["HELLO WORLD\nsecond line"]),
+        (
+            "HELLO WORLD\nsecond line",
+            {"variant": "read"},
+            [[0, 0, 100, 100]],
+            ["HELLO WORLD\nsecond line"],
+        ),
         ("", {"variant": "read"}, EMPTY, []),
     ],
 )
@@ -133,15 +249,32 @@ def test_ocr(text, options, xyxy, texts):
 @pytest.mark.parametrize(
     "text, options, names, raw",
     [
-        ("<p>title</p> [0.1,0.05,0.9,0.1] <p>text</p> [0.1,0.2,0.9,0.5;0.1,0.5,0.9,0.8] <p>figure</p>[0.2,0.8,0.8,0.9]",
-         {}, ["title", "text", "text", "figure"], ["title", "text", "text", "figure"]),
-        ("<p>Section-header</p> [0.1,0.05,0.9,0.1] <p>Picture</p>[0.2,0.8,0.8,0.9] <p>List-item</p>[0.1,0.2,0.9,0.3]",
-         {}, ["title", "figure", "list"], ["Section-header", "Picture", "List-item"]),  # DocLayNet -> PubLayNet
-        ("<p>figure</p>[0.2,0.8,0.8,0.9] <p>paragraphs</p> [0.1,0.2,0.9,0.5] <p>page_header</p>[0.1,0.0,0.9,0.04]",
-         {"vocabulary": "doclaynet"}, ["Picture", "Text", "Page-header"], ["figure", "paragraphs", "page_header"]),
+        (
+            "<p>title</p> [0.1,0.05,0.9,0.1] <p>text</p> [0.1,0.2,0.9,0.5;0.1,0.5,0.9,0.8] <p>figure</p>[0.2,0.8,0.8,0.9]",
+            {},
+            ["title", "text", "text", "figure"],
+            ["title", "text", "text", "figure"],
+        ),
+        (
+            "<p>Section-header</p> [0.1,0.05,0.9,0.1] <p>Picture</p>[0.2,0.8,0.8,0.9] <p>List-item</p>[0.1,0.2,0.9,0.3]",
+            {},
+            ["title", "figure", "list"],
+            ["Section-header", "Picture", "List-item"],
+        ),  # DocLayNet -> PubLayNet
+        (
+            "<p>figure</p>[0.2,0.8,0.8,0.9] <p>paragraphs</p> [0.1,0.2,0.9,0.5] <p>page_header</p>[0.1,0.0,0.9,0.04]",
+            {"vocabulary": "doclaynet"},
+            ["Picture", "Text", "Page-header"],
+            ["figure", "paragraphs", "page_header"],
+        ),
         ("<p>stamp</p> [0.1,0.1,0.2,0.2]", {}, ["stamp"], ["stamp"]),  # unknown label kept, noted
         ("<p>stamp</p> [0.1,0.1,0.2,0.2]", {"drop_unknown": True}, [], []),
-        ("<p>stamp</p> [0.1,0.1,0.2,0.2]", {"synonyms": {"stamps": "figure"}}, ["figure"], ["stamp"]),
+        (
+            "<p>stamp</p> [0.1,0.1,0.2,0.2]",
+            {"synonyms": {"stamps": "figure"}},
+            ["figure"],
+            ["stamp"],
+        ),
         ("<p>Stamp</p> [0.1,0.1,0.2,0.2]", {"vocabulary": "raw"}, ["stamp"], ["Stamp"]),
         ("", {}, [], []),
     ],
@@ -158,9 +291,21 @@ def test_layout(text, options, names, raw):
 @pytest.mark.parametrize(
     "text, wh, region, xyxy, caption",
     [
-        ("A man in a black suit.", L, (10, 20, 110, 220), [10, 20, 110, 220], "A man in a black suit."),
+        (
+            "A man in a black suit.",
+            L,
+            (10, 20, 110, 220),
+            [10, 20, 110, 220],
+            "A man in a black suit.",
+        ),
         ("  a red car\n###", P, (0, 0, 480, 640), [0, 0, 480, 640], "a red car"),
-        ("<p>a dog</p> [0.1,0.2,0.3,0.4]", (100, 100), (1, 2, 3, 4), [1, 2, 3, 4], "a dog"),  # markup removed
+        (
+            "<p>a dog</p> [0.1,0.2,0.3,0.4]",
+            (100, 100),
+            (1, 2, 3, 4),
+            [1, 2, 3, 4],
+            "a dog",
+        ),  # markup removed
         ("a tree", (100, 100), (-10, -10, 50, 500), [0, 0, 50, 100], "a tree"),  # region clipped
         ("a tree", (100, 100), None, [0, 0, 100, 100], "a tree"),  # no region: whole image
         ("", L, (10, 20, 110, 220), EMPTY, None),
@@ -172,13 +317,17 @@ def test_reg(text, wh, region, xyxy, caption):
 
 
 # -- round trip: pixels -> prompt -> (model echoes the region) -> parse ----------------------------
-@pytest.mark.parametrize("wh", [(640, 480), (480, 640), (1000, 1000), (333, 101), (101, 333), (1, 7)])
-@pytest.mark.parametrize("frac", [(0.1, 0.2, 0.6, 0.9), (0.0, 0.0, 1.0, 1.0), (0.25, 0.5, 0.5, 0.75)])
+@pytest.mark.parametrize(
+    "wh", [(640, 480), (480, 640), (1000, 1000), (333, 101), (101, 333), (1, 7)]
+)
+@pytest.mark.parametrize(
+    "frac", [(0.1, 0.2, 0.6, 0.9), (0.0, 0.0, 1.0, 1.0), (0.25, 0.5, 0.5, 0.75)]
+)
 def test_round_trip_pixels_prompt_parse(wh, frac):
     w, h = wh
     box = (frac[0] * w, frac[1] * h, frac[2] * w, frac[3] * h)
     prompt = get_task("reg").prompt(region=box, image_size=wh)
-    region = prompt[prompt.index("["):]
+    region = prompt[prompt.index("[") :]
     assert " " not in region and all(len(v.split(".")[1]) == 2 for v in region[1:-1].split(","))
     d = get_task("rec").parse(region, wh)
     assert len(d) == 1

@@ -21,14 +21,35 @@ number = st.one_of(
     st.sampled_from(["0", "1", ".", "1e999", "-", "+", "e", "0.", ".5", "nan", "inf", "1e-400"]),
 )
 group = st.lists(number, min_size=0, max_size=6).map(",".join)
-bracket = st.lists(group, min_size=0, max_size=4).map(lambda gs: "[" + ";".join(gs) + st_choice_end(gs))
+bracket = st.lists(group, min_size=0, max_size=4).map(
+    lambda gs: "[" + ";".join(gs) + st_choice_end(gs)
+)
 phrase = st.text(max_size=12).map(lambda t: f"<p>{t}</p>")
 piece = st.one_of(
     st.text(max_size=20),
     bracket,
     phrase,
-    st.sampled_from(["<p>", "</p>", "[", "]", ";", ",", " ", "\n###", "</s>", "&lt;p&gt;", "&amp;", "&#0;",
-                     "<p>left eye</p>", "<p>nose</p>", "<p>person</p>", " on ", "[0.1,0.2]"]),
+    st.sampled_from(
+        [
+            "<p>",
+            "</p>",
+            "[",
+            "]",
+            ";",
+            ",",
+            " ",
+            "\n###",
+            "</s>",
+            "&lt;p&gt;",
+            "&amp;",
+            "&#0;",
+            "<p>left eye</p>",
+            "<p>nose</p>",
+            "<p>person</p>",
+            " on ",
+            "[0.1,0.2]",
+        ]
+    ),
 )
 model_text = st.lists(piece, max_size=12).map("".join)
 image_wh = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
@@ -72,7 +93,9 @@ def check_result(result, wh):
 def test_arbitrary_text_never_raises(name, text, wh):
     task = get_task(name)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # the parse() safety net must never be needed
+        warnings.simplefilter(
+            "error", RuntimeWarning
+        )  # the parse() safety net must never be needed
         result = task.parse(text, wh)
     assert isinstance(result, task.output)
     check_result(result, wh)
@@ -95,7 +118,9 @@ def test_unicode_noise_never_raises(text, wh):
 )
 def test_confidence_is_a_probability(text, wh, data):
     n = data.draw(st.integers(0, len(text) + 1))
-    offsets = sorted(data.draw(st.lists(st.integers(0, max(len(text) - 1, 0)), min_size=n, max_size=n)))
+    offsets = sorted(
+        data.draw(st.lists(st.integers(0, max(len(text) - 1, 0)), min_size=n, max_size=n))
+    )
     logprobs = data.draw(st.lists(st.floats(-50, 0), min_size=n, max_size=n))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

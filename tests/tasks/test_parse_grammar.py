@@ -27,7 +27,10 @@ from sphinx_tools.parsing import (
         ("answer\n### Human: more", "answer"),  # response end signal
         ("answer###", "answer"),  # benchmark-style cut
         ("answer</s>", "answer"),  # raw decoding
-        ("&lt;p&gt;dog&lt;/p&gt; [0.1,0.2,0.3,0.4]", "<p>dog</p> [0.1,0.2,0.3,0.4]"),  # HTML-escaped
+        (
+            "&lt;p&gt;dog&lt;/p&gt; [0.1,0.2,0.3,0.4]",
+            "<p>dog</p> [0.1,0.2,0.3,0.4]",
+        ),  # HTML-escaped
         ("", ""),
         ("###", ""),
     ],
@@ -84,13 +87,21 @@ def test_parse_value(token, recover, expected, note):
     [
         ("[0.26,0.23,0.52,0.82]", [(0.26, 0.23, 0.52, 0.82)], [True]),
         ("[0.37, 0.51, 0.52, 0.61]", [(0.37, 0.51, 0.52, 0.61)], [True]),  # spaces after commas
-        ("[ 0.1 ,0.2 ; 0.3,0.4 ]", [(0.1, 0.2), (0.3, 0.4)], [True]),  # spaces around ; and brackets
+        (
+            "[ 0.1 ,0.2 ; 0.3,0.4 ]",
+            [(0.1, 0.2), (0.3, 0.4)],
+            [True],
+        ),  # spaces around ; and brackets
         ("[0.1,0.2,0.3,0.4;0.5,0.6]", [(0.1, 0.2, 0.3, 0.4), (0.5, 0.6)], [True]),  # mixed counts
         ("[0,0.5,1,0.9]", [(0.0, 0.5, 1.0, 0.9)], [True]),  # integers kept (the demo drops them)
         ("[x1, y1, x2, y2]", [], []),  # placeholder echoed from the prompt
         ("[see above]", [], []),
         ("[]", [], []),
-        ("[0.1,0.2,0.3,0.4;0.5,0.6,0.7", [(0.1, 0.2, 0.3, 0.4), ()], [False]),  # truncated: last dropped
+        (
+            "[0.1,0.2,0.3,0.4;0.5,0.6,0.7",
+            [(0.1, 0.2, 0.3, 0.4), ()],
+            [False],
+        ),  # truncated: last dropped
         ("[0.1,0.2,0.3,0.4 and more", [(0.1, 0.2, 0.3, 0.4)], [False]),  # missing ]
         ("[3 items] here", [], []),  # prose in brackets
         ("[1e-1,2e-1,3e-1,4e-1]", [(0.1, 0.2, 0.3, 0.4)], [True]),
@@ -101,7 +112,9 @@ def test_parse_value(token, recover, expected, note):
 def test_find_brackets(text, expected_groups, closed):
     brackets = find_brackets(text)
     groups = [g.values for b in brackets for g in b.groups]
-    assert [tuple(pytest.approx(v) for v in g) for g in groups] == [tuple(g) for g in expected_groups]
+    assert [tuple(pytest.approx(v) for v in g) for g in groups] == [
+        tuple(g) for g in expected_groups
+    ]
     assert [b.closed for b in brackets] == closed
 
 
@@ -109,7 +122,10 @@ def test_mentions_bind_phrase_to_following_bracket():
     text = "There are <p>2 dogs</p> [0.1,0.1,0.2,0.2;0.3,0.3,0.4,0.4] near <p>a tree</p> and [0.5,0.5,0.6,0.6]"
     mentions = find_mentions(text)
     assert [(m.phrase.text if m.phrase else None, m.bracket is not None) for m in mentions] == [
-        ("2 dogs", True), ("a tree", False), (None, True)]
+        ("2 dogs", True),
+        ("a tree", False),
+        (None, True),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -238,9 +254,18 @@ def test_normalize_label(phrase, label):
     assert normalize_label(phrase) == label
 
 
-@pytest.mark.parametrize("word, expected", [("person", "people"), ("dog", "dogs"), ("bus", "buses"),
-                                            ("box", "boxes"), ("traffic light", "traffic lights"),
-                                            ("cars", "cars"), ("butterfly", "butterflies")])
+@pytest.mark.parametrize(
+    "word, expected",
+    [
+        ("person", "people"),
+        ("dog", "dogs"),
+        ("bus", "buses"),
+        ("box", "boxes"),
+        ("traffic light", "traffic lights"),
+        ("cars", "cars"),
+        ("butterfly", "butterflies"),
+    ],
+)
 def test_plural(word, expected):
     assert plural(word) == expected
 

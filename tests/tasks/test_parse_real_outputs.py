@@ -13,7 +13,12 @@ from sphinx_tools.parsing import find_brackets
 from sphinx_tools.registry import get_task
 from sphinx_tools.transforms import PaddedResize
 
-TASKS = {"REC": "rec", "grounded_caption": "grounded_caption", "VQA": "vqa", "detailed_caption": "caption"}
+TASKS = {
+    "REC": "rec",
+    "grounded_caption": "grounded_caption",
+    "VQA": "vqa",
+    "detailed_caption": "caption",
+}
 
 
 @pytest.fixture(params=[(640, 480), (1920, 1080)], ids=["640x480", "1920x1080"])
@@ -33,7 +38,9 @@ def test_rec_outputs(real_outputs, image_wh):
         expression = row["prompt"].split("describes: ", 1)[1].rstrip(".")
         d = get_task("rec").parse(row["output"], image_wh, expression=expression)
         values = find_brackets(row["output"])[0].groups[0].values
-        expected = np.clip(PaddedResize().to_pixels_xyxy([values], image_wh), 0, [*image_wh, *image_wh])
+        expected = np.clip(
+            PaddedResize().to_pixels_xyxy([values], image_wh), 0, [*image_wh, *image_wh]
+        )
         np.testing.assert_allclose(d.xyxy, expected)
         assert list(d.data["class_name"]) == [expression]
         assert d.metadata["raw_text"] == row["output"]
@@ -57,7 +64,10 @@ def test_grounded_caption_display_string(real_outputs, image_wh):
     result = get_task("grounded_caption").parse(row["output"], image_wh)
     assert isinstance(result, GroundedCaption)
     assert result.text == "Three world leaders are shown in front of a building ."
-    assert [(e.phrase, len(e.xyxy)) for e in result.entities] == [("Three world leaders", 3), ("a building", 1)]
+    assert [(e.phrase, len(e.xyxy)) for e in result.entities] == [
+        ("Three world leaders", 3),
+        ("a building", 1),
+    ]
     assert all("phrase guessed" in n for n in result.detections.data["parse_notes"])
     assert row["prompt"].rstrip(".") == get_task("grounded_caption").prompt().rstrip(".")
 

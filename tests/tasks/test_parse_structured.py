@@ -23,10 +23,25 @@ FULL_POSE = (
     "text, wh, n_people, visible",
     [
         (FULL_POSE, (1000, 1000), 1, [17]),  # every point
-        ("<p>nose</p> [0.50,0.20] <p>left_eye</p>[0.52,0.18] <p>RIGHT EYE</p>[0.48,0.18]", L, 1, [3]),  # name forms
+        (
+            "<p>nose</p> [0.50,0.20] <p>left_eye</p>[0.52,0.18] <p>RIGHT EYE</p>[0.48,0.18]",
+            L,
+            1,
+            [3],
+        ),  # name forms
         ("<p>nose</p> [0.50,0.40] <p>left eye</p> [0.00,0.00]", L, 1, [1]),  # [0,0] = not visible
-        ("<p>nose</p> [0.50,0.40] <p>left eye</p> [0.50,0.05]", L, 1, [1]),  # padding band = not visible
-        ("<p>nose</p> [0.3,0.4] <p>nose</p> [0.7,0.4] <p>left eye</p> [0.71,0.38]", L, 2, [1, 2]),  # 2 people
+        (
+            "<p>nose</p> [0.50,0.40] <p>left eye</p> [0.50,0.05]",
+            L,
+            1,
+            [1],
+        ),  # padding band = not visible
+        (
+            "<p>nose</p> [0.3,0.4] <p>nose</p> [0.7,0.4] <p>left eye</p> [0.71,0.38]",
+            L,
+            2,
+            [1, 2],
+        ),  # 2 people
         (FULL_POSE + " " + FULL_POSE, (1000, 1000), 1, [17]),  # repetition loop
         ("<p>nose</p> [0.50,0.40] <p>tail</p> [0.5,0.5]", L, 1, [1]),  # unknown name ignored
         ("<p>nose</p> [0.50,0.40] <p>left eye</p> [0.5", L, 1, [1]),  # truncated
@@ -41,7 +56,9 @@ def test_pose(text, wh, n_people, visible):
     assert isinstance(kp, sv.KeyPoints)
     assert kp.xy.shape == (n_people, 17, 2) and kp.visible.shape == (n_people, 17)
     assert list(kp.visible.sum(axis=1)) == visible
-    assert kp.keypoint_confidence is None and kp.detection_confidence is None  # no logprobs: no confidence
+    assert (
+        kp.keypoint_confidence is None and kp.detection_confidence is None
+    )  # no logprobs: no confidence
     assert np.isfinite(kp.xy).all()
     if n_people:
         w, h = wh
@@ -75,19 +92,45 @@ def test_pose_confidence_from_logprobs():
 
 
 # -- grounded caption ------------------------------------------------------------------------------
-RAW_CAPTION = ("<p>Three world leaders</p> [0.04,0.47,0.39,0.84;0.35,0.41,0.67,0.84;0.62,0.45,0.94,0.84] "
-               "are shown in front of <p>a building</p>[0.23,0.26,0.78,0.68] .")
+RAW_CAPTION = (
+    "<p>Three world leaders</p> [0.04,0.47,0.39,0.84;0.35,0.41,0.67,0.84;0.62,0.45,0.94,0.84] "
+    "are shown in front of <p>a building</p>[0.23,0.26,0.78,0.68] ."
+)
 
 
 @pytest.mark.parametrize(
     "text, caption, phrases, boxes_per_entity",
     [
-        (RAW_CAPTION, "Three world leaders are shown in front of a building .",
-         ["Three world leaders", "a building"], [3, 1]),
-        ("<p>A dog</p> chases <p>a ball</p> [0.4,0.5,0.5,0.6].", "A dog chases a ball.", ["a ball"], [1]),  # ungrounded
-        ("&lt;p&gt;A cat&lt;/p&gt; [0.1,0.3,0.5,0.7] sleeps.", "A cat sleeps.", ["A cat"], [1]),  # escaped
-        ("<p>A cat</p> [0.1,0.3,0.5,0.7] on <p>a mat</p> [0.1,0.6,0.", "A cat on a mat", ["A cat"], [1]),  # truncated
-        ("<p>A cat</p> [0.1,0.3,0.5,0.7] and <p>A cat</p> [0.1,0.3,0.5,0.7]", "A cat and A cat", ["A cat"], [1]),  # loop
+        (
+            RAW_CAPTION,
+            "Three world leaders are shown in front of a building .",
+            ["Three world leaders", "a building"],
+            [3, 1],
+        ),
+        (
+            "<p>A dog</p> chases <p>a ball</p> [0.4,0.5,0.5,0.6].",
+            "A dog chases a ball.",
+            ["a ball"],
+            [1],
+        ),  # ungrounded
+        (
+            "&lt;p&gt;A cat&lt;/p&gt; [0.1,0.3,0.5,0.7] sleeps.",
+            "A cat sleeps.",
+            ["A cat"],
+            [1],
+        ),  # escaped
+        (
+            "<p>A cat</p> [0.1,0.3,0.5,0.7] on <p>a mat</p> [0.1,0.6,0.",
+            "A cat on a mat",
+            ["A cat"],
+            [1],
+        ),  # truncated
+        (
+            "<p>A cat</p> [0.1,0.3,0.5,0.7] and <p>A cat</p> [0.1,0.3,0.5,0.7]",
+            "A cat and A cat",
+            ["A cat"],
+            [1],
+        ),  # loop
         ("A plain caption.", "A plain caption.", [], []),
         ("", "", [], []),
         ("<p><p></p>[]]][;", "[]]][;", [], []),  # garbled
@@ -109,7 +152,9 @@ def test_grounded_caption_boxes_in_pixels():
     result = get_task("grounded_caption").parse(RAW_CAPTION, L)
     np.testing.assert_allclose(result.entities[1].xyxy, [[147.2, 86.4, 499.2, 355.2]])
     assert list(result.detections.data["entity_index"]) == [0, 0, 0, 1]
-    assert list(result.detections.data["class_name"]) == ["Three world leaders"] * 3 + ["a building"]
+    assert list(result.detections.data["class_name"]) == ["Three world leaders"] * 3 + [
+        "a building"
+    ]
 
 
 def test_grounded_caption_validates_spans():
@@ -123,16 +168,33 @@ def test_grounded_caption_validates_spans():
 @pytest.mark.parametrize(
     "text, options, n_objects, triples",
     [
-        ("<p>people</p> [0.1,0.3,0.2,0.6;0.3,0.3,0.4,0.6] on <p>car</p> [0.1,0.5,0.6,0.8]", {}, 3,
-         [("people", "on", "car"), ("people", "on", "car")]),
-        ("<p>man</p>[0.1,0.3,0.4,0.8] riding <p>horse</p>[0.1,0.5,0.6,0.8]. <p>dog</p> [0.7,0.6,0.8,0.7]", {}, 3,
-         [("man", "riding", "horse")]),  # sentence break: no triple with dog
+        (
+            "<p>people</p> [0.1,0.3,0.2,0.6;0.3,0.3,0.4,0.6] on <p>car</p> [0.1,0.5,0.6,0.8]",
+            {},
+            3,
+            [("people", "on", "car"), ("people", "on", "car")],
+        ),
+        (
+            "<p>man</p>[0.1,0.3,0.4,0.8] riding <p>horse</p>[0.1,0.5,0.6,0.8]. <p>dog</p> [0.7,0.6,0.8,0.7]",
+            {},
+            3,
+            [("man", "riding", "horse")],
+        ),  # sentence break: no triple with dog
         ("[0.1,0.3,0.2,0.6]", {"expression": "people on car"}, 1, []),  # REC-like bare box
         ("[0.1,0.3,0.2,0.6]", {"subject": "man", "predicate": "on", "object": "car"}, 1, []),
-        ("<p>cup</p> [0.1,0.3,0.2,0.6] is to the left of the <p>plate</p> [0.5,0.3,0.6,0.6]", {}, 2,
-         [("cup", "is to the left of the", "plate")]),
-        ("<p>cup</p> [0.1,0.3,0.2,0.6] which is quite far away and not near at all from the <p>plate</p> "
-         "[0.5,0.3,0.6,0.6]", {}, 2, []),  # too long to be a predicate
+        (
+            "<p>cup</p> [0.1,0.3,0.2,0.6] is to the left of the <p>plate</p> [0.5,0.3,0.6,0.6]",
+            {},
+            2,
+            [("cup", "is to the left of the", "plate")],
+        ),
+        (
+            "<p>cup</p> [0.1,0.3,0.2,0.6] which is quite far away and not near at all from the <p>plate</p> "
+            "[0.5,0.3,0.6,0.6]",
+            {},
+            2,
+            [],
+        ),  # too long to be a predicate
         ("", {}, 0, []),
         ("no relations here", {}, 0, []),
     ],
@@ -161,7 +223,10 @@ def test_scene_graph_validates_triples():
     [
         ("A dog on a beach.", "A dog on a beach."),
         ("A dog on a beach.\n### Human:", "A dog on a beach."),
-        ("The image features a calendar.There are two people", "The image features a calendar.There are two people"),
+        (
+            "The image features a calendar.There are two people",
+            "The image features a calendar.There are two people",
+        ),
         ("<p>A dog</p> [0.1,0.2,0.3,0.4] on a beach.", "A dog on a beach."),
         ("", ""),
     ],

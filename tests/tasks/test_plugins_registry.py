@@ -4,12 +4,12 @@ import json
 import subprocess
 import sys
 import textwrap
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
 import supervision as sv
+import tomllib
 from click.testing import CliRunner
 
 from sphinx_tools import registry
@@ -19,8 +19,18 @@ from sphinx_tools.registry import get_task, list_tasks, load_plugins, pm, tasks_
 from sphinx_tools.tasks import DetectionsTask, Task
 
 REPO = Path(__file__).resolve().parents[2]
-BUILTIN_TASKS = {"rec", "reg", "grounded_caption", "detection", "pose", "ocr", "relation", "layout",
-                 "caption", "vqa"}
+BUILTIN_TASKS = {
+    "rec",
+    "reg",
+    "grounded_caption",
+    "detection",
+    "pose",
+    "ocr",
+    "relation",
+    "layout",
+    "caption",
+    "vqa",
+}
 
 
 def test_builtin_tasks_are_registered():
@@ -29,7 +39,9 @@ def test_builtin_tasks_are_registered():
 
 
 def test_builtins_are_plugins_in_the_entry_point_group():
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["sphinx_tools"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+        "sphinx_tools"
+    ]
     assert set(declared.values()) == set(registry.DEFAULT_PLUGINS)
     load_plugins()
     for name in declared:
@@ -127,7 +139,8 @@ def test_registering_a_non_task_is_an_error(register_plugin):
 
 # -- third-party plugins through a (fake) installed distribution ----------------------------------
 def _fake_distribution(root: Path, dist="sphinx-tools-hello", module="sphinx_tools_hello"):
-    (root / f"{module}.py").write_text(textwrap.dedent('''
+    (root / f"{module}.py").write_text(
+        textwrap.dedent("""
         from sphinx_tools.hookspecs import hookimpl
         from sphinx_tools.tasks import Task
 
@@ -151,7 +164,8 @@ def _fake_distribution(root: Path, dist="sphinx-tools-hello", module="sphinx_too
         @hookimpl
         def register_tasks(register):
             register(Hello())
-    '''))
+    """)
+    )
     info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
@@ -212,7 +226,7 @@ def test_broken_third_party_plugin_warns_and_others_still_load(tmp_path, monkeyp
 @pytest.mark.slow  # a fresh interpreter imports the package (torch included)
 def test_source_checkout_without_install_still_has_builtins(tmp_path):
     "Simulate an uninstalled checkout: hide the editable-install finder and import from the repo."
-    code = textwrap.dedent(f'''
+    code = textwrap.dedent(f"""
         import sys
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
         sys.path.insert(0, {str(REPO)!r})
@@ -222,9 +236,14 @@ def test_source_checkout_without_install_still_has_builtins(tmp_path):
         md.entry_points = lambda **kw: []  # no entry points at all
         from sphinx_tools.registry import list_tasks
         print(",".join(t.name for t in list_tasks()))
-    ''')
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert set(out.stdout.strip().split(",")) == BUILTIN_TASKS
 
@@ -235,7 +254,10 @@ def test_tasks_command_text():
     assert result.exit_code == 0, result.output
     assert "rec  (plugin rec" in result.output
     assert "supervision.KeyPoints" in result.output
-    assert "Please provide the bounding box coordinate of the region this sentence describes" in result.output
+    assert (
+        "Please provide the bounding box coordinate of the region this sentence describes"
+        in result.output
+    )
 
 
 def test_tasks_command_json():

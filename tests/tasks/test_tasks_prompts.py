@@ -11,29 +11,57 @@ from sphinx_tools.registry import get_task
 @pytest.mark.parametrize(
     "task, options, expected",
     [
-        ("rec", {"expression": "blue backpack"},
-         "Please provide the bounding box coordinate of the region this sentence describes: blue backpack."),
-        ("rec", {"expression": "Jisoo."},  # no doubled period
-         "Please provide the bounding box coordinate of the region this sentence describes: Jisoo."),
-        ("grounded_caption", {},
-         "Describe the image concisely. Include the bounding box for each mentioned object."),
+        (
+            "rec",
+            {"expression": "blue backpack"},
+            "Please provide the bounding box coordinate of the region this sentence describes: blue backpack.",
+        ),
+        (
+            "rec",
+            {"expression": "Jisoo."},  # no doubled period
+            "Please provide the bounding box coordinate of the region this sentence describes: Jisoo.",
+        ),
+        (
+            "grounded_caption",
+            {},
+            "Describe the image concisely. Include the bounding box for each mentioned object.",
+        ),
         ("detection", {}, "Detect all objects shown in the image."),
         ("detection", {"classes": ["person"]}, "Detect all people shown in the image."),
-        ("detection", {"classes": ["dog", "bus", "box"]}, "Detect all dogs, buses and boxes shown in the image."),
+        (
+            "detection",
+            {"classes": ["dog", "bus", "box"]},
+            "Detect all dogs, buses and boxes shown in the image.",
+        ),
         ("ocr", {}, "Please detect all texts and provide their bounding box coordinate."),
-        ("relation", {"expression": "people on car"},
-         "Please provide the bounding box coordinate of the region this sentence describes: people on car."),
-        ("relation", {"subject": "man", "predicate": "riding", "object": "horse"},
-         "Please provide the bounding box coordinate of the region this sentence describes: man riding horse."),
+        (
+            "relation",
+            {"expression": "people on car"},
+            "Please provide the bounding box coordinate of the region this sentence describes: people on car.",
+        ),
+        (
+            "relation",
+            {"subject": "man", "predicate": "riding", "object": "horse"},
+            "Please provide the bounding box coordinate of the region this sentence describes: man riding horse.",
+        ),
         ("caption", {}, "Provide a one-sentence caption for the provided image."),
         ("caption", {"variant": "detailed"}, "Generate a detailed description about the image."),
         ("caption", {"variant": "general"}, "What's in the image?"),
-        ("vqa", {"question": "Is it raining?"},
-         "Is it raining?\nAnswer the question using a single word or phrase."),
-        ("vqa", {"question": "Is it raining? Please answer yes or no.", "variant": "open"},
-         "Is it raining? Please answer yes or no."),
-        ("vqa", {"question": "Which animal?", "choices": ["cat", "dog"]},
-         "Which animal?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."),
+        (
+            "vqa",
+            {"question": "Is it raining?"},
+            "Is it raining?\nAnswer the question using a single word or phrase.",
+        ),
+        (
+            "vqa",
+            {"question": "Is it raining? Please answer yes or no.", "variant": "open"},
+            "Is it raining? Please answer yes or no.",
+        ),
+        (
+            "vqa",
+            {"question": "Which animal?", "choices": ["cat", "dog"]},
+            "Which animal?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly.",
+        ),
     ],
 )
 def test_default_prompts(task, options, expected):
@@ -44,18 +72,33 @@ def test_default_prompts(task, options, expected):
     "task, options, expected",
     [
         # landscape 640x480: S=640, pad_y=80
-        ("pose", {"box": (25.6, 220.8, 256.0, 451.2), "image_size": (640, 480)},
-         "Detect the key points of the person in the region [0.04,0.47,0.40,0.83]."),
+        (
+            "pose",
+            {"box": (25.6, 220.8, 256.0, 451.2), "image_size": (640, 480)},
+            "Detect the key points of the person in the region [0.04,0.47,0.40,0.83].",
+        ),
         # portrait 480x640: pad_x=80
-        ("pose", {"box": (0, 0, 480, 640), "image_size": (480, 640)},
-         "Detect the key points of the person in the region [0.12,0.00,0.88,1.00]."),
-        ("pose", {"image_size": (640, 480)},  # no box: the whole image
-         "Detect the key points of the person in the region [0.00,0.12,1.00,0.88]."),
-        ("reg", {"region": (25.6, 220.8, 256.0, 451.2), "image_size": (640, 480)},
-         "Please provide a short description for this region: [0.04,0.47,0.40,0.83]"),
+        (
+            "pose",
+            {"box": (0, 0, 480, 640), "image_size": (480, 640)},
+            "Detect the key points of the person in the region [0.12,0.00,0.88,1.00].",
+        ),
+        (
+            "pose",
+            {"image_size": (640, 480)},  # no box: the whole image
+            "Detect the key points of the person in the region [0.00,0.12,1.00,0.88].",
+        ),
+        (
+            "reg",
+            {"region": (25.6, 220.8, 256.0, 451.2), "image_size": (640, 480)},
+            "Please provide a short description for this region: [0.04,0.47,0.40,0.83]",
+        ),
         # odd padding: 101x50 -> pad_y = 25 (floor)
-        ("reg", {"region": (0, 0, 101, 50), "image_size": (101, 50)},
-         "Please provide a short description for this region: [0.00,0.25,1.00,0.74]"),
+        (
+            "reg",
+            {"region": (0, 0, 101, 50), "image_size": (101, 50)},
+            "Please provide a short description for this region: [0.00,0.25,1.00,0.74]",
+        ),
     ],
 )
 def test_region_prompts_use_padded_square_two_decimals_no_spaces(task, options, expected):
@@ -103,17 +146,15 @@ def test_text_tasks_need_no_image_size():
 
 
 def test_per_call_template_override():
-    prompt = get_task("rec").prompt(expression="the cat", template="Where is {expression}? Give a box.")
+    prompt = get_task("rec").prompt(
+        expression="the cat", template="Where is {expression}? Give a box."
+    )
     assert prompt == "Where is the cat? Give a box."
 
 
 def test_config_file_yaml_overrides_default_and_variants(tmp_path, monkeypatch):
     path = tmp_path / "prompts.yaml"
-    path.write_text(
-        "rec: 'Box for: {expression}'\n"
-        "caption:\n"
-        "  detailed: 'Describe everything.'\n"
-    )
+    path.write_text("rec: 'Box for: {expression}'\ncaption:\n  detailed: 'Describe everything.'\n")
     monkeypatch.setenv("SPHINX_TOOLS_CONFIG", str(path))
     assert get_task("rec").prompt(expression="a dog") == "Box for: a dog"
     assert get_task("caption").prompt(variant="detailed") == "Describe everything."
@@ -133,7 +174,9 @@ def test_default_config_location_under_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("SPHINX_TOOLS_CONFIG")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     (tmp_path / "sphinx-tools").mkdir()
-    (tmp_path / "sphinx-tools" / "prompts.yaml").write_text("grounded_caption: 'Caption with boxes.'\n")
+    (tmp_path / "sphinx-tools" / "prompts.yaml").write_text(
+        "grounded_caption: 'Caption with boxes.'\n"
+    )
     assert get_task("grounded_caption").prompt() == "Caption with boxes."
 
 

@@ -24,17 +24,31 @@ def test_rec_end_to_end(fake_model, landscape):
     d = run_task(fake_model, landscape, "rec", expression="Trump")
     np.testing.assert_allclose(d.xyxy, [[25.6, 220.8, 256.0, 451.2]])
     assert list(d.data["class_name"]) == ["Trump"]
-    (prompts, images, kwargs), = fake_model.calls
-    assert prompts == [build_prompt([[
-        "Please provide the bounding box coordinate of the region this sentence describes: Trump.", None]])]
+    ((prompts, images, kwargs),) = fake_model.calls
+    assert prompts == [
+        build_prompt(
+            [
+                [
+                    "Please provide the bounding box coordinate of the region this sentence describes: Trump.",
+                    None,
+                ]
+            ]
+        )
+    ]
     assert images == [landscape]
     assert kwargs == {"max_gen_len": get_task("rec").max_gen_len, "temperature": 0.1, "top_p": 0.75}
 
 
 def test_sampling_pass_through_and_overrides(fake_model, landscape):
     fake_model.enqueue("A dog.")
-    run_task(fake_model, landscape, get_task("caption"), max_gen_len=7, temperature=0.0,
-             sampling={"top_p": 0.5, "seed": 3})
+    run_task(
+        fake_model,
+        landscape,
+        get_task("caption"),
+        max_gen_len=7,
+        temperature=0.0,
+        sampling={"top_p": 0.5, "seed": 3},
+    )
     assert fake_model.calls[0][2] == {"max_gen_len": 7, "temperature": 0.0, "top_p": 0.5, "seed": 3}
 
 
@@ -60,7 +74,7 @@ def test_pose_asks_once_per_person_box_in_one_batch(fake_model, landscape):
     np.testing.assert_allclose(kp.xy[:, 0], [[64.0, 176.0], [384.0, 176.0]])
     assert kp.visible.sum(axis=1).tolist() == [2, 1]
     np.testing.assert_allclose(kp.data["person_box"], [[0, 100, 200, 400], [300, 100, 500, 400]])
-    (prompts, images, _), = fake_model.calls  # one generate call with two rows
+    ((prompts, images, _),) = fake_model.calls  # one generate call with two rows
     assert len(prompts) == 2 and len(images) == 2
     assert "[0.00,0.28,0.31,0.75]" in prompts[0] and "[0.47,0.28,0.78,0.75]" in prompts[1]
 
