@@ -117,8 +117,10 @@ class Pose(Task):
 
     def split(self, **options):
         boxes = options.pop("boxes", None)
-        if not boxes:
+        if boxes is None:
             return [options]
+        if len(boxes) == 0:
+            return []  # nothing to ask about: run_task returns an empty result
         return [{**options, "box": tuple(b)} for b in boxes]
 
     def merge(self, results):

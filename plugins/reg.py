@@ -55,8 +55,10 @@ class Reg(DetectionsTask):
 
     def split(self, **options):
         regions = options.pop("regions", None)
-        if not regions:
+        if regions is None:
             return [options]
+        if len(regions) == 0:
+            return []  # nothing to ask about: run_task returns an empty result
         return [{**options, "region": tuple(r)} for r in regions]
 
     def merge(self, results):

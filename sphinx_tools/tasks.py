@@ -32,7 +32,12 @@ import numpy as np
 import supervision as sv
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sphinx_tools.annotations import PHRASE_FIELD, build_detections
+from sphinx_tools.annotations import (
+    ANSWER_NOTES_KEY,
+    PHRASE_FIELD,
+    TRUNCATED_KEY,
+    build_detections,
+)
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.parsing import Answer, GroundedBox
@@ -193,7 +198,7 @@ class Task:
 
     # -- several prompts for one call (pose per person box, REG per region) --------------------
     def split(self, **options) -> list[dict]:
-        "Option sets for the separate questions one call needs (default: one question)."
+        "Option sets for the questions one call needs (default: one; none gives an empty result)."
         return [options]
 
     def merge(self, results: list):
@@ -383,6 +388,8 @@ def run_task(
     if "image_size" in task.Options.model_fields and "image_size" not in options:
         options["image_size"] = image_wh
     questions = task.split(**options)
+    if not questions:
+        return task.empty(Answer.from_generation(""), image_wh, task.Options(), ["nothing to ask"])
     prompts = [build_prompt([[task.prompt(**q), None]]) for q in questions]
     kwargs = {
         "max_gen_len": max_gen_len or task.max_gen_len,
@@ -408,7 +415,21 @@ def _parse_generation(task: Task, generation, image_wh, options):
     if logprobs is None or offsets is None:
         logprobs = offsets = None
     options = {k: v for k, v in options.items() if k != "image_size"}  # given positionally
-    return task.parse(text, image_wh, logprobs=logprobs, offsets=offsets, **options)
+    result = task.parse(text, image_wh, logprobs=logprobs, offsets=offsets, **options)
+    if getattr(generation, "finish_reason", None) == "length":
+        _flag_length_stop(result)
+    return result
+
+
+def _flag_length_stop(result) -> None:
+    "Mark a result whose generation ran out of ``max_gen_len`` (where it has metadata)."
+    detections = (
+        result if isinstance(result, sv.Detections) else getattr(result, "detections", None)
+    )
+    if isinstance(detections, sv.Detections):
+        detections.metadata[TRUNCATED_KEY] = True
+        notes = detections.metadata.setdefault(ANSWER_NOTES_KEY, [])
+        notes.append("generation stopped at max_gen_len")
 
 
 def image_size_of(image) -> tuple[int, int]:

@@ -22,12 +22,13 @@ def _isolated_config(tmp_path, monkeypatch):
 
 @dataclass
 class FakeGeneration:
-    "Stands in for the runtime's Generation: text, token ids, per-token logprobs and offsets."
+    "Stands in for the runtime's Generation: text, token ids, logprobs, offsets, finish reason."
 
     text: str
     token_ids: list = field(default_factory=list)
     logprobs: list | None = None
     offsets: list | None = None
+    finish_reason: str = "stop"
 
 
 class FakeModel:

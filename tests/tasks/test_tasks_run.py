@@ -148,3 +148,29 @@ def test_image_size_of(image, expected):
 def test_image_size_of_rejects_unknown():
     with pytest.raises(ValueError, match="cannot tell the size"):
         image_size_of(object())
+
+
+def test_detect_then_pose_with_detection_boxes(fake_model, landscape):
+    "The usual chain: person boxes from detection (an (n, 4) array) feed the per-person pose questions."
+    fake_model.enqueue("<p>2 people</p> [0.00,0.28,0.31,0.75;0.47,0.28,0.78,0.75]")
+    people = run_task(fake_model, landscape, "detection", classes=["person"])
+    fake_model.enqueue("<p>nose</p> [0.10,0.40]")
+    fake_model.enqueue("<p>nose</p> [0.60,0.40]")
+    kp = run_task(fake_model, landscape, "pose", boxes=people.xyxy)
+    assert len(kp) == 2
+    np.testing.assert_allclose(kp.data["person_box"], people.xyxy)
+    assert "[0.00,0.28,0.31,0.75]" in fake_model.calls[1][0][0]
+
+
+@pytest.mark.parametrize("task, key", [("pose", "boxes"), ("reg", "regions")])
+def test_no_regions_means_no_question(fake_model, landscape, task, key):
+    result = run_task(fake_model, landscape, task, **{key: np.empty((0, 4))})
+    assert len(result) == 0 and fake_model.calls == []
+
+
+def test_generation_that_hit_max_gen_len_is_flagged(fake_model, landscape):
+    fake_model.enqueue("<p>dog</p> [0.10,0.20,0.30,0.40] <p>cat</p> [0.5,0.5,0.6,0.6] <p>do")
+    fake_model.queue[-1].finish_reason = "length"
+    d = run_task(fake_model, landscape, "detection")
+    assert len(d) == 2 and d.metadata["truncated"] is True
+    assert "generation stopped at max_gen_len" in d.metadata["parse_notes"]
