@@ -4,6 +4,10 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+# Tests run in parallel workers on small machines: one math thread each avoids OpenMP
+# oversubscription (which makes small matmuls ~50x slower).
+torch.set_num_threads(1)
 GOLDEN = DATA / "golden"
 
 

@@ -1,6 +1,7 @@
 "Model parallel on gloo with real separate processes: any checkpoint MP size into MP=2 (and 4)."
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def run_mp(world: int, ckpt: Path, out: Path, golden_io: Path) -> list[dict]:
     port = free_port()
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(ckpt),
-                          str(out), str(golden_io)])
+                          str(out), str(golden_io)], env={**os.environ, "OMP_NUM_THREADS": "1"})
         for r in range(world)
     ]
     for p in procs:

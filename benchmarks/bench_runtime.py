@@ -1,0 +1,141 @@
+"""Runtime benchmark: prefill and decode throughput, decode cost vs position, load time and memory.
+
+Run:  .venv/bin/python benchmarks/bench_runtime.py [--out benchmarks/results/runtime.json]
+
+Uses the "small" preset (dim 512, 8 layers, 8 heads, vocab 32000, tiny encoders) with random
+weights on CPU, and a checkpoint of the same LLM widths (tokenizer-sized vocab) for loading.
+Targets (issue A): batch-8 decode throughput >= 4x batch-1; the 500th token costs <= 1.5x the
+10th; load peak RSS <= 1.2x the weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sphinx_tools import SphinxConfig, SphinxModel, make_tiny_checkpoint
+from sphinx_tools.generate import decode_stream, make_batch, prefill
+
+
+def rows(model: SphinxModel, batch: int, length: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        ids = torch.randint(3, model.cfg.vocab_size, (1, length), generator=g)
+        with torch.inference_mode():
+            out.append(model.transformer.tok_embeddings(ids)[0])
+    return out
+
+
+def bench_prefill(model: SphinxModel, length: int, repeats: int = 3) -> float:
+    r = rows(model, 1, length)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            prefill(model.transformer, make_batch(model.transformer, r, 8))
+        times.append(time.perf_counter() - t)
+    return length / min(times)
+
+
+def step_times(model: SphinxModel, batch: int, prompt_len: int, n: int) -> list[float]:
+    "Wall time of each decode step (the first yield includes prefill and is dropped)."
+    times, last = [], None
+    for _ in decode_stream(model.transformer, rows(model, batch, prompt_len), n):
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return times
+
+
+def bench_decode(model: SphinxModel) -> dict:
+    out = {}
+    for b in (1, 8):
+        t = step_times(model, b, 16, 64)
+        out[f"decode_tok_s_batch{b}"] = b / statistics.median(t[8:])
+    out["batch8_over_batch1"] = out["decode_tok_s_batch8"] / out["decode_tok_s_batch1"]
+    t = step_times(model, 1, 4, 510)
+    at10 = statistics.median(t[6:14])
+    at500 = statistics.median(t[492:502])
+    out.update(step_ms_pos10=at10 * 1e3, step_ms_pos500=at500 * 1e3, pos500_over_pos10=at500 / at10)
+    return out
+
+
+LOAD_SNIPPET = r"""
+import json, sys, threading, time, torch, psutil
+from sphinx_tools import SphinxConfig, SphinxModel
+from sphinx_tools.dist import init_model_parallel
+from sphinx_tools.load import build_meta
+init_model_parallel()
+build_meta(SphinxConfig.from_name("tiny"))  # imports the encoder libraries before the baseline
+torch.set_num_threads(1)
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak = [base]
+def sample():  # RSS sampled every millisecond while loading
+    while True:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.001)
+threading.Thread(target=sample, daemon=True).start()
+t = time.perf_counter()
+m = SphinxModel.from_pretrained(sys.argv[1])
+dt = time.perf_counter() - t
+time.sleep(0.01)
+kept = sum(p.numel() * p.element_size() for p in m.transformer.parameters())
+print(json.dumps(dict(load_s=dt, weight_bytes=kept, rss_before=base, peak_rss=peak[0],
+                      peak_over_weights=(peak[0] - base) / kept)))
+"""
+
+
+def bench_load(tmp: Path) -> dict:
+    out = {}
+    for mp in (1, 2):
+        ckpt = make_tiny_checkpoint(tmp / f"small-mp{mp}", mp=mp, dim=512, n_layers=8, n_heads=8,
+                                    multiple_of=256)
+        res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(ckpt)], capture_output=True,
+                             text=True, check=True)
+        out[f"checkpoint_mp{mp}"] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/runtime.json")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = SphinxConfig.from_name("small")
+    model = SphinxModel.from_config(cfg, device="cpu")
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__},
+        "preset": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                   "vocab_size": cfg.vocab_size},
+        "prefill_tok_s_len512": bench_prefill(model, 512),
+        **bench_decode(model),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        result["load"] = bench_load(Path(tmp))
+    result["targets_met"] = {
+        "batch8_ge_4x_batch1": result["batch8_over_batch1"] >= 4,
+        "pos500_le_1.5x_pos10": result["pos500_over_pos10"] <= 1.5,
+        "load_peak_rss_le_1.2x_weights": all(
+            v["peak_over_weights"] <= 1.2 for v in result["load"].values()),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
