@@ -55,13 +55,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 class Batch:
     "Left-padded prompt embeddings and the bookkeeping the decode steps need."
 
-    h: torch.Tensor  # (B, T, dim)
-    pad: torch.Tensor  # (B,) left padding of each row
+    h: torch.Tensor  # (B, T, dim) embeddings still to prefill
+    pad: torch.Tensor  # (B,) empty slots before each row's tokens: position = slot - pad
     valid: torch.Tensor  # (B, cache_len) key slot holds a real token of the row
+    start: int = 0  # cache slot of h[:, 0]
 
     @property
     def prompt_len(self) -> int:
-        return self.h.shape[1]
+        "First cache slot after the prompt: where decoding starts."
+        return self.start + self.h.shape[1]
 
 
 def make_batch(model: Transformer, rows: list[torch.Tensor], max_gen_len: int) -> Batch:
@@ -87,10 +89,37 @@ def _mask(batch: Batch, q_slots: torch.Tensor) -> torch.Tensor:
 
 def prefill(model: Transformer, batch: Batch) -> torch.Tensor:
     # -> last-position logits (B, V)
-    T = batch.prompt_len
-    slots = torch.arange(T, device=batch.h.device)
+    slots = torch.arange(batch.start, batch.prompt_len, device=batch.h.device)
     positions = (slots[None, :] - batch.pad[:, None]).clamp(min=0)  # (B, T)
     return model(batch.h, positions, _mask(batch, slots), slots, last_only=True)[:, -1]
+
+
+def prefill_shared(model: Transformer, prefixes: list[torch.Tensor],
+                   suffixes: list[tuple[int, torch.Tensor]], max_gen_len: int):
+    """Prefill each shared prefix once, then every row's own suffix on a copy of its KV cache.
+
+    Args:
+        prefixes: per prefix, embeddings (P_j, dim) (e.g. BOS + image tokens + system prompt).
+        suffixes: per row, ``(prefix index j, embeddings (L_i, dim))``; L_i >= 1.
+
+    Returns:
+        ``(batch, logits (rows, V))`` ready for :func:`decode_loop`.
+    """
+    S = max(x.shape[0] for _, x in suffixes)
+    pre = make_batch(model, prefixes, S + max_gen_len)
+    prefill(model, pre)  # fills the prefix slots of the cache, one row per prefix
+    P = pre.prompt_len
+    idx = torch.tensor([j for j, _ in suffixes], device=pre.h.device)
+    model.select_caches(idx)  # (rows, ...) views of the prefix caches
+    rows = [x for _, x in suffixes]
+    h = torch.zeros(len(rows), S, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+    gap = torch.tensor([S - r.shape[0] for r in rows], device=h.device)
+    for i, r in enumerate(rows):
+        h[i, S - r.shape[0]:] = r
+    k = torch.arange(pre.valid.shape[1], device=h.device)[None, :]
+    hole = (k >= P) & (k < P + gap[:, None])  # padding between a row's prefix and suffix
+    batch = Batch(h, pre.pad[idx] + gap, pre.valid[idx] & ~hole, start=P)
+    return batch, prefill(model, batch)
 
 
 def decode_one_token(model: Transformer, batch: Batch, tok: torch.Tensor, slot: int):
@@ -110,17 +139,24 @@ def decode_stream(
     top_p: float = 0.95,
     generator: torch.Generator | None = None,
     is_done: Callable[[int, list[int]], bool] | None = None,
+    shared: list[torch.Tensor] | None = None,
+    prefix_index: list[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(next_ids (B,), logprobs (B,), done (B,) bool)`` once per generated token.
 
-    ``is_done(row, ids_so_far)`` is asked after each token of an unfinished row; the loop ends
-    when every row is done or after ``max_gen_len`` tokens.
+    ``rows`` are per-row prompt embeddings; with ``shared`` (prefix embeddings) and
+    ``prefix_index`` (row -> prefix), rows hold only what follows their prefix, and each prefix
+    is prefilled once. ``is_done(row, ids_so_far)`` is asked after each token of an unfinished
+    row; the loop ends when every row is done or after ``max_gen_len`` tokens.
     """
-    batch = make_batch(model, rows, max_gen_len)
+    if shared is None:
+        batch = make_batch(model, rows, max_gen_len)
+        logits = prefill(model, batch)
+    else:
+        batch, logits = prefill_shared(model, shared, list(zip(prefix_index, rows)), max_gen_len)
     B = len(rows)
     done = torch.zeros(B, dtype=torch.bool)
     ids: list[list[int]] = [[] for _ in range(B)]
-    logits = prefill(model, batch)
     for step in range(max_gen_len):
         nxt, lp = sample(logits, temperature, top_p, generator)
         nxt_cpu = nxt.tolist()

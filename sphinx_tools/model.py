@@ -558,6 +558,13 @@ class Transformer(nn.Module):
             if c is None or c.k.shape[0] != batch or c.k.shape[2] < max_len or c.k.dtype != p.dtype:
                 a.kv_cache = KVCache(batch, max_len, a.n_local_kv_heads, a.head_dim, p.dtype, p.device)
 
+    def select_caches(self, index: torch.Tensor):
+        "Re-batch every layer's cache: row i becomes a copy of old row index[i]."
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            c.k = c.k.index_select(0, index)
+            c.v = c.v.index_select(0, index)
+
     def cache_len(self) -> int:
         c = self.layers[0].attention.kv_cache
         return 0 if c is None else c.k.shape[2]

@@ -160,12 +160,7 @@ class SphinxModel:
             images = [None] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
-        idx = [i for i, im in enumerate(images) if im is not None]
-        feats = {}
-        if idx:
-            batch = torch.stack([self._image_tensor(images[i]) for i in idx])
-            enc = self.encode_images(batch)
-            feats = {i: enc[j] for j, i in enumerate(idx)}
+        feats = self._encode_list(images)
         tr = self.transformer
         rows = []
         with torch.inference_mode():
@@ -225,20 +220,83 @@ class SphinxModel:
             pass
         return self._last
 
+    def generate_multi(self, images: Sequence, questions: Sequence[Sequence[str]],
+                       max_gen_len: int = 512, temperature: float = 0.0, top_p: float = 0.95,
+                       stop: Sequence[str] = STOP, seed: int = 0) -> list[list[Generation]]:
+        """Answer several prompts per image, sharing the work common to them.
+
+        Each image is preprocessed and encoded once; the longest common token prefix of its
+        prompts (BOS + image tokens + system prompt + ...) is prefilled once and its KV cache
+        reused by every prompt; all prompts of all images then decode as one batch. Greedy
+        results equal independent :meth:`generate` calls.
+
+        Args:
+            images: per image a PIL image, a preprocessed (3, S, S) tensor, or None.
+            questions: per image, its full conversation prompts.
+
+        Returns:
+            Per image, one Generation per prompt, in order.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
+        flat = [p for qs in questions for p in qs]
+        if not flat:
+            return [[] for _ in images]
+        if not all(isinstance(p, str) for p in flat):
+            raise ValueError("every prompt must be a str")
+        stop = tuple(stop or ())
+        shared, rows, index = self._shared_rows(images, questions)
+        for _ in self._decode(rows, max_gen_len, temperature, top_p, stop, seed, shared, index):
+            pass
+        out, k = [], 0
+        for qs in questions:
+            out.append(self._last[k: k + len(qs)])
+            k += len(qs)
+        return out
+
+    def _shared_rows(self, images, questions):
+        tr, tok = self.transformer, self.tokenizer
+        feats = self._encode_list(images)
+        shared, rows, index = [], [], []
+        with torch.inference_mode():
+            for j, qs in enumerate(questions):
+                if not qs:
+                    continue
+                ids = [tok.encode(p, bos=True) for p in qs]
+                n = min(len(x) for x in ids) - 1  # every row keeps >= 1 token of its own
+                lcp = next((i for i in range(n) if len({x[i] for x in ids}) > 1), n)
+                img = feats.get(j)
+                pre = torch.tensor(ids[0][:lcp], device=self.device)[None]
+                shared.append(tr.embed(pre, None if img is None else img[None])[0])
+                for x in ids:
+                    rows.append(tr.tok_embeddings(torch.tensor(x[lcp:], device=self.device)[None])[0])
+                    index.append(len(shared) - 1)
+        return shared, rows, index
+
+    def _encode_list(self, images) -> dict:
+        idx = [i for i, im in enumerate(images) if im is not None]
+        if not idx:
+            return {}
+        enc = self.encode_images(torch.stack([self._image_tensor(images[i]) for i in idx]))
+        return {i: enc[j] for j, i in enumerate(idx)}
+
     def _steps(self, prompts, images, max_gen_len, temperature, top_p, stop, seed):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`prompts` must be a list of strings, got {prompts!r:.80}")
+        rows = self._rows(list(prompts), images)
+        yield from self._decode(rows, max_gen_len, temperature, top_p, stop, seed)
+
+    def _decode(self, rows, max_gen_len, temperature, top_p, stop, seed, shared=None, index=None):
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer: build it with tokenizer_path=...")
         if max_gen_len < 1:
             raise ValueError(f"`max_gen_len` must be >= 1, got {max_gen_len}")
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`prompts` must be a list of strings, got {prompts!r:.80}")
-        rows = self._rows(list(prompts), images)
         B = len(rows)
         ids: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         gen = dist.make_generator(seed, self.device)
         stream = decode_stream(self.transformer, rows, max_gen_len, temperature, top_p, gen,
-                               self._stop_check(stop))
+                               self._stop_check(stop), shared, index)
         finished = [False] * B
         for nxt, lp, done in stream:
             nxt_l, lp_l = nxt.tolist(), lp.tolist()

@@ -119,3 +119,29 @@ def test_cache_is_static_across_steps(golden_model, golden_io):
     ptr = k.data_ptr()
     golden_model.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=4, stop=())
     assert golden_model.transformer.layers[0].attention.kv_cache.k.data_ptr() == ptr
+
+
+def test_generate_multi_equals_independent_calls(golden_model):
+    ims = images()
+    qs = [
+        [build_prompt([[q, None]]) for q in QUESTIONS],
+        [build_prompt([["Where is the dog?", None]])],
+        [build_prompt([[q, None]]) for q in QUESTIONS[::-1]] + [build_prompt([["Hi", "Hello."], ["Why?", None]])],
+    ]
+    multi = golden_model.generate_multi(ims, qs, max_gen_len=10, stop=())
+    assert [len(m) for m in multi] == [3, 1, 4]
+    for im, prompts, gens in zip(ims, qs, multi):
+        for p, g in zip(prompts, gens):
+            single = golden_model.generate([p], [im], max_gen_len=10, stop=())[0]
+            assert g.token_ids == single.token_ids
+            assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(g.logprobs, single.logprobs))
+
+
+def test_generate_multi_with_identical_prompts_and_stop(golden_model, golden_io):
+    p = golden_io["prompt"]
+    free = golden_model.generate([p], [golden_io["image"]], max_gen_len=16, stop=())[0]
+    stop = free.text[5:9]
+    gens = golden_model.generate_multi([golden_io["image"]], [[p, p]], max_gen_len=16, stop=(stop,))[0]
+    want = golden_model.generate([p], [golden_io["image"]], max_gen_len=16, stop=(stop,))[0]
+    assert [g.text for g in gens] == [want.text, want.text]
+    assert golden_model.generate_multi([None], [[]]) == [[]]
