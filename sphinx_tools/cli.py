@@ -90,16 +90,19 @@ def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, devi
         dist.print0(model.generate([prompt], [img], **kw)[0].text.strip())
 
 
-def _attach_optional_commands():
-    # Commands that live next to the parts they drive (task registry, labeling, ...).
-    try:
-        from .registry import tasks_command
-    except ImportError:
-        return
+def _attach_plugin_commands():
+    # Commands of the task registry and of plugins (pipelines register theirs this way too).
+    from .registry import load_plugins, pm, tasks_command
+
+    from .synth import synth_command
+
     main.add_command(tasks_command, "tasks")
+    main.add_command(synth_command, "synth")
+    load_plugins()
+    pm.hook.register_commands(cli=main)
 
 
-_attach_optional_commands()
+_attach_plugin_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

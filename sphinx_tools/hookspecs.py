@@ -28,3 +28,8 @@ hookimpl = HookimplMarker(PROJECT_NAME)
 @hookspec
 def register_tasks(register):
     "Register task instances: call ``register(task)`` once for each ``sphinx_tools.tasks.Task``."
+
+
+@hookspec
+def register_commands(cli):
+    "Add commands to the ``sphinx-tools`` click group: ``cli.add_command(...)`` or ``@cli.command()``."
