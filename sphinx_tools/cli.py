@@ -90,6 +90,26 @@ def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, devi
         dist.print0(model.generate([prompt], [img], **kw)[0].text.strip())
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--steps", type=click.IntRange(1), help="override the config's step count")
+@click.option("--threads", type=click.IntRange(1), help="CPU math threads")
+def train(config, steps, threads):
+    "Finetune SPHINX on conversation data (YAML CONFIG); resumes from OUT/last when present."
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    cfg = TrainConfig.load(config)
+    if steps:
+        cfg.steps = steps
+    if threads:
+        cfg.num_threads = threads
+    out = run_training(cfg)
+    from . import dist
+
+    dist.print0(f"checkpoint: {out}")
+
+
 def _attach_plugin_commands():
     # Commands of the task registry and of plugins (pipelines register theirs this way too).
     from .registry import load_plugins, pm, tasks_command

@@ -42,13 +42,18 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    "Train a LLaMA-style SentencePiece BPE model (byte fallback, split digits) into ``path``."
+def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0,
+                    corpus: list[str] | None = None) -> Path:
+    """Train a LLaMA-style SentencePiece BPE model (byte fallback, split digits) into ``path``.
+
+    Args:
+        corpus: training sentences; a small synthetic vision-chat corpus by default.
+    """
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed)), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=iter(corpus or _corpus(seed)), model_writer=buf, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
@@ -85,18 +90,23 @@ def shard_state_dict(sd: dict, mp: int) -> list[dict]:
     return shards
 
 
+def write_metadata(out: Path, cfg: SphinxConfig, tokenizer_file: Path | None):
+    "config.json (LLaMA args + encoder widths), meta.json (llama_type) and tokenizer.model."
+    args = cfg.to_json()
+    llama_type = args.pop("llama_type")
+    (out / "config.json").write_text(json.dumps(args, indent=1))
+    (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
+    if tokenizer_file is not None and Path(tokenizer_file) != out / "tokenizer.model":
+        (out / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
+
+
 def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_file: Path | None,
                     mp: int = 1) -> Path:
     "Write a checkpoint folder in the released format (shards, config.json, meta.json)."
     out.mkdir(parents=True, exist_ok=True)
     for r, shard in enumerate(shard_state_dict(state_dict, mp)):
         torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
-    args = cfg.to_json()
-    llama_type = args.pop("llama_type")
-    (out / "config.json").write_text(json.dumps(args, indent=1))
-    (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
-    if tokenizer_file is not None and tokenizer_file != out / "tokenizer.model":
-        (out / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
+    write_metadata(out, cfg, tokenizer_file)
     return out
 
 

@@ -1,0 +1,417 @@
+"""Finetuning SPHINX on LLaMA2-Accessory conversation data (``sphinx-tools train CONFIG``).
+
+Data: JSON lists of ``{"image": path, "conversations": [{"from": "human", "value": q},
+{"from": "gpt", "value": a}, ...]}``, several datasets mixed by ratios in a YAML config. Prompts
+use the same conversation template and image preprocessing as inference; the loss covers the
+assistant tokens only (each answer plus the ``"\\n###"`` that ends it, so the model learns to stop).
+
+Optimizer AdamW with linear warmup + cosine decay, gradient clipping and accumulation, fp32 or bf16
+autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``).
+Checkpoints are saved in the released consolidated format (loadable by ``from_pretrained``) with
+a ``train_state.pt`` beside them; a re-run resumes from it. Under ``torchrun`` the model-parallel
+groups come from the runtime and the rest of the world is data parallel (gradients averaged).
+
+Config example::
+
+    init: {checkpoint: path/to/ckpt}          # or {preset: tiny, tokenizer: path, seed: 0}
+    data:
+      - {path: data/synth/conversations.json, root: data/synth, ratio: 1.0}
+    out: runs/demo
+    train: [llm, proj, tokens, encoders]
+    steps: 2000
+    batch_size: 8
+    grad_accum: 1
+    lr: 1.0e-3
+    min_lr: 1.0e-5
+    warmup: 100
+    weight_decay: 0.0
+    clip: 1.0
+    dtype: fp32                                 # or bf16 (autocast)
+    save_every: 500
+    log_every: 20
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+
+from . import dist
+from .conversation import SYSTEM
+from .errors import SphinxToolsError
+from .model import SphinxConfig, Transformer
+from .tokenizer import Tokenizer
+from .transforms import PaddedResize
+
+PARTS = {
+    "llm": ("tok_embeddings.", "layers.", "norm.", "output."),
+    "proj": ("qformer_proj.", "visual_proj."),
+    "tokens": ("start_img", "end_img"),
+    "encoders": ("qformer.", "clip.", "openclip_convnext_xxl.", "dinov2_vitg14."),
+}
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    init: dict
+    data: list
+    out: str
+    train: list = field(default_factory=lambda: ["llm", "proj", "tokens"])
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup: int = 50
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0
+    dtype: str = "fp32"
+    save_every: int = 500
+    log_every: int = 20
+    max_len: int = 512
+    seed: int = 0
+    num_threads: int | None = None
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise SphinxToolsError(f"cannot read training config {path}: {e}") from None
+        if not isinstance(raw, dict):
+            raise SphinxToolsError(f"training config {path} must be a mapping")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SphinxToolsError(f"unknown keys in {path}: {sorted(unknown)}")
+        for key in ("init", "data", "out"):
+            if key not in raw:
+                raise SphinxToolsError(f"training config {path} needs `{key}`")
+        base = path.parent
+        raw["out"] = str((base / raw["out"]).resolve())
+        for d in raw["data"]:
+            d["path"] = str((base / d["path"]).resolve())
+            d["root"] = str((base / d.get("root", Path(d["path"]).parent)).resolve())
+        for k in ("checkpoint", "tokenizer"):
+            if k in raw["init"]:
+                raw["init"][k] = str((base / raw["init"][k]).resolve())
+        bad = set(raw.get("train", [])) - set(PARTS)
+        if bad:
+            raise SphinxToolsError(f"unknown trainable parts {sorted(bad)}; known: {sorted(PARTS)}")
+        return cls(**raw)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def conversation_text(conversations: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The training text of a conversation and the character spans the loss covers.
+
+    The text is what ``conversation.build_prompt`` builds, with every answer filled in. Each loss
+    span is ``" {answer}\n###"``: exactly what inference generates before it stops.
+    """
+    turns = list(conversations)
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError(f"a conversation needs human/gpt pairs, got {len(turns)} turns")
+    text, spans = SYSTEM + "\n\n", []
+    for q, a in zip(turns[::2], turns[1::2]):
+        if q.get("from") != "human" or a.get("from") != "gpt":
+            raise ValueError(f"turns must alternate human/gpt, got {q.get('from')}/{a.get('from')}")
+        question = str(q["value"]).replace("<image>", "").strip()
+        text += f"### Human: {question}\n### Assistant:"
+        start = len(text)
+        text += f" {str(a['value']).strip()}\n"
+        spans.append((start, len(text) + 3))  # + the "###" that follows: the end signal
+    return text + "###", spans
+
+
+def tokenize_conversation(tok: Tokenizer, conversations: list[dict]) -> tuple[list[int], list[int]]:
+    "Token ids (BOS first) and labels (IGNORE outside the assistant spans)."
+    text, spans = conversation_text(conversations)
+    byte_spans = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in spans]
+    ids, labels = [tok.bos_id], [IGNORE]
+    for piece_id, begin in _pieces_with_offsets(tok, text):
+        ids.append(piece_id)
+        inside = any(a <= begin < b for a, b in byte_spans)
+        labels.append(piece_id if inside else IGNORE)
+    return ids, labels
+
+
+def _pieces_with_offsets(tok: Tokenizer, text: str) -> list[tuple[int, int]]:
+    "(id, UTF-8 byte offset in text where the piece starts) for each SentencePiece piece."
+    sp = tok.sp
+    ids = sp.encode(text)
+    dummy = sp.id_to_piece(ids[0]).startswith("\u2581") and not text.startswith(" ") if ids else False
+    pos, out = -1 if dummy else 0, []
+    for i in ids:
+        out.append((i, max(pos, 0)))
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            pos += 1
+        elif sp.is_control(i) or sp.is_unknown(i):
+            pos += 0 if sp.is_control(i) else 1
+        else:
+            pos += len(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+class ConversationData:
+    "Datasets mixed by ratio; each epoch is a seeded shuffle of (dataset, item) pairs."
+
+    def __init__(self, specs: list[dict], tok: Tokenizer, image_size: int, max_len: int, seed: int):
+        self.tok, self.max_len = tok, max_len
+        self.transform = PaddedResize(image_size)
+        self.sets = []
+        for s in specs:
+            path = Path(s["path"])
+            try:
+                items = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SphinxToolsError(f"cannot read dataset {path}: {e}") from None
+            if not isinstance(items, list) or not items:
+                raise SphinxToolsError(f"dataset {path} must be a non-empty JSON list")
+            self.sets.append((items, Path(s.get("root", path.parent)), float(s.get("ratio", 1.0))))
+        self.seed = seed
+
+    def epoch(self, epoch: int) -> list[tuple[int, int]]:
+        rng = random.Random(self.seed * 1000003 + epoch)
+        order = []
+        for d, (items, _, ratio) in enumerate(self.sets):
+            n = max(1, round(ratio * len(items)))
+            idx = list(range(len(items))) * (n // len(items)) + rng.sample(range(len(items)), n % len(items))
+            order += [(d, i) for i in idx]
+        rng.shuffle(order)
+        return order
+
+    def example(self, d: int, i: int) -> dict:
+        from PIL import Image
+
+        items, root, _ = self.sets[d]
+        item = items[i]
+        ids, labels = tokenize_conversation(self.tok, item["conversations"])
+        ids, labels = ids[: self.max_len], labels[: self.max_len]
+        image = None
+        if item.get("image"):
+            with Image.open(root / item["image"]) as im:
+                image = self.transform.apply_image(im)
+        return {"ids": ids, "labels": labels, "image": image}
+
+
+def collate(examples: list[dict], pad_id: int = 0):
+    T = max(len(e["ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for r, e in enumerate(examples):
+        ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
+        labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
+    images = [e["image"] for e in examples]
+    if all(im is not None for im in images):
+        return ids, labels, torch.stack(images)
+    if any(im is not None for im in images):
+        raise SphinxToolsError("a batch mixes examples with and without images; use batch_size 1")
+    return ids, labels, None
+
+
+# -- model -------------------------------------------------------------------------------------
+
+
+def loss_fn(model: Transformer, ids, labels, images) -> torch.Tensor:
+    "Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward."
+    img = model.encode_image(images) if images is not None else None
+    h = model.embed(ids, img)
+    B, L, _ = h.shape
+    positions = torch.arange(L, device=h.device).expand(B, L)
+    logits = model(h, positions)[:, L - ids.shape[1]:]  # text positions
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def set_trainable(model: Transformer, parts: list[str]) -> int:
+    prefixes = tuple(p for part in parts for p in PARTS[part])
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def init_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
+    from .sphinx_model import SphinxModel
+
+    init = cfg.init
+    if "checkpoint" in init:
+        m = SphinxModel.from_pretrained(init["checkpoint"])
+        model, tok = m.transformer, m.tokenizer
+    else:
+        from .tiny import init_random_
+
+        tok_path = Path(init["tokenizer"]) if "tokenizer" in init else None
+        if tok_path is None or not tok_path.is_file():
+            raise SphinxToolsError("init needs `checkpoint`, or `preset` with an existing `tokenizer`")
+        tok = Tokenizer(tok_path)
+        overrides = dict(init.get("overrides", {}))
+        scfg = SphinxConfig.from_name(init.get("preset", "tiny"), vocab_size=tok.n_words, **overrides)
+        dist.init_model_parallel()
+        with torch.device("meta"):
+            model = Transformer(scfg)
+        model = model.to_empty(device="cpu")
+        init_random_(model, int(init.get("seed", 0)))
+    for p in model.parameters():
+        p.data = p.data.float()
+    return model, tok
+
+
+def save(model: Transformer, tok: Tokenizer, out: Path, state: dict | None = None):
+    """Write the consolidated checkpoint (each model-parallel rank its shard) and the train state.
+
+    The folder is written beside ``out`` and swapped in, so a crash never leaves a half checkpoint.
+    """
+    import shutil
+
+    from .tiny import write_metadata
+
+    if dist.dp_rank() != 0:
+        return
+    mp, rank = dist.mp_world_size(), dist.mp_rank()
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _mp_barrier()
+    sd = {"llma." + k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"model": sd}, tmp / f"consolidated.{rank:02d}-of-{mp:02d}.model.pth")
+    if rank == 0:
+        write_metadata(tmp, model.cfg, tok.path)
+        if state is not None:
+            torch.save(state, tmp / "train_state.pt")
+    _mp_barrier()
+    if rank == 0:
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mp_barrier():
+    if torch_dist.is_initialized() and dist.mp_world_size() > 1:
+        torch_dist.barrier(group=dist.fs_init.get_model_parallel_group())
+
+
+def _sync_grads(model: Transformer):
+    world = dist.dp_world_size()
+    if world == 1:
+        return
+    group = dist.fs_init.get_data_parallel_group()
+    for p in model.parameters():
+        if p.grad is not None:
+            torch_dist.all_reduce(p.grad, group=group)
+            p.grad /= world
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or resume) a finetuning job; returns the final checkpoint folder."""
+    from tqdm.auto import tqdm
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    dist.init_model_parallel()
+    out = Path(cfg.out)
+    last = out / "last"
+    if not last.exists() and last.with_name("last.old").exists():  # crashed mid-swap
+        os.replace(last.with_name("last.old"), last)
+    state = None
+    if (last / "train_state.pt").is_file():
+        state = torch.load(last / "train_state.pt", weights_only=False)
+        cfg_resume = TrainConfig(**{**asdict(cfg), "init": {"checkpoint": str(last)}})
+        model, tok = init_model(cfg_resume)
+    else:
+        model, tok = init_model(cfg)
+    torch.manual_seed(cfg.seed + dist.dp_rank())
+    n_train = set_trainable(model, cfg.train)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    step, epoch, pos = 0, 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        random.setstate(state["py_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
+    order = data.epoch(epoch)
+    dp, dpw = dist.dp_rank(), dist.dp_world_size()
+    autocast = cfg.dtype == "bf16"
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or dist.mp_rank() + dp > 0,
+               desc="train", unit="step")
+    log = open(out.parent / f"{out.name}_log.jsonl", "a") if dp == 0 else None
+    out.mkdir(parents=True, exist_ok=True)
+    t0, tokens = time.perf_counter(), 0
+    while step < cfg.steps:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = []
+            while len(batch) < cfg.batch_size:
+                if pos >= len(order):
+                    epoch, pos = epoch + 1, 0
+                    order = data.epoch(epoch)
+                d, i = order[pos]
+                pos += 1
+                if (pos - 1) % dpw == dp:
+                    batch.append(data.example(d, i))
+            ids, labels, images = collate(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(model, ids, labels, images) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            tokens += int((labels != IGNORE).sum())
+        _sync_grads(model)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = dict(step=step, loss=total, lr=lr_at(step - 1, cfg), grad_norm=gnorm,
+                       tok_s=tokens / (time.perf_counter() - t0), epoch=epoch,
+                       trainable=n_train)
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rec['tok_s']:.0f}")
+            if log:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            model.eval()
+            save(model, tok, last, dict(optimizer=opt.state_dict(), step=step, epoch=epoch,
+                                        pos=pos, py_rng=random.getstate(),
+                                        torch_rng=torch.get_rng_state(), config=asdict(cfg)))
+            model.train()
+    bar.close()
+    if log:
+        log.close()
+    return last

@@ -1,0 +1,120 @@
+"Finetuning: conversation tokenization, loss masking, checkpoints in the released format, resume."
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sphinx_tools import SphinxModel, build_prompt
+from sphinx_tools.synth import write_dataset
+from sphinx_tools.tiny import train_tokenizer
+from sphinx_tools.tokenizer import Tokenizer
+from sphinx_tools.train import (
+    IGNORE,
+    ConversationData,
+    TrainConfig,
+    conversation_text,
+    tokenize_conversation,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_dataset(root / "data", 8, seed=3, progress=False, turns=2)
+    convs = json.loads((root / "data" / "conversations.json").read_text())
+    corpus = [conversation_text(c["conversations"])[0] for c in convs]
+    train_tokenizer(root / "tok.model", 512, corpus=corpus)
+    return root
+
+
+def write_config(root: Path, out: str, **kw) -> Path:
+    cfg = dict(init={"preset": "tiny", "tokenizer": "tok.model", "seed": 0},
+               data=[{"path": "data/conversations.json", "root": "data"}], out=out,
+               train=["llm", "proj", "tokens", "encoders"], steps=4, batch_size=2, lr=3e-3,
+               warmup=1, save_every=2, log_every=1, seed=0)
+    cfg.update(kw)
+    path = root / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_training_text_is_the_inference_template():
+    conv = [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "<image>\nQ2"}, {"from": "gpt", "value": "A2"}]
+    text, spans = conversation_text(conv)
+    assert text.startswith(build_prompt([["Q1", "A1"], ["Q2", None]]))
+    assert [text[a:b] for a, b in spans] == [" A1\n###", " A2\n###"]
+    with pytest.raises(ValueError, match="alternate"):
+        conversation_text([conv[1], conv[0]])
+
+
+def test_labels_cover_answers_and_prompt_tokens_match_inference(synth_data):
+    tok = Tokenizer(synth_data / "tok.model")
+    convs = json.loads((synth_data / "data" / "conversations.json").read_text())
+    for c in convs:
+        ids, labels = tokenize_conversation(tok, c["conversations"])
+        assert len(ids) == len(labels) and ids[0] == tok.bos_id
+        first_q = c["conversations"][0]["value"]
+        prompt_ids = tok.encode(build_prompt([[first_q, None]]))
+        assert ids[: len(prompt_ids)] == prompt_ids  # the model sees exactly the inference prompt
+        assert all(label == IGNORE for label in labels[: len(prompt_ids)])
+        answered = tok.decode([t for t in labels if t != IGNORE])
+        for turn in c["conversations"][1::2]:
+            assert turn["value"].strip() in answered
+        assert answered.count("###") == len(c["conversations"]) // 2
+
+
+def test_dataset_ratios(synth_data):
+    tok = Tokenizer(synth_data / "tok.model")
+    path = str(synth_data / "data" / "conversations.json")
+    n = len(json.loads(Path(path).read_text()))
+    data = ConversationData([{"path": path, "ratio": 1.0}, {"path": path, "ratio": 0.5}], tok, 448, 512, 0)
+    order = data.epoch(0)
+    assert sum(d == 0 for d, _ in order) == n and sum(d == 1 for d, _ in order) == round(n / 2)
+    assert order == data.epoch(0) and order != data.epoch(1)
+
+
+def test_train_saves_loadable_checkpoint_and_resumes_identically(synth_data):
+    straight = train(TrainConfig.load(write_config(synth_data, "straight")), progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "resumed"))
+    cfg.steps = 2
+    train(cfg, progress=False)
+    state = torch.load(Path(cfg.out) / "last" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2
+    resumed = train(TrainConfig.load(write_config(synth_data, "resumed")), progress=False)
+    a = SphinxModel.from_pretrained(straight).state_dict()
+    b = SphinxModel.from_pretrained(resumed).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    log = [json.loads(x) for x in (Path(cfg.out).parent / "resumed_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_training_lowers_the_loss_on_its_data(synth_data):
+    out = train(TrainConfig.load(write_config(synth_data, "fit", steps=25, lr=3e-3, warmup=2,
+                                              save_every=100)), progress=False)
+    log = [json.loads(x) for x in (out.parent.parent / "fit_log.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in log[:3]) / 3
+    last = sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.7 * first
+
+
+def test_only_chosen_parts_change(synth_data):
+    out = train(TrainConfig.load(write_config(synth_data, "proj", train=["proj"], steps=2)), progress=False)
+    before = SphinxModel.from_config("tiny", device="cpu", seed=0)
+    after = SphinxModel.from_pretrained(out)
+    for k, v in after.state_dict().items():
+        same = torch.equal(v, before.state_dict()[k])
+        assert same != k.startswith(("qformer_proj.", "visual_proj.")), k
+
+
+def test_bad_config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("init: {}\ndata: []\nout: x\nbogus: 1\n")
+    with pytest.raises(Exception, match="bogus"):
+        TrainConfig.load(p)
