@@ -1,0 +1,41 @@
+"""Auto-labeling into COCO: fast (shared image encoding and prompt prefill, batched decoding),
+resumable (a durable work log), multi-GPU (torchrun data and model parallel), with evaluation.
+
+Library use::
+
+    from sphinx_tools import SphinxModel
+    from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source, write_coco
+
+    model = SphinxModel.from_pretrained("ckpt")
+    labeler = Labeler(model, ["detection", "pose", "ocr", "caption", "layout"])
+    source = open_source("images/")
+    label_dataset(labeler, source, "labels.json")   # work log: labels.json.worklog/
+    write_coco("labels.json", source, labeler)       # ONE COCO file, written atomically
+
+Command line: ``sphinx-tools label SRC -c CKPT --tasks detection,pose --out labels.json`` and
+``sphinx-tools evaluate labels.json gt.json``.
+"""
+
+from sphinx_tools.hookspecs import hookimpl
+
+from .coco import write_coco
+from .engine import Labeler, model_fingerprint
+from .evaluate import evaluate
+from .ontology import Ontology
+from .run import RunSummary, label_dataset
+from .sources import ImageError, ImageItem, Source, load_image, open_source
+
+
+@hookimpl
+def register_commands(cli):
+    "Add ``label`` and ``evaluate`` to the ``sphinx-tools`` command group."
+    from .cli import evaluate_command, label_command
+
+    cli.add_command(label_command, "label")
+    cli.add_command(evaluate_command, "evaluate")
+
+
+__all__ = [
+    "ImageError", "ImageItem", "Labeler", "Ontology", "RunSummary", "Source", "evaluate",
+    "label_dataset", "load_image", "model_fingerprint", "open_source", "write_coco",
+]

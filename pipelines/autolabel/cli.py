@@ -1,0 +1,267 @@
+"""``sphinx-tools label`` and ``sphinx-tools evaluate``: the only code here that prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+FORMATS = ("coco", "yolo", "voc", "label-studio")
+
+
+def parse_task_options(values) -> dict:
+    """``["detection.classes=[\\"cat\\"]", "vqa.question=Is it day?"]`` -> nested options.
+
+    Values are read as JSON when they parse, else kept as strings.
+
+    Raises:
+        click.BadParameter: naming a value without ``task.key=``.
+    """
+    options: dict = {}
+    for value in values:
+        target, sep, raw = value.partition("=")
+        task, dot, key = target.partition(".")
+        if not sep or not dot or not task or not key:
+            raise click.BadParameter(f"expected TASK.KEY=VALUE, got {value!r}",
+                                     param_hint="--option")
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw
+        options.setdefault(task.strip(), {})[key.strip()] = parsed
+    return options
+
+
+def _split_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise click.BadParameter(f"expected a comma-separated list, got {text!r}", param_hint=what)
+    return items
+
+
+def _distributed(model_parallel: int):
+    "Join torchrun's world when launched by it (or MP > 1): ``(rank, dp_rank, dp_world, writer)``."
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and model_parallel <= 1:
+        return 0, 0, 1, True, None
+    import torch.distributed as tdist
+
+    from sphinx_tools import dist
+
+    dist.maybe_init_dist()
+    dist.init_model_parallel(model_parallel)
+    return (tdist.get_rank(), dist.dp_rank(), dist.dp_world_size(), dist.mp_rank() == 0,
+            tdist.barrier)
+
+
+def _load_sam(checkpoint: Path, model_type: str, device: str):
+    try:
+        from sphinx_tools.pipelines.segment import load_sam
+    except ImportError:
+        from segment_anything import SamPredictor, sam_model_registry
+
+        sam = sam_model_registry[model_type](checkpoint=str(checkpoint)).to(device)
+        return SamPredictor(sam)
+    return load_sam(checkpoint, model_type, device)
+
+
+def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
+    if checkpoint is None:
+        return None
+    return f"{model_type}:{Path(checkpoint).name}:{Path(checkpoint).stat().st_size}"
+
+
+@click.command(name="label")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
+              help="SPHINX checkpoint folder")
+@click.option("--tasks", "-t", default="detection", show_default=True,
+              help="comma-separated tasks, e.g. detection,pose,ocr,caption,layout")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the COCO file to write; the work log goes beside it (<out>.worklog/)")
+@click.option("--ontology", "--classes", "ontology",
+              help="classes with synonyms: 'person=man|woman,car' or a JSON/YAML file")
+@click.option("--drop-unmapped", is_flag=True, help="drop phrases no class matches")
+@click.option("--option", "task_option", multiple=True, metavar="TASK.KEY=VALUE",
+              help="a task option (VALUE as JSON or text), e.g. vqa.question='Is it day?'")
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
+              default=("coco",), show_default=True, help="extra exports beside the COCO file")
+@click.option("--sam", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SAM checkpoint: add masks (compressed RLE) to box annotations")
+@click.option("--sam-type", default="vit_h", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-gen-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--limit", type=click.IntRange(0), help="label only the first N images")
+@click.option("--dry-run", is_flag=True, help="list the work to do and exit")
+@click.option("--overwrite", is_flag=True, help="redo work that is already in the log")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="fp32", show_default=True)
+@click.option("--model-parallel", default=1, show_default=True, type=click.IntRange(1),
+              help="model-parallel size under torchrun (the rest of the world is data parallel)")
+@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
+              help="folder the file names of a COCO / RefCOCO source are relative to")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
+              help="image-reading threads")
+@click.option("--max-pixels", default=89_478_485, show_default=True, type=click.IntRange(1),
+              help="larger images are recorded as failures (decompression bombs)")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_option, formats,
+                  sam, sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit,
+                  dry_run, overwrite, device, dtype, model_parallel, image_root, workers,
+                  max_pixels, progress):
+    """Auto-label images (a folder, a list of paths, or a COCO / RefCOCO json) into ONE COCO file.
+
+    Resumable: results go to a durable work log first, and a re-run skips what is done.
+    Multi-GPU: launch with torchrun (``--model-parallel N``); rank 0 merges.
+    """
+    from .engine import Labeler, model_fingerprint
+    from .ontology import Ontology
+    from .sources import open_source
+
+    try:
+        source = open_source(src, image_root)
+        onto = _ontology(ontology, drop_unmapped, source)
+        names = _split_list(tasks, "--tasks")
+        options = parse_task_options(task_option)
+        if not checkpoint.is_dir():
+            raise click.BadParameter(f"checkpoint folder {str(checkpoint)!r} does not exist",
+                                     param_hint="--checkpoint")
+        common = dict(task_options=options, ontology=onto, max_gen_len=max_gen_len,
+                      temperature=temperature, top_p=top_p, seed=seed,
+                      model_id=model_fingerprint(checkpoint), sam_id=_sam_id(sam, sam_type))
+        if dry_run:
+            labeler = Labeler(None, names, **common)
+            labeler.sam_predictor = sam  # only for `uses_sam` in the listing
+            return _dry_run(labeler, source, out, limit, overwrite)
+        labeler = Labeler(None, names, **common)  # validates options before loading anything
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    rank, dp_rank, dp_world, writer, barrier = _distributed(model_parallel)
+    labeler.model = _load_model(checkpoint, device, dtype, model_parallel)
+    if sam is not None:
+        labeler.sam_predictor = _load_sam(sam, sam_type, device)
+    summary = _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world,
+                     writer, progress and writer, workers, max_pixels, barrier)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return
+    _finish(labeler, source, out, limit, formats, summary, dp_world)
+
+
+def _ontology(spec, drop_unmapped: bool, source):
+    from .ontology import Ontology
+
+    if spec:
+        return Ontology.parse(spec, keep_unmapped=not drop_unmapped)
+    if source.categories:
+        return Ontology.from_categories(source.categories, keep_unmapped=not drop_unmapped)
+    return None if not drop_unmapped else Ontology([], keep_unmapped=False)
+
+
+def _load_model(checkpoint, device, dtype, model_parallel):
+    from sphinx_tools.cli import _dtype
+    from sphinx_tools.sphinx_model import SphinxModel
+
+    return SphinxModel.from_pretrained(checkpoint, device=device, dtype=_dtype(dtype),
+                                       mp_group=model_parallel)
+
+
+def _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world, writer,
+           progress, workers, max_pixels, barrier):
+    from .run import label_dataset
+
+    return label_dataset(labeler, source, out, batch_size=batch_size, limit=limit,
+                         overwrite=overwrite, rank=dp_rank, world=dp_world, write=writer,
+                         progress=progress, workers=workers, max_pixels=max_pixels,
+                         barrier=barrier)
+
+
+def _finish(labeler, source, out, limit, formats, summary, dp_world) -> None:
+    "Rank 0: merge the logs into the COCO file, export, print the summary, set the exit code."
+    from .coco import write_coco
+    from .export import export
+
+    merged = write_coco(out, source, labeler, limit=limit,
+                        metadata={"data_parallel": dp_world})
+    for fmt in formats:
+        if fmt != "coco":
+            where = export(out, fmt, source.root)
+            click.echo(f"exported {fmt} to {where}", err=True)
+    _print_summary(summary, merged, out)
+    if merged.counts.get("images", 0) == 0 and (merged.counts.get("failures", 0) or
+                                                 merged.missing):
+        sys.exit(1)
+
+
+def _print_summary(summary, merged, out) -> None:
+    c = merged.counts
+    click.echo(
+        f"wrote {out}: {c.get('images', 0)} images, {c.get('annotations', 0)} annotations, "
+        f"{c.get('captions', 0)} captions, {c.get('relations', 0)} relations, "
+        f"{c.get('failures', 0)} failures"
+        + (f", {merged.missing} not labeled" if merged.missing else ""), err=True)
+    click.echo(f"this run: {summary.labeled} labeled, {summary.skipped} already done, "
+               f"{len(summary.failed)} failed in {summary.seconds:.1f}s "
+               f"({summary.images_per_s:.2f} images/s)", err=True)
+    for name, reason in summary.failed[:20]:
+        click.echo(f"  failed: {name}: {reason}", err=True)
+    if len(summary.failed) > 20:
+        click.echo(f"  ... and {len(summary.failed) - 20} more (see 'failures' in {out})",
+                   err=True)
+
+
+def _dry_run(labeler, source, out, limit, overwrite) -> None:
+    "List the work: per task, how many images still need it; then the first pending images."
+    from .run import load_work, shard_items
+    from .worklog import WorkLog, log_dir_for
+
+    folder = log_dir_for(out)
+    done = set() if overwrite or not folder.exists() else WorkLog(folder).done_keys()
+    todo: dict[str, int] = {}
+    images = unreadable = 0
+    shown = []
+    for item in shard_items(source, limit):
+        images += 1
+        work = load_work(item, labeler, done, overwrite, max_pixels=sys.maxsize)
+        if work.hash is None:
+            unreadable += 1
+            continue
+        for task in work.pending:
+            todo[task] = todo.get(task, 0) + 1
+        if work.pending and len(shown) < 20:
+            shown.append(f"  {item.file_name}: {', '.join(work.pending)}")
+    click.echo(f"{images} images in {source.location} ({source.kind}); "
+               f"{unreadable} unreadable; tasks: {', '.join(labeler.names)}")
+    for task in labeler.work_names:
+        click.echo(f"  {task}: {todo.get(task, 0)} to do, {images - unreadable - todo.get(task, 0)}"
+                   " done")
+    click.echo("\n".join(shown) or "nothing to do")
+
+
+@click.command(name="evaluate")
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("gt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("json_out", "--json", type=click.Path(dir_okay=False, path_type=Path),
+              help="also write the metrics as JSON")
+@click.option("--iou-types", default="bbox,segm,keypoints", show_default=True,
+              help="COCO metrics to try (each runs when both files have the data)")
+@click.option("--rec-iou", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+def evaluate_command(pred, gt, json_out, iou_types, rec_iou):
+    """Score predictions against ground truth: COCOeval bbox / segm / keypoints, or REC
+    Acc@IoU (RefCOCO-style GT). Categories are matched by name, images by file name."""
+    from .evaluate import evaluate, format_table
+
+    try:
+        metrics = evaluate(pred, gt, iou_types=_split_list(iou_types, "--iou-types"),
+                           rec_iou=rec_iou)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_table(metrics))
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,436 @@
+"""Merge the work logs into ONE COCO file, streamed, written atomically (temp + rename).
+
+Layout of the output (a superset of COCO detection / keypoints / captions)::
+
+    info        run metadata: model, tasks, prompts, options, versions, date
+    categories  source / ontology categories first (ids kept), new names appended; ``person``
+                carries the 17 COCO keypoint names and the skeleton
+    images      {id, file_name (relative to the source root), width, height}
+    annotations {id, image_id, category_id, bbox [x, y, w, h] px, area, iscrowd 0, score, task,
+                 segmentation (compressed RLE, with SAM), keypoints + num_keypoints (pose),
+                 caption (REG), text (OCR), phrase, expression + question_id (REC),
+                 caption_id (grounded caption)}
+    captions    {id, image_id, caption, task}  (COCO-captions ``annotations`` shape)
+    vqa         {id, image_id, question, answer}
+    relations   {image_id, subject_id, predicate, object_id}  (annotation ids)
+    failures    {file_name, reason}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sphinx_tools.parsing import normalize_label
+
+from .engine import SEGMENT, Labeler
+from .segmenting import rle_area
+from .sources import Source
+from .worklog import WorkLog, log_dir_for
+
+COCO_KEYPOINT_NAMES = [
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+]
+COCO_SKELETON = [
+    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
+    [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
+]
+SECTIONS = ("images", "annotations", "captions", "vqa", "relations", "failures")
+FAILURE = "__failure__"
+BOX_MATCH_PX = 1.0
+
+
+@dataclass
+class MergeSummary:
+    "What the merge wrote: counts per section, images not (yet) labeled, torn log lines."
+
+    counts: dict = field(default_factory=dict)
+    missing: int = 0
+    torn_lines: int = 0
+    path: Path | None = None
+
+
+class Categories:
+    """COCO categories by name: the given ones keep their ids, new names get the next ids.
+
+    Args:
+        given: COCO category dicts to start from.
+    """
+
+    def __init__(self, given=()):
+        self.items = [dict(c) for c in given]
+        self.by_name = {c["name"]: c for c in self.items}
+        self._next = max((int(c["id"]) for c in self.items), default=0) + 1
+
+    def id(self, name: str) -> int:
+        "The id of ``name``, adding it when new."
+        if name not in self.by_name:
+            entry = {"id": self._next, "name": name, "supercategory": name}
+            self._next += 1
+            self.items.append(entry)
+            self.by_name[name] = entry
+        return self.by_name[name]["id"]
+
+    def add_person_keypoints(self) -> None:
+        "Make sure ``person`` exists and carries the COCO keypoint names and skeleton."
+        self.id("person")
+        person = self.by_name["person"]
+        person.setdefault("keypoints", COCO_KEYPOINT_NAMES)
+        person.setdefault("skeleton", COCO_SKELETON)
+
+
+class _ArrayFile:
+    "A JSON array written element by element to a temp file (never held in memory)."
+
+    def __init__(self, folder: Path, name: str):
+        self.path = folder / f"{name}.part"
+        self.f = open(self.path, "w", encoding="utf-8")
+        self.f.write("[")
+        self.n = 0
+
+    def add(self, item: dict) -> None:
+        self.f.write(("," if self.n else "") + json.dumps(item, ensure_ascii=False))
+        self.n += 1
+
+    def close(self) -> None:
+        self.f.write("]")
+        self.f.close()
+
+
+class CocoBuilder:
+    """Turns one image's task records into COCO entries, streamed to section files.
+
+    Args:
+        folder: where the section files go (a temp folder).
+        categories: the category table.
+        ontology: maps class phrases to category names (``None``: normalized phrase).
+        question: the VQA question (written beside each answer).
+    """
+
+    def __init__(self, folder: Path, categories: Categories, ontology=None,
+                 question: str | None = None):
+        self.sections = {name: _ArrayFile(folder, name) for name in SECTIONS}
+        self.categories = categories
+        self.ontology = ontology
+        self.question = question
+        self.ids = {name: itertools.count(1) for name in ("annotations", "captions", "vqa")}
+
+    # -- categories ----------------------------------------------------------------------------
+    def category(self, phrase: str) -> int | None:
+        "The category id for a phrase, or ``None`` when the ontology drops it."
+        if self.ontology is not None:
+            name = self.ontology.map(phrase)
+        else:
+            name = normalize_label(phrase or "") or "object"
+        return None if name is None else self.categories.id(name)
+
+    def rec_category(self, expression: str) -> int:
+        "REC boxes: the ontology class the expression names, else ``object``."
+        if self.ontology is not None:
+            name = self.ontology.map(expression)
+            if name in self.ontology.names:
+                return self.categories.id(name)
+        return self.categories.id("object")
+
+    # -- images --------------------------------------------------------------------------------
+    def add_image(self, item, wh, results: dict) -> None:
+        "Write one labeled image and everything found on it."
+        image_id = item.image_id
+        self.sections["images"].add({"id": image_id, "file_name": item.file_name,
+                                     "width": int(wh[0]), "height": int(wh[1])})
+        anns: dict[str, list] = {}  # task -> per box of its record, the annotation (or None)
+        for task, result in results.items():
+            if task != SEGMENT:
+                anns[task] = self._task(task, result, image_id, anns)
+        if SEGMENT in results:
+            self._masks(results[SEGMENT], anns)
+        for ann in (a for task_anns in anns.values() for a in task_anns if a is not None):
+            self.sections["annotations"].add(ann)
+        if "relation" in results:
+            self._relations(results["relation"], anns["relation"], image_id)
+
+    def add_failure(self, item, reason: str) -> None:
+        self.sections["failures"].add({"file_name": item.file_name, "image_id": item.image_id,
+                                       "reason": reason})
+
+    def _task(self, task: str, result: dict, image_id: int, anns: dict) -> list:
+        kind = result["type"]
+        if kind == "rec":
+            return self._rec(result, image_id)
+        if kind == "text":
+            self._text(task, result["text"], image_id)
+            return []
+        if kind == "keypoints":
+            return self._pose(result, image_id, anns.get("detection"))
+        if kind == "grounded_caption":
+            caption_id = self._caption(result["caption"], image_id, task)
+            return self._boxes(task, result["detections"], image_id, {"caption_id": caption_id})
+        if kind == "scene_graph":
+            return self._boxes(task, result["detections"], image_id)
+        if task == "reg" and anns.get("detection") is not None:
+            return self._attach_captions(result, anns["detection"])
+        return self._boxes(task, result, image_id)
+
+    def _annotation(self, image_id, category_id, xyxy, score, task, **extra) -> dict:
+        x1, y1, x2, y2 = (float(v) for v in xyxy)
+        w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
+        ann = {"id": next(self.ids["annotations"]), "image_id": image_id,
+               "category_id": category_id, "bbox": [round(x1, 2), round(y1, 2), round(w, 2),
+                                                    round(h, 2)],
+               "area": round(w * h, 2), "iscrowd": 0, "score": 1.0 if score is None else score,
+               "task": task}
+        ann.update({k: v for k, v in extra.items() if v is not None})
+        return ann
+
+    def _boxes(self, task, det: dict, image_id, common=None) -> list:
+        out = []
+        for j, box in enumerate(det["boxes"]):
+            category_id = self.category(det["class_name"][j])
+            if category_id is None:
+                out.append(None)
+                continue
+            extra = {name: det[name][j] for name in ("text", "caption", "phrase") if name in det}
+            if task != "ocr":
+                extra.pop("text", None)
+            out.append(self._annotation(image_id, category_id, box, det["scores"][j], task,
+                                        **extra, **(common or {})))
+        return out
+
+    def _rec(self, result, image_id) -> list:
+        out = []
+        for item in result["items"]:
+            for j, box in enumerate(item["boxes"]):
+                out.append(self._annotation(image_id, self.rec_category(item["expression"]), box,
+                                            item["scores"][j], "rec",
+                                            expression=item["expression"],
+                                            question_id=item["question_id"]))
+        return out
+
+    def _pose(self, result, image_id, detections) -> list:
+        out = []
+        for person in result["people"]:
+            kps = person["keypoints"]
+            target = _match(detections, person["box"]) if person["box"] else None
+            extra = {"keypoints": kps, "num_keypoints": sum(1 for v in kps[2::3] if v > 0)}
+            if target is not None:
+                target.update(extra, keypoint_score=person["score"])
+                out.append(None)  # the person is the detection's annotation
+                continue
+            out.append(self._annotation(image_id, self.categories.id("person"),
+                                        _person_box(person), person["score"], "pose", **extra))
+        return out
+
+    def _attach_captions(self, result, detections) -> list:
+        for j, box in enumerate(result["boxes"]):
+            target = _match(detections, box)
+            if target is not None:
+                target["caption"] = result["caption"][j] if "caption" in result else \
+                    result["class_name"][j]
+        return []
+
+    def _text(self, task, text: str, image_id) -> None:
+        if task == "vqa":
+            self.sections["vqa"].add({"id": next(self.ids["vqa"]), "image_id": image_id,
+                                      "question": self.question, "answer": text})
+        else:
+            self._caption(text, image_id, task)
+
+    def _caption(self, text: str, image_id, task) -> int:
+        caption_id = next(self.ids["captions"])
+        self.sections["captions"].add({"id": caption_id, "image_id": image_id, "caption": text,
+                                       "task": task})
+        return caption_id
+
+    def _masks(self, record: dict, anns: dict) -> None:
+        for task, rles in record["masks"].items():
+            for ann, rle in zip(anns.get(task, []), rles, strict=False):
+                if ann is not None and rle is not None:
+                    ann["segmentation"] = rle
+                    ann["area"] = rle_area(rle)
+
+    def _relations(self, result, anns: list, image_id) -> None:
+        for s, predicate, o in result["triples"]:
+            if anns[s] is None or anns[o] is None:
+                continue
+            self.sections["relations"].add({"image_id": image_id, "subject_id": anns[s]["id"],
+                                            "predicate": predicate, "object_id": anns[o]["id"]})
+
+    def close(self) -> dict:
+        for section in self.sections.values():
+            section.close()
+        return {name: s.n for name, s in self.sections.items()}
+
+
+def _match(annotations, xyxy):
+    "The annotation whose box equals ``xyxy`` (within a pixel), or ``None``."
+    if not annotations:
+        return None
+    x1, y1, x2, y2 = xyxy
+    for ann in annotations:
+        if ann is None:
+            continue
+        bx, by, bw, bh = ann["bbox"]
+        if np.allclose([bx, by, bx + bw, by + bh], [x1, y1, x2, y2], atol=BOX_MATCH_PX):
+            return ann
+    return None
+
+
+def _person_box(person) -> list:
+    "Pose without detection: the visible key points' extent (else the box asked about)."
+    kps = np.asarray(person["keypoints"], dtype=float).reshape(-1, 3)
+    seen = kps[kps[:, 2] > 0, :2]
+    if len(seen) >= 2:
+        (x1, y1), (x2, y2) = seen.min(0), seen.max(0)
+        return [x1, y1, x2, y2]
+    return person["box"] or [0, 0, 0, 0]
+
+
+# -- the merge -------------------------------------------------------------------------------------
+def index_log(log: WorkLog) -> dict:
+    "``{(file_name, task): [(key, hash, t, file number, offset)]}`` of every record."
+    index: dict = {}
+    for number, offset, r in log.entries():
+        task = r.get("task") if r.get("kind") == "result" else FAILURE
+        index.setdefault((r.get("file_name"), task), []).append(
+            (r["key"], r.get("hash"), r.get("t", 0.0), number, offset))
+    return index
+
+
+def _pick(labeler: Labeler, index: dict, item, tasks) -> tuple[dict | None, float]:
+    "The newest complete set of records of ``item`` for one content hash: ``({task: (n, o)}, t)``."
+    entries = {task: index.get((item.file_name, task), []) for task in tasks}
+    hashes = sorted({(e[2], e[1]) for es in entries.values() for e in es}, reverse=True)
+    for t, digest in hashes:
+        keys = labeler.keys(digest, item)
+        chosen = {}
+        for task in tasks:
+            valid = [e for e in entries[task] if e[1] == digest and e[0] == keys[task]]
+            if not valid:
+                break
+            best = max(valid, key=lambda e: e[2])
+            chosen[task] = (best[3], best[4])
+        else:
+            return chosen, t
+    return None, 0.0
+
+
+def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = None,
+               metadata: dict | None = None) -> MergeSummary:
+    """Merge every rank's work log into the COCO file ``out`` (atomically replaced).
+
+    Images come in source order; an image is written when every task has a current record (its
+    key matches this configuration), as a failure when its newest record is one, and is counted
+    as missing otherwise.
+
+    Args:
+        out: the output path.
+        source: the labeled source (its order, ids and categories).
+        labeler: the configuration the records must match (tasks, prompts, model, ...).
+        limit: only the first ``limit`` images of the source.
+        metadata: extra run metadata for ``info``.
+
+    Returns:
+        A :class:`MergeSummary`.
+    """
+    out = Path(out)
+    log = WorkLog(log_dir_for(out), rank=0)
+    index = index_log(log)
+    categories = Categories(source.categories or _ontology_categories(labeler.ontology))
+    if "pose" in labeler.names:
+        categories.add_person_keypoints()
+    tasks = labeler.work_names
+    summary = MergeSummary(torn_lines=log.torn_lines)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        builder = CocoBuilder(Path(tmp), categories, labeler.ontology,
+                              labeler.options.get("vqa", {}).get("question"))
+        items = source.items() if limit is None else itertools.islice(source.items(), limit)
+        for item in items:
+            chosen, t = _pick(labeler, index, item, tasks)
+            failures = index.get((item.file_name, FAILURE), [])
+            newest_failure = max(failures, key=lambda e: e[2]) if failures else None
+            if newest_failure is not None and newest_failure[2] > t:
+                builder.add_failure(item, log.read(newest_failure[3], newest_failure[4])["reason"])
+            elif chosen is not None:
+                records = {task: log.read(*where) for task, where in chosen.items()}
+                wh = next(iter(records.values()))["wh"]
+                builder.add_image(item, wh, {task: r["result"] for task, r in records.items()})
+            else:
+                summary.missing += 1
+        summary.counts = builder.close()
+        log.close()
+        head = {"info": _info(labeler, source, metadata), "licenses": [],
+                "categories": categories.items}
+        _assemble(out, Path(tmp), head)
+    summary.path = out
+    return summary
+
+
+def _ontology_categories(ontology) -> list:
+    if ontology is None:
+        return []
+    return [{"id": i + 1, "name": n, "supercategory": n} for i, n in enumerate(ontology.names)]
+
+
+def _assemble(out: Path, folder: Path, head: dict) -> None:
+    "Write ``head`` plus the section files as one JSON object to a temp file, fsync, rename."
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(head, ensure_ascii=False)[:-1])
+        for name in SECTIONS:
+            f.write(f', "{name}": ')
+            with open(folder / f"{name}.part", encoding="utf-8") as part:
+                shutil.copyfileobj(part, f)
+        f.write("}")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+def _info(labeler: Labeler, source: Source, metadata: dict | None) -> dict:
+    import datetime
+    import platform
+
+    import supervision
+    import sphinx_tools
+
+    from .engine import PARSER_VERSION
+
+    prompts = {}
+    for name in labeler.names:
+        task = labeler.tasks[name]
+        try:
+            prompts[name] = task.template(task.options(**{
+                k: v for k, v in labeler.options[name].items() if k in task.Options.model_fields}))
+        except ValueError:
+            prompts[name] = None
+    versions = {"sphinx_tools": sphinx_tools.__version__, "supervision": supervision.__version__,
+                "python": platform.python_version(), "parser": PARSER_VERSION}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return {
+        "description": "SPHINX auto-labels (sphinx-tools label)",
+        "date_created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": labeler.model_id,
+        "tasks": labeler.names,
+        "prompts": prompts,
+        "task_options": labeler.options,
+        "sampling": labeler.sampling,
+        "ontology": None if labeler.ontology is None else labeler.ontology.fingerprint(),
+        "sam": labeler.sam_id if labeler.uses_sam else None,
+        "source": {"location": str(source.location), "kind": source.kind},
+        "versions": versions,
+        **(metadata or {}),
+    }

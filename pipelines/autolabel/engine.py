@@ -1,0 +1,411 @@
+"""The labeling engine: several tasks on a batch of images with shared work.
+
+For a batch of images, every question of every first-stage task (detection, OCR, caption, ...)
+goes to one ``model.generate_multi`` call: each image is encoded once, its common prompt prefix
+prefilled once, and all questions decode as one batch. Tasks that need detection's boxes (pose:
+person boxes; REG: every box) run as a second, equally batched stage. SAM masks, when a SAM
+predictor is given, are a third stage. The result of each (image, task) becomes a work-log record
+(``records.py``), keyed by :meth:`Labeler.task_key`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import supervision as sv
+
+import sphinx_tools
+from sphinx_tools.conversation import build_prompt
+from sphinx_tools.parsing import Answer, normalize_label
+from sphinx_tools.registry import get_task
+from sphinx_tools.tasks import _parse_generation
+
+from .ontology import Ontology
+from .records import to_record
+from .sources import ImageItem
+
+PARSER_VERSION = "autolabel-1"
+STAGE2 = {"pose": "boxes", "reg": "regions"}  # task -> option filled from detection's boxes
+DEFAULT_TASK_OPTIONS = {"relation": {"variant": "triplets"}}
+MASKED_TASKS = ("detection", "rec", "layout", "relation", "grounded_caption")
+SEGMENT = "segment"  # the pseudo-task of SAM masks
+PERSON = "person"
+
+
+@dataclass
+class Work:
+    """One image of a batch: what it is, its pixels and which tasks it still needs.
+
+    Attributes:
+        item: the source item.
+        image: the RGB image (``None`` when it failed to load).
+        hash: the content hash.
+        keys: ``{task: work key}`` of every task (and ``"segment"``) for this image.
+        pending: the tasks (and ``"segment"``) to run.
+        error: why the image failed, or ``None``.
+    """
+
+    item: ImageItem
+    image: object = None
+    hash: str | None = None
+    keys: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def wh(self) -> tuple[int, int]:
+        return self.image.size
+
+
+class Timer:
+    "Accumulated wall seconds per named section."
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class Labeler:
+    """Runs a fixed set of tasks on batches of images with one model.
+
+    Args:
+        model: a ``SphinxModel`` (anything with ``generate_multi(images, questions, ...)``).
+        tasks: task names, e.g. ``["detection", "pose", "ocr", "caption", "layout"]``.
+        task_options: per task, options for its prompt (``{"vqa": {"question": "..."}}``).
+        ontology: maps detection phrases to categories; its classes are asked for by detection
+            (unless ``task_options["detection"]["classes"]`` is given) and pick pose's persons.
+        max_gen_len: generation budget of every question.
+        temperature: 0 for greedy (reproducible labels).
+        top_p: nucleus mass when sampling.
+        seed: sampling seed.
+        model_id: names the model in work-log keys (see :func:`model_fingerprint`).
+        sam_predictor: a SAM predictor for masks of box results, or ``None``.
+        sam_id: names the SAM checkpoint in work-log keys.
+
+    Raises:
+        ValueError: for an empty task list, bad task options, or REG without boxes to describe.
+        UnknownTaskError: for a task name that is not registered.
+    """
+
+    def __init__(self, model, tasks, *, task_options=None, ontology: Ontology | None = None,
+                 max_gen_len: int = 512, temperature: float = 0.0, top_p: float = 0.95,
+                 seed: int = 0, model_id: str = "model", sam_predictor=None,
+                 sam_id: str | None = None):
+        self.model = model
+        self.names = list(dict.fromkeys(tasks))
+        if not self.names:
+            raise ValueError("need at least one task, got none")
+        self.tasks = {name: get_task(name) for name in self.names}
+        self.ontology = ontology
+        self.options = self._task_options(task_options or {})
+        self.sampling = dict(max_gen_len=int(max_gen_len), temperature=float(temperature),
+                             top_p=float(top_p), seed=int(seed))
+        self.model_id = model_id
+        self.sam_predictor = sam_predictor
+        self.sam_id = sam_id
+        self.timer = Timer()
+        self._check_options()
+
+    # -- configuration -----------------------------------------------------------------------
+    def _task_options(self, given: dict) -> dict:
+        unknown = sorted(set(given) - set(self.names))
+        if unknown:
+            raise ValueError(f"options given for task(s) {unknown} that are not run; "
+                             f"tasks: {self.names}")
+        options = {n: {**DEFAULT_TASK_OPTIONS.get(n, {}), **given.get(n, {})} for n in self.names}
+        if "detection" in options and self.ontology is not None and self.ontology.classes:
+            options["detection"].setdefault("classes", self.ontology.prompt_classes())
+        return options
+
+    def _check_options(self) -> None:
+        "Build every prompt once on a dummy size so bad options fail before any image is read."
+        if "reg" in self.names and "detection" not in self.names \
+                and not self.options["reg"].get("regions") and not self.options["reg"].get("region"):
+            raise ValueError("task 'reg' describes regions: run it with 'detection' (its boxes) "
+                             "or give `regions` in its options")
+        for name in self.stage1_tasks():
+            if name == "rec" and not self._given_expressions():
+                continue  # expressions come from the source (RefCOCO-style json)
+            for q in self._split(name, (64, 64), None, []):
+                self.tasks[name].prompt(**q)
+
+    def _given_expressions(self) -> list:
+        opts = self.options.get("rec", {})
+        given = opts.get("expressions") or ([opts["expression"]] if opts.get("expression") else [])
+        return [(str(i), e) for i, e in enumerate(given)]
+
+    def stage1_tasks(self) -> list[str]:
+        "First-stage tasks, plus detection when a second-stage task needs its boxes."
+        first = [n for n in self.names if not self._is_stage2(n)]
+        return first
+
+    def stage2_tasks(self) -> list[str]:
+        return [n for n in self.names if self._is_stage2(n)]
+
+    def _is_stage2(self, name: str) -> bool:
+        return name in STAGE2 and "detection" in self.names
+
+    # -- keys --------------------------------------------------------------------------------
+    def _base(self) -> list:
+        return [PARSER_VERSION, sphinx_tools.__version__, self.model_id, self.sampling]
+
+    def _spec(self, name: str) -> list:
+        task, opts = self.tasks[name], self.options[name]
+        clean = {k: v for k, v in opts.items() if k not in ("expressions",)}
+        try:
+            template = task.template(task.options(**{k: v for k, v in clean.items()
+                                                      if k in task.Options.model_fields}))
+        except ValueError:
+            template = None
+        return [name, task.plugin, json.dumps(opts, sort_keys=True, default=str), template]
+
+    def task_key(self, name: str, content_hash: str, item: ImageItem) -> str:
+        "The work-log key of ``name`` on this image content (and, for REC, its expressions)."
+        from .worklog import work_key
+
+        extra = item.expressions if name == "rec" else None
+        dep = None
+        if self._is_stage2(name):
+            dep = [self.task_key("detection", content_hash, item),
+                   self.ontology.fingerprint() if self.ontology is not None else None]
+        return work_key(self._base(), content_hash, self._spec(name), extra, dep)
+
+    def segment_key(self, content_hash: str, item: ImageItem) -> str:
+        from .worklog import work_key
+
+        masked = [self.task_key(n, content_hash, item) for n in self.names if n in MASKED_TASKS]
+        return work_key(PARSER_VERSION, SEGMENT, self.sam_id, masked)
+
+    def keys(self, content_hash: str, item: ImageItem) -> dict[str, str]:
+        "``{task: key}`` for every task of this image, plus ``segment`` when SAM is used."
+        keys = {n: self.task_key(n, content_hash, item) for n in self.names}
+        if self.uses_sam:
+            keys[SEGMENT] = self.segment_key(content_hash, item)
+        return keys
+
+    @property
+    def work_names(self) -> list[str]:
+        "The tasks of every image, plus ``segment`` when SAM masks are made."
+        return self.names + ([SEGMENT] if self.uses_sam else [])
+
+    @property
+    def uses_sam(self) -> bool:
+        return self.sam_predictor is not None and any(n in MASKED_TASKS for n in self.names)
+
+    # -- questions ---------------------------------------------------------------------------
+    def _split(self, name: str, wh, item: ImageItem | None, boxes) -> list[dict]:
+        "The option sets of ``name``'s questions on an image of size ``wh``."
+        task, opts = self.tasks[name], dict(self.options[name])
+        if "image_size" in task.Options.model_fields:
+            opts["image_size"] = tuple(wh)
+        if name == "rec":
+            opts.pop("expressions", None)
+            opts.pop("expression", None)
+            pairs = (item.expressions if item is not None else []) or self._given_expressions()
+            return [{**opts, "expression": e} for _, e in pairs]
+        if self._is_stage2(name):
+            opts[STAGE2[name]] = [tuple(b) for b in boxes]
+        return task.split(**opts)
+
+    def _prompts(self, name: str, questions: list[dict]) -> list[str]:
+        return [build_prompt([[self.tasks[name].prompt(**q), None]]) for q in questions]
+
+    # -- running -----------------------------------------------------------------------------
+    def label(self, batch: list[Work]) -> list[dict]:
+        """Run the pending tasks of a batch of loaded images.
+
+        Returns:
+            Work-log records: one per (image, pending task), or one failure per image that
+            could not be labeled.
+        """
+        results: dict[int, dict] = {i: {} for i in range(len(batch))}
+        failed: dict[int, str] = {}
+        stage1 = {i: [n for n in self.stage1_tasks() if n in w.pending or
+                      (n == "detection" and any(t in w.pending for t in self.stage2_tasks()))]
+                  for i, w in enumerate(batch)}
+        self._stage(batch, stage1, results, failed, None)
+        stage2 = {i: [n for n in self.stage2_tasks() if n in batch[i].pending]
+                  for i in range(len(batch)) if i not in failed}
+        self._stage(batch, stage2, results, failed, results)
+        if self.uses_sam:
+            self._segment(batch, results, failed)
+        return self._records(batch, results, failed)
+
+    def _stage(self, batch, wanted: dict, results, failed, previous) -> None:
+        "Ask every wanted task of every image in one ``generate_multi``; parse into ``results``."
+        plan = {}  # image index -> [(task, questions, prompts)]
+        for i, names in wanted.items():
+            if i in failed or not names:
+                continue
+            try:
+                plan[i] = [self._plan(n, batch[i], previous and previous[i]) for n in names]
+            except Exception as exc:  # a prompt that cannot be built for this image
+                failed[i] = f"cannot build the prompts: {exc}"
+        if not plan:
+            return
+        generations = self._generate(batch, plan, failed)
+        with self.timer("parse"):
+            for i, per_task in generations.items():
+                try:
+                    for (name, questions, _), gens in zip(plan[i], per_task, strict=True):
+                        results[i][name] = self._parse(name, batch[i], questions, gens)
+                except Exception as exc:
+                    failed[i] = f"cannot parse the answers: {exc!r}"
+
+    def _plan(self, name: str, work: Work, previous) -> tuple:
+        boxes = self._stage2_boxes(name, previous) if self._is_stage2(name) else None
+        questions = self._split(name, work.wh, work.item, boxes)
+        return name, questions, self._prompts(name, questions)
+
+    def _stage2_boxes(self, name: str, previous: dict) -> np.ndarray:
+        det = previous["detection"]
+        if name != "pose":
+            return det.xyxy
+        names = det.data.get("class_name", [""] * len(det))
+        keep = [self._is_person(str(c)) for c in names]
+        return det.xyxy[np.asarray(keep, dtype=bool)] if len(det) else det.xyxy
+
+    def _is_person(self, class_name: str) -> bool:
+        if self.ontology is not None:
+            return self.ontology.map(class_name) == PERSON
+        return normalize_label(class_name) == PERSON
+
+    def _generate(self, batch, plan: dict, failed: dict) -> dict:
+        "``{image index: per task, its generations}``; on a batch error, retry image by image."
+        order = list(plan)
+        try:
+            flat = self._generate_multi([batch[i].image for i in order],
+                                        [[p for _, _, ps in plan[i] for p in ps] for i in order])
+        except Exception:
+            if len(order) == 1:
+                failed[order[0]] = "generation failed"
+                return {}
+            out = {}
+            for i in order:
+                out.update(self._generate(batch, {i: plan[i]}, failed))
+            return out
+        out = {}
+        for i, gens in zip(order, flat, strict=True):
+            per_task, k = [], 0
+            for _, _, prompts in plan[i]:
+                per_task.append(gens[k: k + len(prompts)])
+                k += len(prompts)
+            out[i] = per_task
+        return out
+
+    def _generate_multi(self, images, questions):
+        with self.timer("generate"):
+            return self.model.generate_multi(images, questions, **self.sampling)
+
+    def _parse(self, name: str, work: Work, questions: list[dict], generations):
+        task = self.tasks[name]
+        parsed = [_parse_generation(task, g, work.wh, q)
+                  for g, q in zip(generations, questions, strict=True)]
+        if name == "rec":
+            pairs = work.item.expressions or self._given_expressions()
+            return [(qid, expr, d) for (qid, expr), d in zip(pairs, parsed, strict=True)]
+        if not questions:
+            return task.empty(Answer.from_generation(""), work.wh, task.Options(),
+                              ["nothing to ask"])
+        return task.merge(parsed)
+
+    # -- SAM ---------------------------------------------------------------------------------
+    def _segment(self, batch, results, failed) -> None:
+        with self.timer("segment"):
+            for i, work in enumerate(batch):
+                if i in failed or SEGMENT not in work.pending:
+                    continue
+                try:
+                    results[i][SEGMENT] = self._masks(work, results[i])
+                except Exception as exc:
+                    failed[i] = f"SAM failed: {exc!r}"
+
+    def _masks(self, work: Work, results: dict) -> dict:
+        from .segmenting import masks_for_boxes
+
+        boxes = {n: _boxes_of(results[n]) for n in self.names if n in MASKED_TASKS and n in results}
+        return masks_for_boxes(self.sam_predictor, work.image, boxes)
+
+    # -- records -----------------------------------------------------------------------------
+    def _records(self, batch, results, failed) -> list[dict]:
+        out = []
+        for i, work in enumerate(batch):
+            head = {"file_name": work.item.file_name, "image_id": work.item.image_id,
+                    "index": work.item.index, "hash": work.hash}
+            if i in failed:
+                out.append(failure_record(work.item, failed[i], work.hash))
+                continue
+            head["wh"] = list(work.wh)
+            for name in work.pending:
+                value = results[i][name]
+                record = _rec_record(value) if name == "rec" else (
+                    value if name == SEGMENT else to_record(value))
+                out.append({**head, "kind": "result", "task": name, "key": work.keys[name],
+                            "result": record})
+        return out
+
+
+class SequentialModel:
+    """Adapter: ``generate_multi`` as one independent ``generate`` call per question.
+
+    The baseline that ``generate_multi`` must match (greedy) and beat (speed): no shared image
+    encoding, no shared prefill, no batching across questions.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate_multi(self, images, questions, **sampling):
+        return [[self.model.generate([q], [image], **sampling)[0] for q in qs]
+                for image, qs in zip(images, questions, strict=True)]
+
+
+def failure_record(item: ImageItem, reason: str, content_hash: str | None = None) -> dict:
+    "The work-log record of an image that could not be labeled."
+    from .worklog import work_key
+
+    return {"kind": "failure", "key": work_key("failure", item.file_name),
+            "file_name": item.file_name, "image_id": item.image_id, "index": item.index,
+            "hash": content_hash, "reason": reason}
+
+
+def _rec_record(items) -> dict:
+    from .records import detections_to_json
+
+    return {"type": "rec", "items": [{"question_id": qid, "expression": expr,
+                                      **detections_to_json(d)} for qid, expr, d in items]}
+
+
+def _boxes_of(result) -> np.ndarray:
+    "Pixel boxes (n, 4) of a box-carrying result, in the order the record lists them."
+    if isinstance(result, list):  # rec: one Detections per expression
+        parts = [d.xyxy for _, _, d in result]
+        return np.concatenate(parts) if parts else np.empty((0, 4))
+    detections = result if isinstance(result, sv.Detections) else result.detections
+    return detections.xyxy
+
+
+def model_fingerprint(checkpoint) -> str:
+    "Names a checkpoint folder by its name, config and shard sizes (cheap; no hashing of weights)."
+    from pathlib import Path
+
+    from .worklog import work_key
+
+    folder = Path(checkpoint)
+    parts = [folder.resolve().name]
+    for name in ("config.json", "meta.json", "params.json"):
+        if (folder / name).is_file():
+            parts.append((folder / name).read_text(encoding="utf-8", errors="replace"))
+    parts += [(p.name, p.stat().st_size) for p in sorted(folder.glob("*.pth"))]
+    return f"{folder.resolve().name}:{work_key(*parts)[:12]}"

@@ -1,0 +1,234 @@
+"""Score predictions against ground truth.
+
+- COCO GT (a dict with ``images``): COCOeval (pycocotools) ``bbox``, ``segm`` and ``keypoints``,
+  each run when both files have the data. Prediction categories map to GT categories by name
+  (exact, then normalized: case, plural), images by ``file_name`` (then base name). Only the GT
+  images the predictions cover are scored (a ``--limit`` run scores its images).
+- RefCOCO-style GT (a list of ``{question_id, answer: [x1, y1, x2, y2] px, ...}``): REC accuracy,
+  the share of questions whose predicted box has IoU >= 0.5 with the answer. Predictions are a
+  COCO file from ``label`` (``task: "rec"`` annotations with ``question_id``; the best-scored one
+  counts) or a list of ``{question_id, answer | bbox_xyxy}`` pixel boxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sphinx_tools.parsing import normalize_label
+
+STAT_NAMES = {
+    "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+             "ARl"],
+    "keypoints": ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"],
+}
+STAT_NAMES["segm"] = STAT_NAMES["bbox"]
+
+
+def evaluate(pred, gt, iou_types=("bbox", "segm", "keypoints"), rec_iou: float = 0.5) -> dict:
+    """Metrics of ``pred`` against ``gt`` (paths or loaded JSON).
+
+    Returns:
+        ``{"rec": {...}}`` for RefCOCO-style GT, else ``{iou_type: {metric: value}, "matching":
+        {...}}``.
+
+    Raises:
+        ValueError: for an unknown IoU type or files of the wrong shape.
+    """
+    bad = [t for t in iou_types if t not in STAT_NAMES]
+    if bad:
+        raise ValueError(f"unknown IoU type(s) {bad}; use {sorted(STAT_NAMES)}")
+    pred, gt = _load(pred), _load(gt)
+    if isinstance(gt, list):
+        return {"rec": rec_accuracy(pred, gt, rec_iou)}
+    if not isinstance(gt, dict) or "images" not in gt:
+        raise ValueError("ground truth must be a COCO dict or a RefCOCO-style list")
+    if not isinstance(pred, dict) or "annotations" not in pred:
+        raise ValueError("predictions for a COCO ground truth must be a COCO dict")
+    return coco_metrics(pred, gt, iou_types)
+
+
+def _load(value):
+    if isinstance(value, (str, Path)):
+        return json.loads(Path(value).read_text(encoding="utf-8"))
+    return value
+
+
+# -- COCO ------------------------------------------------------------------------------------------
+def match_categories(pred_categories, gt_categories) -> dict[int, int]:
+    "Prediction category id -> GT category id, by name (exact, then normalized)."
+    exact = {c["name"]: c["id"] for c in gt_categories}
+    loose = {normalize_label(c["name"]): c["id"] for c in gt_categories}
+    out = {}
+    for c in pred_categories:
+        gid = exact.get(c["name"], loose.get(normalize_label(c["name"])))
+        if gid is not None:
+            out[c["id"]] = gid
+    return out
+
+
+def match_images(pred_images, gt_images) -> dict[int, int]:
+    "Prediction image id -> GT image id, by file name, then base name."
+    by_name = {im["file_name"]: im["id"] for im in gt_images}
+    by_base = {Path(im["file_name"]).name: im["id"] for im in gt_images}
+    out = {}
+    for im in pred_images:
+        gid = by_name.get(im["file_name"], by_base.get(Path(im["file_name"]).name))
+        if gid is not None:
+            out[im["id"]] = gid
+    return out
+
+
+def coco_metrics(pred: dict, gt: dict, iou_types) -> dict:
+    "COCOeval summaries per IoU type, plus how predictions were matched."
+    cats = match_categories(pred.get("categories", []), gt.get("categories", []))
+    images = match_images(pred.get("images", []), gt["images"])
+    dts, dropped = [], 0
+    for ann in pred["annotations"]:
+        if ann.get("category_id") in cats and ann.get("image_id") in images:
+            dts.append({**ann, "category_id": cats[ann["category_id"]],
+                        "image_id": images[ann["image_id"]]})
+        else:
+            dropped += 1
+    gt_coco = _coco(gt)
+    out = {"matching": {"images": len(images), "categories": len(cats),
+                        "annotations": len(dts), "dropped": dropped}}
+    for iou_type in iou_types:
+        result = _cocoeval(gt_coco, gt, dts, iou_type, sorted(set(images.values())))
+        if result is not None:
+            out[iou_type] = result
+    return out
+
+
+def _coco(data: dict):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"info": {}, "licenses": [], "annotations": [], **data}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+FIELDS = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
+
+
+def _cocoeval(gt_coco, gt: dict, dts: list, iou_type: str, image_ids: list) -> dict | None:
+    "One COCOeval run, or ``None`` when either side lacks the data it needs."
+    from pycocotools.cocoeval import COCOeval
+
+    field = FIELDS[iou_type]
+    cat_ids = _evaluable_categories(gt, iou_type)
+    mine = [_slim(d, field) for d in dts if d.get(field) and d["category_id"] in cat_ids]
+    if not mine or not cat_ids or not image_ids:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt_coco = gt_coco.loadRes(mine)
+        ev = COCOeval(gt_coco, dt_coco, iou_type)
+        ev.params.imgIds = image_ids
+        ev.params.catIds = sorted(cat_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: round(float(v), 4) for name, v in zip(STAT_NAMES[iou_type], ev.stats,
+                                                        strict=True)}
+
+
+def _slim(ann: dict, field: str) -> dict:
+    "Only what loadRes needs (it tells result types apart by the first annotation's keys)."
+    return {"image_id": ann["image_id"], "category_id": ann["category_id"],
+            "score": float(ann.get("score", 1.0) or 0.0), field: ann[field]}
+
+
+def _evaluable_categories(gt: dict, iou_type: str) -> set:
+    "GT categories whose every annotation has what this IoU type compares."
+    field = FIELDS[iou_type]
+    cats = {c["id"] for c in gt.get("categories", [])}
+    if iou_type == "keypoints":
+        cats = {c["id"] for c in gt.get("categories", []) if c.get("keypoints")}
+    has, lacks = set(), set()
+    for ann in gt.get("annotations", []):
+        (has if ann.get(field) else lacks).add(ann["category_id"])
+    return (cats & has) - lacks if iou_type != "bbox" else cats & has
+
+
+# -- REC -------------------------------------------------------------------------------------------
+def rec_accuracy(pred, gt: list, iou: float = 0.5) -> dict:
+    """Acc@IoU of referring-expression boxes.
+
+    Args:
+        pred: a COCO dict from ``label`` (``rec`` annotations with ``question_id``) or a list of
+            ``{question_id, answer | bbox_xyxy}`` pixel boxes.
+        gt: RefCOCO-style items ``{question_id, answer: [x1, y1, x2, y2]}`` in pixels.
+        iou: the IoU a hit needs.
+
+    Returns:
+        ``{"accuracy", "correct", "total", "missing", "iou_threshold"}``.
+    """
+    boxes = _rec_predictions(pred)
+    correct = missing = 0
+    for k, item in enumerate(gt):
+        qid = str(item.get("question_id", k))
+        if qid not in boxes:
+            missing += 1
+            continue
+        correct += box_iou(boxes[qid], item["answer"]) >= iou
+    total = len(gt)
+    return {"accuracy": round(correct / total, 4) if total else 0.0, "correct": int(correct),
+            "total": total, "missing": missing, "iou_threshold": iou}
+
+
+def _rec_predictions(pred) -> dict[str, list]:
+    out, best = {}, {}
+    if isinstance(pred, dict):
+        for ann in pred.get("annotations", []):
+            if ann.get("task") != "rec" or "question_id" not in ann:
+                continue
+            qid, score = str(ann["question_id"]), float(ann.get("score", 0.0) or 0.0)
+            if qid not in best or score > best[qid]:
+                x, y, w, h = ann["bbox"]
+                out[qid], best[qid] = [x, y, x + w, y + h], score
+        return out
+    if not isinstance(pred, list):
+        raise ValueError("REC predictions must be a COCO dict or a list of {question_id, answer}")
+    for k, item in enumerate(pred):
+        box = item.get("answer", item.get("bbox_xyxy"))
+        if box is not None and len(box) == 4:
+            out[str(item.get("question_id", k))] = list(box)
+    return out
+
+
+def box_iou(a, b) -> float:
+    "IoU of two ``[x1, y1, x2, y2]`` boxes."
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+# -- output ----------------------------------------------------------------------------------------
+def format_table(metrics: dict) -> str:
+    "A plain-text table of the metrics (one column per IoU type)."
+    if "rec" in metrics:
+        r = metrics["rec"]
+        return (f"REC Acc@IoU{r['iou_threshold']}: {r['accuracy']:.4f} "
+                f"({r['correct']}/{r['total']}, {r['missing']} without a prediction)")
+    kinds = [k for k in ("bbox", "segm", "keypoints") if k in metrics]
+    m = metrics.get("matching", {})
+    head = (f"matched {m.get('images', 0)} images, {m.get('categories', 0)} categories, "
+            f"{m.get('annotations', 0)} predictions ({m.get('dropped', 0)} unmatched)")
+    if not kinds:
+        return head + "\nnothing to evaluate (no IoU type has data on both sides)"
+    names = list(dict.fromkeys(n for k in kinds for n in STAT_NAMES[k]))
+    lines = [head, f"{'metric':<8}" + "".join(f"{k:>11}" for k in kinds)]
+    for name in names:
+        cells = [metrics[k].get(name) for k in kinds]
+        lines.append(f"{name:<8}" + "".join(f"{'-':>11}" if v is None else f"{v:>11.4f}"
+                                            for v in cells))
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""The labeling loop: stream a source's shard, skip finished work, label in batches, log durably.
+
+Images are read and hashed in background threads (a bounded prefetch window, so memory stays
+flat); an image whose every task is already in the work log is skipped without being decoded.
+Under data parallelism each rank takes the items whose index is ``rank`` modulo the world size
+and writes its own log; :func:`sphinx_tools.pipelines.autolabel.coco.write_coco` merges them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .engine import Labeler, Work, failure_record
+from .sources import DEFAULT_MAX_PIXELS, ImageError, ImageItem, Source, content_hash, decode_image
+from .sources import read_bytes
+from .worklog import WorkLog, log_dir_for
+
+
+@dataclass
+class RunSummary:
+    """What one rank did.
+
+    Attributes:
+        images: images in this rank's shard (after ``limit``).
+        labeled: images labeled now.
+        skipped: images whose every task was already in the log.
+        failed: images that could not be labeled, as ``(file_name, reason)``.
+        seconds: wall time of the loop.
+        sections: seconds per engine section (generate, parse, segment) plus load and write.
+    """
+
+    images: int = 0
+    labeled: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)
+    seconds: float = 0.0
+    sections: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.labeled / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_items(source: Source, limit: int | None = None, rank: int = 0,
+                world: int = 1) -> Iterator[ImageItem]:
+    "This rank's items: the first ``limit`` of the source, every ``world``-th from ``rank``."
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    items = source.items()
+    if limit is not None:
+        items = itertools.islice(items, limit)
+    return (item for item in items if item.index % world == rank)
+
+
+def load_work(item: ImageItem, labeler: Labeler, done: set, overwrite: bool = False,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> Work:
+    "Read and hash one image, find its pending tasks, and decode it only if there are any."
+    try:
+        data = read_bytes(item.path)
+    except ImageError as exc:
+        return Work(item, error=str(exc))
+    digest = content_hash(data)
+    keys = labeler.keys(digest, item)
+    pending = [t for t, k in keys.items() if overwrite or k not in done]
+    work = Work(item, hash=digest, keys=keys, pending=pending)
+    if pending:
+        try:
+            work.image = decode_image(data, max_pixels)
+        except ImageError as exc:
+            work.error = str(exc)
+    return work
+
+
+def prefetch(fn: Callable, items, workers: int, window: int) -> Iterator:
+    "``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight."
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        queue: deque = deque()
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            if len(queue) >= window:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+
+def batched(iterable, n: int) -> Iterator[list]:
+    it = iter(iterable)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def label_dataset(labeler: Labeler, source: Source, out, *, batch_size: int = 8,
+                  limit: int | None = None, overwrite: bool = False, rank: int = 0,
+                  world: int = 1, write: bool = True, progress: bool = True, workers: int = 2,
+                  max_pixels: int = DEFAULT_MAX_PIXELS,
+                  barrier: Callable[[], None] | None = None) -> RunSummary:
+    """Label this rank's shard of ``source`` into the work log beside ``out``.
+
+    Args:
+        labeler: the engine (model, tasks, options).
+        source: what to label.
+        out: the COCO output path; the log is ``<out>.worklog/``.
+        batch_size: images per ``generate_multi`` call.
+        limit: label only the first ``limit`` images of the source.
+        overwrite: redo work that is already logged.
+        rank, world: this data-parallel rank and the number of ranks.
+        write: append to the log (false on model-parallel ranks other than 0).
+        progress: show a tqdm bar (images/s, ETA, failures).
+        workers: image-reading threads.
+        max_pixels: larger images are failures (decompression bombs).
+        barrier: called once every rank has read the log and before any writes.
+
+    Returns:
+        A :class:`RunSummary`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    log = WorkLog(log_dir_for(out), rank)
+    done = set() if overwrite else log.done_keys()
+    if barrier is not None:
+        barrier()
+    summary = RunSummary()
+    bar = _progress(source, limit, rank, world, progress)
+    t0 = time.perf_counter()
+    items = shard_items(source, limit, rank, world)
+    loaded = prefetch(lambda it: load_work(it, labeler, done, overwrite, max_pixels), items,
+                      workers, window=2 * batch_size + workers)
+    try:
+        for batch in batched(_timed(loaded, labeler.timer), batch_size):
+            records = _label_batch(labeler, batch, summary)
+            if write:
+                with labeler.timer("write"):
+                    log.append(records)
+            bar.update(len(batch))
+            bar.set_postfix(failed=len(summary.failed), refresh=False)
+    finally:
+        log.close()
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    summary.sections = dict(labeler.timer.seconds)
+    return summary
+
+
+def _label_batch(labeler: Labeler, batch: list[Work], summary: RunSummary) -> list[dict]:
+    summary.images += len(batch)
+    records = []
+    todo = []
+    for work in batch:
+        if work.error is not None:
+            records.append(failure_record(work.item, work.error, work.hash))
+        elif work.pending:
+            todo.append(work)
+        else:
+            summary.skipped += 1
+    if todo:
+        records += labeler.label(todo)
+    for r in records:
+        if r["kind"] == "failure":
+            summary.failed.append((r["file_name"], r["reason"]))
+    summary.labeled += len(todo) - sum(1 for r in records if r["kind"] == "failure"
+                                       and r["file_name"] in {w.item.file_name for w in todo})
+    return records
+
+
+def _timed(iterator, timer) -> Iterator:
+    "Time spent waiting for loaded images (reading and decoding not hidden by the prefetch)."
+    it = iter(iterator)
+    while True:
+        with timer("load"):
+            try:
+                value = next(it)
+            except StopIteration:
+                return
+        yield value
+
+
+def _progress(source: Source, limit, rank: int, world: int, enabled: bool):
+    from tqdm import tqdm
+
+    total = None
+    if enabled:
+        n = source.count()
+        n = min(n, limit) if limit is not None else n
+        total = len(range(rank, n, world))
+    return tqdm(total=total, disable=not enabled, unit="img", desc=f"label[{rank}]",
+                dynamic_ncols=True)

@@ -1,0 +1,113 @@
+"""The engine with a scripted model: batching, stages, keys, failures."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sphinx_tools.errors import UnknownTaskError
+from sphinx_tools.pipelines.autolabel import Labeler, Ontology
+from sphinx_tools.pipelines.autolabel.engine import Work
+from sphinx_tools.pipelines.autolabel.sources import ImageItem
+
+from .conftest import ScriptedModel
+
+TASKS = ["detection", "pose", "ocr", "caption", "layout", "reg"]
+
+
+def works(n=2, tasks=TASKS, labeler=None, size=(200, 100)):
+    out = []
+    for i in range(n):
+        item = ImageItem(i, None, f"{i}.png", i + 1)
+        keys = labeler.keys(f"h{i}", item) if labeler else {}
+        out.append(Work(item, Image.new("RGB", size), f"h{i}", keys, list(keys or tasks)))
+    return out
+
+
+def by_task(records):
+    return {(r["image_id"], r["task"]): r["result"] for r in records if r["kind"] == "result"}
+
+
+def test_one_generate_multi_per_stage(scripted):
+    labeler = Labeler(scripted, TASKS)
+    records = labeler.label(works(3, labeler=labeler))
+    assert len(records) == 3 * len(TASKS)
+    (n1, q1), (n2, q2) = scripted.calls  # stage 1 (4 tasks), stage 2 (pose + reg on the boxes)
+    assert n1 == n2 == 3
+    assert [len(q) for q in q1] == [4, 4, 4]
+    assert [len(q) for q in q2] == [1 + 3, 1 + 3, 1 + 3]  # one person box; three boxes for REG
+
+
+def test_pose_asks_about_person_boxes_only(scripted):
+    labeler = Labeler(scripted, ["detection", "pose"])
+    result = by_task(labeler.label(works(1, labeler=labeler)))
+    pose = result[(1, "pose")]
+    assert len(pose["people"]) == 1
+    np.testing.assert_allclose(pose["people"][0]["box"], [20, 0, 80, 100], atol=0.5)
+    kps = np.reshape(pose["people"][0]["keypoints"], (17, 3))
+    assert kps[:, 2].tolist().count(2) == 4
+    assert "region [" in scripted.calls[1][1][0][0]
+
+
+def test_ontology_picks_persons_and_classes(scripted):
+    onto = Ontology.parse("human=person,dog")
+    labeler = Labeler(scripted, ["detection", "pose"], ontology=onto)
+    by_task(labeler.label(works(1, labeler=labeler)))
+    assert "humans and dogs" in scripted.calls[0][1][0][0]
+    assert len(scripted.calls[1][1][0]) == 0 or "region" in scripted.calls[1][1][0][0]
+
+
+def test_pose_alone_uses_the_whole_image(scripted):
+    labeler = Labeler(scripted, ["pose"])
+    by_task(labeler.label(works(1, labeler=labeler)))
+    assert len(scripted.calls) == 1
+    assert "[0.00,0.25,1.00,0.75]" in scripted.calls[0][1][0][0]  # 200x100 padded to a square
+
+
+def test_keys_change_with_prompt_model_and_content(scripted):
+    item = ImageItem(0, None, "a.png", 1)
+    a = Labeler(scripted, ["detection", "pose"], model_id="m1")
+    b = Labeler(scripted, ["detection", "pose"], model_id="m2")
+    c = Labeler(scripted, ["detection", "pose"], model_id="m1",
+                task_options={"detection": {"classes": ["cat"]}})
+    ka, kb, kc = a.keys("h", item), b.keys("h", item), c.keys("h", item)
+    assert ka == Labeler(scripted, ["pose", "detection"], model_id="m1").keys("h", item)
+    assert ka["detection"] != kb["detection"] and ka["detection"] != kc["detection"]
+    assert ka["pose"] != kc["pose"]  # pose depends on detection's boxes
+    assert ka != a.keys("other-content", item)
+
+
+@pytest.mark.parametrize(
+    "tasks, options, error",
+    [
+        ([], None, ValueError),  # no task
+        (["nope"], None, UnknownTaskError),  # unknown task
+        (["vqa"], None, ValueError),  # vqa needs a question
+        (["reg"], None, ValueError),  # REG without boxes to describe
+        (["caption"], {"detection": {}}, ValueError),  # options for a task that is not run
+        (["detection"], {"detection": {"bogus": 1}}, ValueError),  # unknown option
+    ],
+)
+def test_bad_configuration_fails_before_any_image(scripted, tasks, options, error):
+    with pytest.raises(error):
+        Labeler(scripted, tasks, task_options=options)
+
+
+def test_batch_error_retries_image_by_image():
+    model = ScriptedModel(fail_when=lambda images: any(im.size == (7, 7) for im in images))
+    labeler = Labeler(model, ["caption"])
+    batch = works(2, ["caption"], labeler) + works(1, ["caption"], labeler, size=(7, 7))
+    batch[2].item = ImageItem(2, None, "bad.png", 3)
+    records = labeler.label(batch)
+    kinds = [(r["file_name"], r["kind"]) for r in records]
+    assert kinds == [("0.png", "result"), ("1.png", "result"), ("bad.png", "failure")]
+
+
+def test_rec_questions_come_from_the_item(scripted):
+    labeler = Labeler(scripted, ["rec"])
+    item = ImageItem(0, None, "a.png", 1, [("q1", "the person"), ("q2", "the dog")])
+    work = Work(item, Image.new("RGB", (100, 100)), "h", labeler.keys("h", item), ["rec"])
+    (record,) = labeler.label([work])
+    items = record["result"]["items"]
+    assert [(i["question_id"], i["expression"]) for i in items] == [("q1", "the person"),
+                                                                     ("q2", "the dog")]
+    assert items[0]["boxes"] == [[10.0, 10.0, 40.0, 90.0]]
