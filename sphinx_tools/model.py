@@ -540,13 +540,16 @@ class Transformer(nn.Module):
             return h
         return torch.cat([h[:, :1], image_tokens.to(h.dtype), h[:, 1:]], dim=1)
 
-    def forward(self, h, positions, mask=None, slots=None, last_only=False):
-        # h: (B, T, dim) embeddings; positions: (B, T) RoPE positions -> logits (B, T|1, V) fp32
+    def forward(self, h, positions, mask=None, slots=None, last_only=False, keep_last: int = 0):
+        # h: (B, T, dim) embeddings; positions: (B, T) RoPE positions -> logits (B, T', V) fp32
+        # for all T positions, only the last (last_only), or the last `keep_last` (text) ones
         freqs = self.rope(positions)
         for layer in self.layers:
             h = layer(h, freqs, mask, slots)
         if last_only:
             h = h[:, -1:]
+        elif keep_last:
+            h = h[:, -keep_last:]
         return self.output(self.norm(h)).float()
 
     # -- caches --------------------------------------------------------------------------------

@@ -73,8 +73,10 @@ class SphinxModel:
             mp_group: the model-parallel size (int) or ``None`` (existing fairscale groups, or the
                 whole torchrun world, or 1 in a plain process).
         """
+        from .demo import resolve
+
         t0 = time.perf_counter()
-        path = Path(path).expanduser()
+        path = resolve(path)
         shards_files = find_shards(path)
         tok_file = path / "tokenizer.model"
         if not tok_file.is_file():
@@ -152,7 +154,7 @@ class SphinxModel:
         B, L, _ = h.shape
         positions = torch.arange(L, device=self.device).expand(B, L)
         tr.clear_caches()
-        return tr(h, positions)[:, L - tokens.shape[1]:]
+        return tr(h, positions, keep_last=tokens.shape[1])
 
     # -- generation ----------------------------------------------------------------------------
     def _rows(self, prompts: Sequence[str], images) -> list[torch.Tensor]:

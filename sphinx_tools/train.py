@@ -83,6 +83,7 @@ class TrainConfig:
     max_len: int = 512
     seed: int = 0
     num_threads: int | None = None
+    max_minutes: float | None = None  # safety stop: save and end after this much wall time
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
@@ -235,7 +236,7 @@ def loss_fn(model: Transformer, ids, labels, images) -> torch.Tensor:
     h = model.embed(ids, img)
     B, L, _ = h.shape
     positions = torch.arange(L, device=h.device).expand(B, L)
-    logits = model(h, positions)[:, L - ids.shape[1]:]  # text positions
+    logits = model(h, positions, keep_last=ids.shape[1])  # text positions only
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
@@ -405,12 +406,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             model.eval()
             save(model, tok, last, dict(optimizer=opt.state_dict(), step=step, epoch=epoch,
                                         pos=pos, py_rng=random.getstate(),
                                         torch_rng=torch.get_rng_state(), config=asdict(cfg)))
             model.train()
+        if out_of_time:
+            if log:
+                log.write(json.dumps({"step": step, "stopped": "max_minutes"}) + "\n")
+            break
     bar.close()
     if log:
         log.close()

@@ -1,0 +1,126 @@
+"""The embedded demo model: a tiny SPHINX-1k-shaped model trained on synthetic scenes.
+
+``SphinxModel.from_pretrained("demo")`` loads it from the package. It is rebuilt, exactly, by::
+
+    python -m sphinx_tools.demo build --work runs/demo
+
+which writes the synthetic training set (``sphinx_tools.synth``), trains a SentencePiece
+tokenizer on its conversations, writes the training config and runs the finetuning code
+(``sphinx_tools.train``), then copies the final checkpoint into ``sphinx_tools/demo_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import CheckpointError
+
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).parent / "demo_model"
+
+# The recipe (every number that decides the shipped weights).
+RECIPE = {
+    "scenes": 2400,
+    "data_seed": 0,
+    "turns": 32,  # all of a scene's questions in one conversation: the image is encoded once
+    "vocab_size": 1024,
+    "model": {"preset": "tiny", "seed": 0, "overrides": {"dim": 128, "n_layers": 4, "n_heads": 4}},
+    "train": {
+        "train": ["llm", "proj", "tokens", "encoders"],
+        "steps": 1200,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 2.0e-3,
+        "min_lr": 5.0e-5,
+        "warmup": 50,
+        "weight_decay": 0.0,
+        "clip": 1.0,
+        "max_len": 2560,
+        "save_every": 200,
+        "log_every": 10,
+        "seed": 0,
+        "max_minutes": 45,
+    },
+}
+
+
+def demo_path() -> Path:
+    "The folder of the embedded demo checkpoint; a clear error when it is not installed."
+    if not (DEMO_DIR / "tokenizer.model").is_file():
+        raise CheckpointError(
+            f"the embedded demo model is not installed ({DEMO_DIR} is missing); build it with "
+            "`python -m sphinx_tools.demo build`"
+        )
+    return DEMO_DIR
+
+
+def resolve(path) -> Path:
+    "Map the name ``demo`` to the embedded checkpoint; other paths pass through."
+    p = Path(path).expanduser()
+    if str(path) == DEMO_NAME and not p.exists():
+        return demo_path()
+    return p
+
+
+def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True) -> Path:
+    "Synthetic data, tokenizer and training config of the recipe; returns the config path."
+    from .synth import write_dataset
+    from .tiny import train_tokenizer
+    from .train import conversation_text
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "conversations.json").is_file():
+        write_dataset(data, recipe["scenes"], seed=recipe["data_seed"], turns=recipe["turns"],
+                      progress=progress)
+    tok = work / "tokenizer.model"
+    if not tok.is_file():
+        convs = json.loads((data / "conversations.json").read_text())
+        corpus = [conversation_text(c["conversations"])[0] for c in convs]
+        train_tokenizer(tok, recipe["vocab_size"], corpus=corpus)
+    cfg = {
+        "init": {**recipe["model"], "tokenizer": "tokenizer.model"},
+        "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0}],
+        "out": "run",
+        **recipe["train"],
+    }
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:
+    "Copy a trained checkpoint (weights, tokenizer, config, meta; no optimizer state) to ``dest``."
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in checkpoint.iterdir():
+        if f.name.startswith("consolidated.") or f.name in ("tokenizer.model", "config.json", "meta.json"):
+            shutil.copyfile(f, dest / f.name)
+    return dest
+
+
+@click.group()
+def cli():
+    "Build the embedded demo model."
+
+
+@cli.command()
+@click.option("--work", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--dest", default=str(DEMO_DIR), show_default=True, type=click.Path(path_type=Path))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+def build(work, dest, threads):
+    "Generate data, train the tokenizer and the model, install the result."
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.load(write_training_files(work))
+    cfg.num_threads = threads
+    ckpt = train(cfg)
+    click.echo(f"installed demo model at {install(ckpt, dest)}")
+
+
+if __name__ == "__main__":
+    cli()
