@@ -124,6 +124,9 @@ def _cocoeval(gt_coco, gt: dict, dts: list, iou_type: str, image_ids: list) -> d
     field = FIELDS[iou_type]
     cat_ids = _evaluable_categories(gt, iou_type)
     mine = [_slim(d, field) for d in dts if d.get(field) and d["category_id"] in cat_ids]
+    if iou_type == "segm":
+        mine = [{**d, "segmentation": _as_rle(d["segmentation"], gt_coco.imgs[d["image_id"]])}
+                for d in mine]
     if not mine or not cat_ids or not image_ids:
         return None
     with contextlib.redirect_stdout(io.StringIO()):
@@ -144,6 +147,18 @@ def _slim(ann: dict, field: str) -> dict:
             "score": float(ann.get("score", 1.0) or 0.0), field: ann[field]}
 
 
+def _as_rle(segmentation, image: dict) -> dict:
+    "Polygons or uncompressed RLE -> compressed RLE (what loadRes takes for segm results)."
+    from pycocotools import mask as mask_utils
+
+    h, w = image["height"], image["width"]
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, h, w)
+    return segmentation
+
+
 def _evaluable_categories(gt: dict, iou_type: str) -> set:
     "GT categories whose every annotation has what this IoU type compares."
     field = FIELDS[iou_type]
@@ -153,7 +168,7 @@ def _evaluable_categories(gt: dict, iou_type: str) -> set:
     has, lacks = set(), set()
     for ann in gt.get("annotations", []):
         (has if ann.get(field) else lacks).add(ann["category_id"])
-    return (cats & has) - lacks if iou_type != "bbox" else cats & has
+    return cats if iou_type == "bbox" else (cats & has) - lacks
 
 
 # -- REC -------------------------------------------------------------------------------------------

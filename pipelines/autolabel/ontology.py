@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sphinx_tools.parsing import normalize_label
 
-FUZZY_CUTOFF = 0.88
+FUZZY_CUTOFF = 0.85
 
 
 @dataclass

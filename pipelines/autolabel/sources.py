@@ -228,8 +228,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     "Any PIL mode -> 8-bit RGB (alpha composited on white, 16-bit / float scaled)."
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _scale_to_8bit(np.asarray(image))
+    if image.mode.startswith("I;16"):
+        return _gray(np.asarray(image, dtype=np.float64) / 257.0)
+    if image.mode in ("I", "F"):
+        return _gray(_stretch(np.asarray(image, dtype=np.float64)))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -239,14 +241,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _scale_to_8bit(array: np.ndarray) -> Image.Image:
-    array = array.astype(np.float64)
+def _stretch(array: np.ndarray) -> np.ndarray:
+    "32-bit int / float pixels -> [0, 255]: kept when already there, else min-max stretched."
     lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
-    if array.max() <= 255 and lo >= 0:
-        scaled = array
-    else:
-        scaled = (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
-    gray = np.nan_to_num(scaled).clip(0, 255).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return array
+    return (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
+
+
+def _gray(array: np.ndarray) -> Image.Image:
+    gray = np.nan_to_num(array).round().clip(0, 255).astype(np.uint8)
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 

@@ -1,0 +1,182 @@
+"""End to end with a scripted model: the one COCO file, its loaders, resume, failures, SAM."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import supervision as sv
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from sphinx_tools.pipelines.autolabel import Labeler, Ontology, label_dataset, open_source
+from sphinx_tools.pipelines.autolabel import write_coco
+from sphinx_tools.pipelines.autolabel.worklog import log_dir_for
+
+from .conftest import ScriptedModel
+
+TASKS = ["detection", "pose", "ocr", "caption", "layout", "reg", "relation", "grounded_caption"]
+
+
+def run(model, src, out, tasks=TASKS, **kwargs):
+    labeler = Labeler(model, tasks, model_id="scripted", **kwargs.pop("labeler", {}))
+    source = open_source(src)
+    summary = label_dataset(labeler, source, out, progress=False, batch_size=4, **kwargs)
+    merged = write_coco(out, source, labeler, limit=kwargs.get("limit"))
+    return summary, merged, json.loads(out.read_text())
+
+
+@pytest.fixture
+def labeled(synth_dir, tmp_path):
+    out = tmp_path / "labels.json"
+    return run(ScriptedModel(), synth_dir / "images", out), out
+
+
+def test_one_coco_file_with_every_section(labeled, synth_dir):
+    (summary, merged, coco), out = labeled
+    assert summary.labeled == 6 and not summary.failed and merged.missing == 0
+    assert [im["file_name"] for im in coco["images"]] == [f"{i:06d}.png" for i in range(6)]
+    tasks = {a["task"] for a in coco["annotations"]}
+    assert tasks == {"detection", "ocr", "layout", "relation", "grounded_caption"}
+    person = next(c for c in coco["categories"] if c["name"] == "person")
+    assert len(person["keypoints"]) == 17 and len(person["skeleton"]) == 19
+    people = [a for a in coco["annotations"] if "keypoints" in a]
+    assert len(people) == 6 and all(a["task"] == "detection" for a in people)  # pose attached
+    assert all(a["num_keypoints"] == 4 for a in people)
+    dogs = [a for a in coco["annotations"] if a["task"] == "detection"
+            and a["category_id"] != person["id"]]
+    assert all(a["caption"] == "a brown dog" for a in dogs)  # REG on detection's boxes
+    assert {a["text"] for a in coco["annotations"] if a["task"] == "ocr"} == {"HELLO"}
+    assert all(0 < a["score"] <= 1 for a in coco["annotations"])
+    assert {c["task"] for c in coco["captions"]} == {"caption", "grounded_caption"}
+    ids = {a["id"] for a in coco["annotations"]}
+    assert len(coco["relations"]) == 6
+    assert all(r["subject_id"] in ids and r["object_id"] in ids for r in coco["relations"])
+    assert coco["info"]["tasks"] == TASKS and coco["info"]["prompts"]["detection"]
+    assert not list(out.parent.glob(".labels.json*"))  # no temp file left behind
+
+
+def test_loads_in_pycocotools_supervision_and_cocoeval(labeled, synth_dir):
+    (_, _, coco), out = labeled
+    gt = COCO(str(out))
+    assert len(gt.getAnnIds()) == len(coco["annotations"])
+    ds = sv.DetectionDataset.from_coco(str(synth_dir / "images"), str(out))
+    assert len(ds) == 6 and "person" in ds.classes
+    dt = gt.loadRes([{k: a[k] for k in ("image_id", "category_id", "bbox", "score")}
+                     for a in coco["annotations"]])
+    ev = COCOeval(gt, dt, "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_rerun_is_a_noop_and_overwrite_redoes(labeled, synth_dir):
+    (_, _, first), out = labeled
+    model = ScriptedModel()
+    summary, _, again = run(model, synth_dir / "images", out)
+    assert model.calls == [] and summary.skipped == 6 and summary.labeled == 0
+    assert again["annotations"] == first["annotations"] and again["images"] == first["images"]
+    summary, _, redone = run(model, synth_dir / "images", out, overwrite=True)
+    assert summary.labeled == 6 and len(model.calls) == 4  # 2 batches x 2 stages
+    assert redone["annotations"] == first["annotations"]
+
+
+def test_torn_last_line_loses_only_that_item(labeled, synth_dir):
+    (_, _, first), out = labeled
+    log = next(log_dir_for(out).glob("*.jsonl"))
+    data = log.read_bytes()
+    log.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1 + 25])  # cut inside the last line
+    model = ScriptedModel()
+    summary, _, again = run(model, synth_dir / "images", out)
+    assert summary.labeled == 1 and summary.skipped == 5
+    assert again["annotations"] == first["annotations"] and again["images"] == first["images"]
+    torn, last = log.read_text().splitlines()[-2:]
+    assert len(torn) == 25 and json.loads(last)["task"] == TASKS[-1]  # appended on a fresh line
+
+
+def test_changed_prompt_redoes_only_what_depends_on_it(labeled, synth_dir):
+    _, out = labeled
+    model = ScriptedModel()
+    summary, _, coco = run(model, synth_dir / "images", out,
+                           labeler={"task_options": {"caption": {"variant": "detailed"}}})
+    assert summary.labeled == 6
+    asked = [q for _, qs in model.calls for per_image in qs for q in per_image]
+    assert len(asked) == 6 and all("detailed description" in q for q in asked)
+
+
+def test_bad_images_are_recorded_not_fatal(synth_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(synth_dir / "images", src)
+    (src / "zero.png").write_bytes(b"")
+    (src / "junk.jpg").write_bytes(b"not an image at all")
+    good = (src / "000000.png").read_bytes()
+    (src / "truncated.png").write_bytes(good[: len(good) // 2])
+    summary, merged, coco = run(ScriptedModel(), src, tmp_path / "out.json", tasks=["caption"])
+    reasons = {f["file_name"]: f["reason"] for f in coco["failures"]}
+    assert set(reasons) == {"zero.png", "junk.jpg", "truncated.png"}
+    assert "0 bytes" in reasons["zero.png"] and "decode" in reasons["junk.jpg"]
+    assert len(coco["images"]) == 6 and len(summary.failed) == 3
+
+
+def test_limit_and_data_parallel_shards_merge_to_the_same_file(labeled, synth_dir, tmp_path):
+    (_, _, whole), _ = labeled
+    out = tmp_path / "dp.json"
+    labeler = Labeler(ScriptedModel(), TASKS, model_id="scripted")
+    source = open_source(synth_dir / "images")
+    for rank in (1, 0):
+        label_dataset(labeler, source, out, rank=rank, world=2, progress=False)
+    assert len(list(log_dir_for(out).glob("rank-*.jsonl"))) == 2
+    write_coco(out, source, labeler)
+    coco = json.loads(out.read_text())
+    assert coco["annotations"] == whole["annotations"] and coco["images"] == whole["images"]
+    _, merged, limited = run(ScriptedModel(), synth_dir / "images", tmp_path / "l.json", limit=2)
+    assert len(limited["images"]) == 2 and merged.missing == 0
+
+
+def test_coco_source_reuses_ids_and_categories(synth_dir, tmp_path):
+    gt = json.loads((synth_dir / "coco.json").read_text())
+    source = open_source(synth_dir / "coco.json")
+    onto = Ontology.from_categories(source.categories)
+    labeler = Labeler(ScriptedModel(), ["detection", "pose"], ontology=onto, model_id="s")
+    out = tmp_path / "c.json"
+    label_dataset(labeler, source, out, progress=False)
+    write_coco(out, source, labeler)
+    coco = json.loads(out.read_text())
+    assert [c["id"] for c in coco["categories"][: len(gt["categories"])]] == \
+        [c["id"] for c in gt["categories"]]
+    assert [im["id"] for im in coco["images"]] == [im["id"] for im in gt["images"]]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert {names[a["category_id"]] for a in coco["annotations"]} == {"person", "dog"}
+
+
+def test_drop_unmapped_phrases(synth_dir, tmp_path):
+    onto = Ontology.parse("person", keep_unmapped=False)
+    _, _, coco = run(ScriptedModel(), synth_dir / "images", tmp_path / "d.json",
+                     tasks=["detection"], labeler={"ontology": onto})
+    assert [c["name"] for c in coco["categories"]] == ["person"]
+    assert len(coco["annotations"]) == 6
+
+
+def test_sam_masks_as_compressed_rle(synth_dir, tmp_path, box_sam):
+    labeler = Labeler(ScriptedModel(), ["detection"], model_id="s", sam_predictor=box_sam,
+                      sam_id="tiny")
+    source = open_source(synth_dir / "images")
+    out = tmp_path / "sam.json"
+    label_dataset(labeler, source, out, progress=False, limit=2)
+    write_coco(out, source, labeler, limit=2)
+    coco = json.loads(out.read_text())
+    anns = coco["annotations"]
+    assert anns and all(isinstance(a["segmentation"]["counts"], str) for a in anns)
+    for a in anns:  # the box SAM's mask is the box itself
+        assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3], rel=0.1, abs=30)
+    gt = COCO(str(out))
+    ev = COCOeval(gt, gt.loadRes([{k: a[k] for k in ("image_id", "category_id",
+                                                         "segmentation", "score")}
+                                  for a in anns]), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+    ds = sv.DetectionDataset.from_coco(str(synth_dir / "images"), str(out))
+    assert ds[0][2].mask is not None
