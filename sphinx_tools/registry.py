@@ -45,7 +45,7 @@ DEFAULT_PLUGINS = tuple(
         "layout",
         "caption",
     )
-) + ("sphinx_tools.pipelines.autolabel",)
+) + ("sphinx_tools.pipelines.autolabel", "sphinx_tools.webapp")
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
 pm.add_hookspecs(hookspecs)
