@@ -1,0 +1,129 @@
+"""Auto-labeling benchmark: multi-task labeling with shared work vs independent ``generate`` calls.
+
+Run:  .venv/bin/python benchmarks/bench_autolabel.py [--out benchmarks/results/autolabel.json]
+
+Both arms run the full ``label_dataset`` loop (read, hash, decode, generate, parse, durable log
+write) with the same tiny SPHINX-1k-shaped random-weight model on CPU, the same images, tasks
+and greedy settings:
+
+- ``shared``: ``Labeler`` with ``model.generate_multi`` (each image encoded once, its common
+  prompt prefix prefilled once, every question of every image in the batch decoded together);
+- ``independent``: the same ``Labeler`` over ``SequentialModel`` (one ``generate`` call per
+  question: the image encoded and the whole prompt prefilled for every task).
+
+Target (issue D): ``shared`` >= 3x the images/s of ``independent`` with >= 5 tasks per image,
+and identical labels. The breakdown splits generation into image encoding, prefill and decode
+(timed by wrapping the runtime's functions) and adds parse, write and image loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import sphinx_tools.generate as gen
+from sphinx_tools import SphinxModel, make_tiny_checkpoint
+from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source
+from sphinx_tools.pipelines.autolabel.engine import SequentialModel
+from sphinx_tools.pipelines.autolabel.worklog import WorkLog, log_dir_for
+from sphinx_tools.synth import write_dataset
+
+TASKS = ["detection", "ocr", "caption", "layout", "grounded_caption", "relation"]
+
+
+class Sections:
+    "Times the runtime's image encoder, prefill and decode steps while active."
+
+    def __init__(self, model: SphinxModel):
+        self.model, self.seconds = model, {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return timed
+
+    @contextmanager
+    def active(self):
+        saved = gen.prefill, gen.decode_one_token, self.model.encode_images
+        gen.prefill = self._wrap("prefill", saved[0])
+        gen.decode_one_token = self._wrap("decode", saved[1])
+        self.model.encode_images = self._wrap("encode", saved[2])
+        try:
+            yield self
+        finally:
+            gen.prefill, gen.decode_one_token = saved[:2]
+            del self.model.encode_images
+
+
+def run_arm(model, wrapped, source, out: Path, batch_size: int, max_gen_len: int,
+            limit: int | None = None) -> dict:
+    labeler = Labeler(wrapped, TASKS, max_gen_len=max_gen_len, model_id="bench")
+    with Sections(model).active() as sections:
+        summary = label_dataset(labeler, source, out, batch_size=batch_size, progress=False,
+                                limit=limit, workers=1)
+    s = summary.sections
+    generate = s.get("generate", 0.0)
+    breakdown = {**{k: round(v, 3) for k, v in sections.seconds.items()},
+                 "generate_other": round(generate - sum(sections.seconds.values()), 3),
+                 "parse": round(s.get("parse", 0.0), 3), "write": round(s.get("write", 0.0), 3),
+                 "load_wait": round(s.get("load", 0.0), 3)}
+    return {"images": summary.labeled, "seconds": round(summary.seconds, 3),
+            "images_per_s": round(summary.images_per_s, 3), "breakdown_s": breakdown}
+
+
+def results_of(out: Path) -> list:
+    records = WorkLog(log_dir_for(out)).records()
+    return sorted((r["file_name"], r["task"], json.dumps(r["result"], sort_keys=True))
+                  for r in records)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/autolabel.json")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-gen-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = SphinxModel.from_pretrained(make_tiny_checkpoint(tmp / "ckpt", variant="sphinx-1k"))
+        write_dataset(tmp / "data", args.images, seed=0, progress=False)
+        source = open_source(tmp / "data" / "images")
+        for name, wrapped in (("warm-s", model), ("warm-i", SequentialModel(model))):
+            run_arm(model, wrapped, source, tmp / f"{name}.json", 1, args.max_gen_len, limit=1)
+        shared = run_arm(model, model, source, tmp / "shared.json", args.batch_size,
+                         args.max_gen_len)
+        independent = run_arm(model, SequentialModel(model), source, tmp / "independent.json",
+                              1, args.max_gen_len)
+        identical = results_of(tmp / "shared.json") == results_of(tmp / "independent.json")
+    result = {
+        "config": {"model": "tiny sphinx-1k (random weights)", "image_size": model.cfg.image_size,
+                   "tasks": TASKS, "images": args.images, "batch_size": args.batch_size,
+                   "max_gen_len": args.max_gen_len, "threads": args.threads, "device": "cpu",
+                   "torch": torch.__version__, "python": platform.python_version()},
+        "shared": shared,
+        "independent": independent,
+        "speedup": round(shared["images_per_s"] / independent["images_per_s"], 2),
+        "identical_labels": identical,
+        "target": ">= 3x images/s with identical greedy labels",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
