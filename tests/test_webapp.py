@@ -197,6 +197,34 @@ def test_max_gen_len_is_capped_by_the_server(tmp_path, image_path):
     assert model.prompts[0][2] == 32
 
 
+def test_concurrent_users_share_one_model_one_at_a_time(tmp_path, image_path):
+    import threading
+
+    class SlowModel(ScriptedModel):
+        active = peak = 0
+
+        def stream(self, *args, **kw):
+            SlowModel.active += 1
+            SlowModel.peak = max(SlowModel.peak, SlowModel.active)
+            time.sleep(0.05)
+            yield from super().stream(*args, **kw)
+            SlowModel.active -= 1
+
+    demo = backend(SlowModel(*["An answer."] * 4), tmp_path)
+    finals = []
+
+    def user():
+        finals.append(list(demo.respond(image_path, "caption", "", "", "Caption?", []))[-1])
+
+    threads = [threading.Thread(target=user) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert SlowModel.peak == 1
+    assert [f.status.startswith("Done") for f in finals] == [True] * 4
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
