@@ -420,6 +420,7 @@ class DemoBackend:
     def __post_init__(self):
         self.out_dir = Path(self.out_dir or tempfile.mkdtemp(prefix="sphinx-tools-serve-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        list_tasks()  # load the plugins now: the registry's first load is not thread-safe
 
     # prompt preview -------------------------------------------------------------------------
     def input_label(self, task_name: str) -> tuple[str, str]:
