@@ -147,23 +147,16 @@ def label_dataset(labeler: Labeler, source: Source, out, *, batch_size: int = 8,
 
 
 def _label_batch(labeler: Labeler, batch: list[Work], summary: RunSummary) -> list[dict]:
+    "Label the pending images of a batch; unreadable images and model failures become records."
     summary.images += len(batch)
-    records = []
-    todo = []
-    for work in batch:
-        if work.error is not None:
-            records.append(failure_record(work.item, work.error, work.hash))
-        elif work.pending:
-            todo.append(work)
-        else:
-            summary.skipped += 1
-    if todo:
-        records += labeler.label(todo)
-    for r in records:
-        if r["kind"] == "failure":
-            summary.failed.append((r["file_name"], r["reason"]))
-    summary.labeled += len(todo) - sum(1 for r in records if r["kind"] == "failure"
-                                       and r["file_name"] in {w.item.file_name for w in todo})
+    unreadable = [failure_record(w.item, w.error, w.hash) for w in batch if w.error is not None]
+    todo = [w for w in batch if w.error is None and w.pending]
+    summary.skipped += sum(1 for w in batch if w.error is None and not w.pending)
+    labeled = labeler.label(todo) if todo else []
+    records = unreadable + labeled
+    failed = [(r["file_name"], r["reason"]) for r in records if r["kind"] == "failure"]
+    summary.failed += failed
+    summary.labeled += len(todo) - (len(failed) - len(unreadable))
     return records
 
 
