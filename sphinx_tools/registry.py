@@ -119,30 +119,34 @@ def _register_defaults() -> None:
         }
 
 
+_SOURCE_DIRS = {"sphinx_tools.plugins": "plugins", "sphinx_tools.pipelines": "pipelines"}
+
+
 def _import_builtin(module_name: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name not in (BUILTIN_PACKAGE, module_name) or not _map_source_plugins():
+        if exc.name not in _SOURCE_DIRS or not _map_source_package(exc.name):
             raise
         return importlib.import_module(module_name)
 
 
-def _map_source_plugins() -> bool:
-    """Source checkout, not installed: load ``<repo>/plugins`` as ``sphinx_tools.plugins``.
+def _map_source_package(package: str) -> bool:
+    """Source checkout, not installed: load ``<repo>/plugins`` as ``sphinx_tools.plugins`` (and
+    ``<repo>/pipelines`` as ``sphinx_tools.pipelines``).
 
     This mirrors the ``package-dir`` mapping of ``pyproject.toml``; an installed package never
     gets here.
     """
-    folder = Path(__file__).resolve().parent.parent / "plugins"
+    folder = Path(__file__).resolve().parent.parent / _SOURCE_DIRS[package]
     init = folder / "__init__.py"
-    if BUILTIN_PACKAGE in sys.modules or not init.is_file():
+    if package in sys.modules or not init.is_file():
         return False
     spec = importlib.util.spec_from_file_location(
-        BUILTIN_PACKAGE, init, submodule_search_locations=[str(folder)]
+        package, init, submodule_search_locations=[str(folder)]
     )
     module = importlib.util.module_from_spec(spec)
-    sys.modules[BUILTIN_PACKAGE] = module
+    sys.modules[package] = module
     spec.loader.exec_module(module)
     return True
 

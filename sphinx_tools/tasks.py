@@ -403,12 +403,14 @@ def run_task(
             f"model.generate returned {len(generations)} answers for {len(prompts)} prompts"
         )
     results = [
-        _parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions, strict=True)
+        parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions, strict=True)
     ]
     return task.merge(results)
 
 
-def _parse_generation(task: Task, generation, image_wh, options):
+def parse_generation(task: Task, generation, image_wh, options):
+    """Parse one generation (or plain text) with ``task``: logprobs and offsets, when the
+    generation has them, become per-object confidences; a ``"length"`` stop is flagged."""
     text = generation if isinstance(generation, str) else generation.text
     logprobs = getattr(generation, "logprobs", None)
     offsets = getattr(generation, "offsets", None)

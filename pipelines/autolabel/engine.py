@@ -22,7 +22,7 @@ import sphinx_tools
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.parsing import Answer, normalize_label
 from sphinx_tools.registry import get_task
-from sphinx_tools.tasks import _parse_generation
+from sphinx_tools.tasks import parse_generation
 
 from .ontology import Ontology
 from .records import to_record
@@ -310,7 +310,7 @@ class Labeler:
 
     def _parse(self, name: str, work: Work, questions: list[dict], generations):
         task = self.tasks[name]
-        parsed = [_parse_generation(task, g, work.wh, q)
+        parsed = [parse_generation(task, g, work.wh, q)
                   for g, q in zip(generations, questions, strict=True)]
         if name == "rec":
             pairs = work.item.expressions or self._given_expressions()
