@@ -75,8 +75,8 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
 
 @click.command(name="label")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
-              help="SPHINX checkpoint folder")
+@click.option("--checkpoint", "-c", default="demo", show_default=True, type=click.Path(path_type=Path),
+              help="SPHINX checkpoint folder, or `demo` for the embedded demo model")
 @click.option("--tasks", "-t", default="detection", show_default=True,
               help="comma-separated tasks, e.g. detection,pose,ocr,caption,layout")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
