@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -45,12 +46,13 @@ DEFAULT_PLUGINS = tuple(
         "layout",
         "caption",
     )
-) + ("sphinx_tools.pipelines.autolabel", "sphinx_tools.webapp")
+) + ("sphinx_tools.pipelines.autolabel", "sphinx_tools.pipelines.webapp")
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+_load_lock = threading.RLock()
 _plugin_info: dict[str, dict] = {}  # plugin name -> {"distribution", "version", "builtin"}
 
 
@@ -63,9 +65,14 @@ def load_plugins(reload: bool = False) -> None:
             plugins already registered stay registered.
     """
     global _loaded
-    if _loaded and not reload:
-        return
-    _loaded = True
+    with _load_lock:  # threads asking for tasks at once wait for one complete load
+        if _loaded and not reload:
+            return
+        _loaded = True
+        _load()
+
+
+def _load() -> None:
     allow = _allowlist()
     builtin, third_party = [], []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):

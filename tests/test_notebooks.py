@@ -21,7 +21,7 @@ CELL_TIMEOUT_S = 240  # per cell; each notebook takes well under a minute on 2 C
 @pytest.fixture(scope="session")
 def shared_tiny_ckpt(tmp_path_factory) -> Path:
     "One tiny checkpoint for every test worker of this run (built once, renamed atomically)."
-    from sphinx_tools.webapp import tiny_checkpoint
+    from sphinx_tools.pipelines.webapp import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.getbasetemp().parent)
 

@@ -28,7 +28,7 @@ os.environ.setdefault("SPHINX_TOOLS_LOAD_PLUGINS", "none")  # built-in tasks onl
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sphinx_tools import GroundedCaption, SceneGraph, get_task, list_tasks  # noqa: E402
-from sphinx_tools import webapp  # noqa: E402
+from sphinx_tools.pipelines import webapp  # noqa: E402
 from sphinx_tools.synth import generate_scene, scene_qas  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
