@@ -34,6 +34,9 @@ class SphinxModel:
         self.cfg = transformer.cfg
         self.transform = PaddedResize(self.cfg.image_size)
         self.load_stats: dict = {}
+        # The Generations of the latest generate / generate_multi / stream call (a stream's
+        # logprobs and finish reason are read here once it is exhausted).
+        self.last_generations: list[Generation] = []
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -220,7 +223,7 @@ class SphinxModel:
         stop = tuple(stop or ())
         for _ in self._steps(prompts, images, max_gen_len, temperature, top_p, stop, seed):
             pass
-        return self._last
+        return self.last_generations
 
     def generate_multi(self, images: Sequence, questions: Sequence[Sequence[str]],
                        max_gen_len: int = 512, temperature: float = 0.0, top_p: float = 0.95,
@@ -252,7 +255,7 @@ class SphinxModel:
             pass
         out, k = [], 0
         for qs in questions:
-            out.append(self._last[k: k + len(qs)])
+            out.append(self.last_generations[k: k + len(qs)])
             k += len(qs)
         return out
 
@@ -308,7 +311,7 @@ class SphinxModel:
                     lps[i].append(lp_l[i])
                     finished[i] = bool(done[i])
             yield ids
-        self._last = [self._finish(ids[i], lps[i], stop) for i in range(B)]
+        self.last_generations = [self._finish(ids[i], lps[i], stop) for i in range(B)]
 
     def stream(self, prompt: str, image=None, max_gen_len: int = 512, temperature: float = 0.0,
                top_p: float = 0.95, stop: Sequence[str] = STOP, seed: int = 0) -> Iterator[str]:
@@ -321,7 +324,7 @@ class SphinxModel:
             if text != last:
                 last = text
                 yield text
-        final = self._last[0].text
+        final = self.last_generations[0].text
         if final != last:
             yield final
 

@@ -145,3 +145,10 @@ def test_generate_multi_with_identical_prompts_and_stop(golden_model, golden_io)
     want = golden_model.generate([p], [golden_io["image"]], max_gen_len=16, stop=(stop,))[0]
     assert [g.text for g in gens] == [want.text, want.text]
     assert golden_model.generate_multi([None], [[]]) == [[]]
+
+
+def test_stream_leaves_the_final_generation(golden_model, golden_io):
+    chunks = list(golden_model.stream(golden_io["prompt"], golden_io["image"], max_gen_len=6))
+    final = golden_model.last_generations[0]
+    assert final.text == chunks[-1] and len(final.logprobs) == len(final.token_ids) == 6
+    assert final.finish_reason == "length"
