@@ -40,6 +40,7 @@ from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.hookspecs import hookimpl
 from sphinx_tools.registry import get_task, list_tasks
+from sphinx_tools.tasks import parse_generation
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded pixels per uploaded image
 DEFAULT_MAX_FILE_SIZE = "20mb"  # per upload, enforced by gradio before anything is decoded
@@ -482,7 +483,9 @@ class DemoBackend:
             messages[-1]["content"] = answer
             history.append([question, answer])
             parse_options = {k: v for k, v in options.items() if k != "image_size"}
-            result = task.parse(answer, image.size, **parse_options)
+            gens = getattr(self.model, "last_generations", None)  # logprobs -> confidences
+            result = (parse_generation(task, gens[0], image.size, parse_options) if gens
+                      else task.parse(answer, image.size, **parse_options))
             masks = self.segment(image, result)
             data = {"task": task_name, "prompt": question, "answer": answer,
                     "image_size": list(image.size), "options": _plain(parse_options),
