@@ -377,9 +377,17 @@ def tiny_sam_predictor():
 
 
 # -- model loading ---------------------------------------------------------------------------------
-def test_load_model_falls_back_to_tiny_and_says_so(shared_tiny_ckpt, monkeypatch):
+def test_load_model_prefers_the_demo_model_then_falls_back_to_tiny(shared_tiny_ckpt, monkeypatch,
+                                                                    tmp_path):
+    from sphinx_tools import demo
+
     monkeypatch.setattr(webapp, "tiny_checkpoint", lambda cache_dir=None: shared_tiny_ckpt)
-    model, note = webapp.load_model(None)  # no "demo" model installed here
+    if (demo.DEMO_DIR / "tokenizer.model").is_file():
+        model, note = webapp.load_model(None)
+        assert note == "Model: the embedded demo model."
+        assert model.load_stats["path"] == str(demo.DEMO_DIR)
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "not-installed")
+    model, note = webapp.load_model(None)
     assert note == webapp.TINY_NOTE and "random-weight" in note
     assert model.load_stats["path"] == str(shared_tiny_ckpt)
     model, note = webapp.load_model(shared_tiny_ckpt)
