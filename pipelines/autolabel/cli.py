@@ -128,6 +128,9 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
         onto = _ontology(ontology, drop_unmapped, source)
         names = _split_list(tasks, "--tasks")
         options = parse_task_options(task_option)
+        from sphinx_tools.demo import resolve
+
+        checkpoint = resolve(checkpoint)  # `demo` -> the embedded demo model
         if not checkpoint.is_dir():
             raise click.BadParameter(f"checkpoint folder {str(checkpoint)!r} does not exist",
                                      param_hint="--checkpoint")

@@ -124,3 +124,19 @@ def test_two_processes_give_the_same_file(reference, synth_dir, tiny_ckpt, tmp_p
     logs = sorted(log_dir_for(out).glob("*.jsonl"))
     assert len(logs) == (1 if extra else 2)  # one log per data-parallel rank
     assert json.loads(out.read_text())["info"]["data_parallel"] == (1 if extra else 2)
+
+
+def test_readme_main_job_labels_examples_with_the_embedded_demo_model(tmp_path):
+    from pathlib import Path
+
+    examples = Path(__file__).parents[2] / "examples"
+    out = tmp_path / "labels.json"
+    res = CliRunner().invoke(main, ["label", str(examples / "images"), "--tasks", "detection,pose",
+                                    "--out", str(out), "--limit", "3", "--max-gen-len", "96",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    coco = json.loads(out.read_text())
+    assert len(coco["images"]) == 3 and coco["info"]
+    assert any(c["name"] == "person" and len(c["keypoints"]) == 17 for c in coco["categories"])
+    res = CliRunner().invoke(main, ["evaluate", str(out), str(examples / "coco.json")])
+    assert res.exit_code == 0, res.output
