@@ -1,9 +1,11 @@
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (tiny_sam)
 
 # Tests run in parallel workers on small machines: one math thread each avoids OpenMP
 # oversubscription (which makes small matmuls ~50x slower).

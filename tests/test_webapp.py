@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -349,31 +348,10 @@ def test_sam_masks_for_the_boxes(tmp_path, scene, image_path):
 
 
 def tiny_sam_predictor():
-    import torch
     from segment_anything import SamPredictor
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+    from tiny_sam import tiny_sam
 
-    torch.manual_seed(0)
-    size, dim, patch = 64, 32, 16
-    encoder = ImageEncoderViT(
-        img_size=size, patch_size=patch, embed_dim=dim, depth=1, num_heads=2, mlp_ratio=2,
-        out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, window_size=0, global_attn_indexes=(0,),
-    )
-    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch,) * 2,
-                                   input_image_size=(size, size), mask_in_chans=4)
-    decoder = MaskDecoder(
-        num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
-        transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-    )
-    return SamPredictor(Sam(image_encoder=encoder, prompt_encoder=prompt_encoder,
-                            mask_decoder=decoder).eval())
+    return SamPredictor(tiny_sam())
 
 
 # -- model loading ---------------------------------------------------------------------------------

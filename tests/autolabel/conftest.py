@@ -2,10 +2,10 @@
 
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pytest
+from tiny_sam import tiny_sam
 import torch
 
 os.environ["SPHINX_TOOLS_LOAD_PLUGINS"] = "none"
@@ -98,33 +98,6 @@ def tiny_model(tiny_ckpt):
     from sphinx_tools import SphinxModel
 
     return SphinxModel.from_pretrained(tiny_ckpt)
-
-
-def tiny_sam():
-    "A random SAM with a 64 px input (real modules, tiny widths)."
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    torch.manual_seed(0)
-    size, dim, patch = 64, 32, 16
-    encoder = ImageEncoderViT(
-        img_size=size, patch_size=patch, embed_dim=dim, depth=1, num_heads=2, mlp_ratio=2,
-        out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, window_size=0, global_attn_indexes=(0,),
-    )
-    prompt = PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch,) * 2,
-                           input_image_size=(size, size), mask_in_chans=4)
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-        transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
-    )
-    return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder).eval()
 
 
 @pytest.fixture
