@@ -24,9 +24,8 @@ from sphinx_tools.annotations import (
     RAW_TEXT_FIELD,
 )
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import find_mentions, format_box, normalize_label, point_to_pixels
-from sphinx_tools.tasks import Task, TaskOptions
-from sphinx_tools.transforms import PaddedResize
+from sphinx_tools.parsing import find_mentions, normalize_label, point_to_pixels, region_text
+from sphinx_tools.tasks import Task, TaskOptions, split_per
 
 COCO_KEYPOINTS = (
     "nose",
@@ -111,17 +110,10 @@ class Pose(Task):
             raise ValueError("task 'pose' needs `image_size` (width, height) to write the region")
         w, h = opts.image_size
         box = opts.box if opts.box is not None else (0, 0, w, h)
-        if not (box[2] > box[0] and box[3] > box[1]) or not np.isfinite(box).all():
-            raise ValueError(f"`box` must be x1 < x2, y1 < y2 in pixels, got {box!r}")
-        return {"region": format_box(np.clip(PaddedResize().to_model_xyxy([box], (w, h))[0], 0, 1))}
+        return {"region": region_text(box, (w, h), self.name, "box")}
 
     def split(self, **options):
-        boxes = options.pop("boxes", None)
-        if boxes is None:
-            return [options]
-        if len(boxes) == 0:
-            return []  # nothing to ask about: run_task returns an empty result
-        return [{**options, "box": tuple(b)} for b in boxes]
+        return split_per(options, "boxes", "box")
 
     def merge(self, results):
         return sv.KeyPoints.merge(results)

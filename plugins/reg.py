@@ -9,9 +9,8 @@ import numpy as np
 
 from sphinx_tools.annotations import CAPTION_FIELD, build_detections, merge_detections
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import format_box, strip_markup
-from sphinx_tools.tasks import DetectionsTask, TaskOptions
-from sphinx_tools.transforms import PaddedResize
+from sphinx_tools.parsing import region_text, strip_markup
+from sphinx_tools.tasks import DetectionsTask, TaskOptions, split_per
 
 Box = tuple[float, float, float, float]
 
@@ -28,19 +27,6 @@ class RegOptions(TaskOptions):
     image_size: tuple[int, int] | None = None
 
 
-def region_text(region, image_size, task: str) -> str:
-    "Pixel box -> ``[0.12,0.34,0.56,0.78]`` in padded-square fractions (ValueError if unusable)."
-    if region is None or image_size is None:
-        raise ValueError(
-            f"task {task!r} needs `region` (pixels x1, y1, x2, y2) and `image_size` "
-            f"(width, height), got region={region!r}, image_size={image_size!r}"
-        )
-    x1, y1, x2, y2 = region
-    if not (x2 > x1 and y2 > y1) or not np.isfinite(region).all():
-        raise ValueError(f"`region` must be x1 < x2, y1 < y2 in pixels, got {region!r}")
-    return format_box(np.clip(PaddedResize().to_model_xyxy([region], image_size)[0], 0.0, 1.0))
-
-
 class Reg(DetectionsTask):
     "Region captioning: ``sv.Detections`` with the region box and ``data['caption']``."
 
@@ -54,12 +40,7 @@ class Reg(DetectionsTask):
         return {"region": region_text(opts.region, opts.image_size, self.name)}
 
     def split(self, **options):
-        regions = options.pop("regions", None)
-        if regions is None:
-            return [options]
-        if len(regions) == 0:
-            return []  # nothing to ask about: run_task returns an empty result
-        return [{**options, "region": tuple(r)} for r in regions]
+        return split_per(options, "regions", "region")
 
     def merge(self, results):
         return merge_detections(results)

@@ -660,6 +660,23 @@ def join_words(items, conjunction: str = "and") -> str:
     return f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
 
 
+def region_text(region, image_size, task: str, option: str = "region") -> str:
+    """Pixel box -> ``[0.12,0.34,0.56,0.78]`` in padded-square fractions, for a prompt.
+
+    Raises:
+        ValueError: naming ``option`` when the box or the image size is missing or unusable.
+    """
+    if region is None or image_size is None:
+        raise ValueError(
+            f"task {task!r} needs `{option}` (pixels x1, y1, x2, y2) and `image_size` "
+            f"(width, height), got {option}={region!r}, image_size={image_size!r}"
+        )
+    x1, y1, x2, y2 = region
+    if not (x2 > x1 and y2 > y1) or not np.isfinite(region).all():
+        raise ValueError(f"`{option}` must be x1 < x2, y1 < y2 in pixels, got {region!r}")
+    return format_box(np.clip(PaddedResize().to_model_xyxy([region], image_size)[0], 0.0, 1.0))
+
+
 def format_box(values) -> str:
     "Normalized box -> SPHINX's prompt form ``[0.12,0.34,0.56,0.78]`` (2 decimals, no spaces)."
     return "[" + ",".join(f"{float(v):.2f}" for v in values) + "]"

@@ -260,6 +260,18 @@ class DetectionsTask(Task):
         )
 
 
+def split_per(options: dict, many: str, one: str) -> list[dict]:
+    """One question per item of ``options[many]``, given to it as option ``one``.
+
+    No ``many`` option: the one question as asked; an empty list: no question (``run_task`` then
+    returns the task's empty result).
+    """
+    items = options.pop(many, None)
+    if items is None:
+        return [options]
+    return [{**options, one: tuple(item)} for item in items]
+
+
 def type_name(tp) -> str:
     "``sv.Detections`` -> ``'supervision.Detections'``, ``str`` -> ``'str'``."
     module = getattr(tp, "__module__", "builtins")
