@@ -4,6 +4,9 @@ Data: JSON lists of ``{"image": path, "conversations": [{"from": "human", "value
 {"from": "gpt", "value": a}, ...]}``, several datasets mixed by ratios in a YAML config. Prompts
 use the same conversation template and image preprocessing as inference; the loss covers the
 assistant tokens only (each answer plus the ``"\\n###"`` that ends it, so the model learns to stop).
+A dataset marked ``independent_turns`` trains each question of a record as its own one-turn
+prompt about the image (packed with a block attention mask: one image encoding, no leaks between
+questions), which is what task prompts look like at inference.
 
 Optimizer AdamW with linear warmup + cosine decay, gradient clipping and accumulation, fp32 or bf16
 autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``).
@@ -15,7 +18,8 @@ Config example::
 
     init: {checkpoint: path/to/ckpt}          # or {preset: tiny, tokenizer: path, seed: 0}
     data:
-      - {path: data/synth/conversations.json, root: data/synth, ratio: 1.0}
+      - {path: data/synth/conversations.json, root: data/synth, ratio: 1.0,
+         independent_turns: true}             # each Q/A a one-turn prompt (see tokenize_independent)
     out: runs/demo
     train: [llm, proj, tokens, encoders]
     steps: 2000
@@ -152,6 +156,64 @@ def tokenize_conversation(tok: Tokenizer, conversations: list[dict]) -> tuple[li
     return ids, labels
 
 
+def tokenize_independent(tok: Tokenizer, conversations: list[dict], max_len: int | None = None):
+    """Every question/answer pair of a record as its own one-turn conversation, packed.
+
+    Returns ``(ids, labels, segments)``: the tokens all the one-turn texts share (BOS, system
+    prompt; segment 0) once, then each turn's remaining tokens (segments 1, 2, ...). Under the
+    attention mask of :func:`packed_mask` and the positions of :func:`packed_positions` each turn
+    sees exactly what a one-turn prompt sees at inference (the image, the system prompt, its own
+    question), so one image encoding serves all of a scene's questions with no leak between them.
+    Turns that would pass ``max_len`` are dropped whole.
+    """
+    turns = list(conversations)
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError(f"a conversation needs human/gpt pairs, got {len(turns)} turns")
+    singles = [tokenize_conversation(tok, turns[k:k + 2]) for k in range(0, len(turns), 2)]
+    shortest = min(len(ids) for ids, _ in singles)
+    n = 0  # longest common prefix, leaving every turn at least one token of its own
+    while n < shortest - 1 and all(ids[n] == singles[0][0][n] for ids, _ in singles):
+        n += 1
+    ids, labels = list(singles[0][0][:n]), list(singles[0][1][:n])
+    segments = [0] * n
+    for k, (t_ids, t_labels) in enumerate(singles, start=1):
+        if max_len is not None and len(ids) + len(t_ids) - n > max_len:
+            continue
+        ids += t_ids[n:]
+        labels += t_labels[n:]
+        segments += [k] * (len(t_ids) - n)
+    return ids, labels, segments
+
+
+def packed_positions(segments: torch.Tensor, n_image: int) -> torch.Tensor:
+    """RoPE positions of a packed sequence: (B, T) text segments -> (B, T + n_image) positions.
+
+    The shared prefix counts up from 0 (BOS, then the image tokens, then its text); each turn
+    restarts right after the prefix, as a one-turn prompt would.
+    """
+    shared = segments == 0
+    prefix = shared.sum(dim=1, keepdim=True)  # (B, 1) text tokens in the prefix, BOS included
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    # index of each token inside its own run of equal segment ids
+    starts = torch.ones_like(shared)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    run_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    text = torch.where(shared, idx, prefix + idx - run_start)
+    text = text + n_image * (text > 0)  # the image sits right after BOS
+    image = torch.arange(1, n_image + 1, device=segments.device).expand(segments.shape[0], -1)
+    return torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+
+
+def packed_mask(segments: torch.Tensor, n_image: int) -> torch.Tensor:
+    "(B, T) text segments -> (B, 1, L, L) bool: causal, and a turn sees only the prefix and itself."
+    B = segments.shape[0]
+    seg = torch.cat([segments[:, :1], segments.new_zeros(B, n_image), segments[:, 1:]], dim=1)
+    L = seg.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+    visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    return (causal & visible)[:, None]
+
+
 def _pieces_with_offsets(tok: Tokenizer, text: str) -> list[tuple[int, int]]:
     "(id, UTF-8 byte offset in text where the piece starts) for each SentencePiece piece."
     sp = tok.sp
@@ -185,13 +247,14 @@ class ConversationData:
                 raise SphinxToolsError(f"cannot read dataset {path}: {e}") from None
             if not isinstance(items, list) or not items:
                 raise SphinxToolsError(f"dataset {path} must be a non-empty JSON list")
-            self.sets.append((items, Path(s.get("root", path.parent)), float(s.get("ratio", 1.0))))
+            self.sets.append((items, Path(s.get("root", path.parent)), float(s.get("ratio", 1.0)),
+                              bool(s.get("independent_turns", False))))
         self.seed = seed
 
     def epoch(self, epoch: int) -> list[tuple[int, int]]:
         rng = random.Random(self.seed * 1000003 + epoch)
         order = []
-        for d, (items, _, ratio) in enumerate(self.sets):
+        for d, (items, _, ratio, _) in enumerate(self.sets):
             n = max(1, round(ratio * len(items)))
             idx = list(range(len(items))) * (n // len(items)) + rng.sample(range(len(items)), n % len(items))
             order += [(d, i) for i in idx]
@@ -201,42 +264,62 @@ class ConversationData:
     def example(self, d: int, i: int) -> dict:
         from PIL import Image
 
-        items, root, _ = self.sets[d]
+        items, root, _, independent = self.sets[d]
         item = items[i]
-        ids, labels = tokenize_conversation(self.tok, item["conversations"])
-        ids, labels = ids[: self.max_len], labels[: self.max_len]
+        if independent:
+            ids, labels, segments = tokenize_independent(self.tok, item["conversations"], self.max_len)
+        else:
+            ids, labels = tokenize_conversation(self.tok, item["conversations"])
+            ids, labels = ids[: self.max_len], labels[: self.max_len]
+            segments = [0] * len(ids)
         image = None
         if item.get("image"):
             with Image.open(root / item["image"]) as im:
                 image = self.transform.apply_image(im)
-        return {"ids": ids, "labels": labels, "image": image}
+        return {"ids": ids, "labels": labels, "segments": segments, "image": image}
 
 
 def collate(examples: list[dict], pad_id: int = 0):
+    """Pad a batch: ``(ids, labels, images or None, segments or None)``.
+
+    ``segments`` is given only when some example is packed (independent turns); padding gets
+    segment -1 (it sees the prefix and itself, and carries no loss).
+    """
     T = max(len(e["ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    segments = torch.full((len(examples), T), -1, dtype=torch.long)
     for r, e in enumerate(examples):
         ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
         labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
+        segments[r, : len(e["ids"])] = torch.tensor(e.get("segments") or [0] * len(e["ids"]))
+    packed = bool((segments > 0).any())
     images = [e["image"] for e in examples]
     if all(im is not None for im in images):
-        return ids, labels, torch.stack(images)
+        return ids, labels, torch.stack(images), segments if packed else None
     if any(im is not None for im in images):
         raise SphinxToolsError("a batch mixes examples with and without images; use batch_size 1")
-    return ids, labels, None
+    return ids, labels, None, segments if packed else None
 
 
 # -- model -------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Transformer, ids, labels, images) -> torch.Tensor:
-    "Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward."
+def loss_fn(model: Transformer, ids, labels, images, segments=None) -> torch.Tensor:
+    """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
+
+    With ``segments`` (packed independent turns) the positions and attention mask make each turn
+    a one-turn conversation; without, the sequence is one causal conversation.
+    """
     img = model.encode_image(images) if images is not None else None
     h = model.embed(ids, img)
     B, L, _ = h.shape
-    positions = torch.arange(L, device=h.device).expand(B, L)
-    logits = model(h, positions, keep_last=ids.shape[1])  # text positions only
+    n_image = L - ids.shape[1]
+    if segments is None:
+        positions, mask = torch.arange(L, device=h.device).expand(B, L), None
+    else:
+        positions, mask = packed_positions(segments, n_image), packed_mask(segments, n_image)
+    logits = model(h, positions, mask=mask, keep_last=ids.shape[1])  # text positions only
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
@@ -385,9 +468,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 pos += 1
                 if (pos - 1) % dpw == dp:
                     batch.append(data.example(d, i))
-            ids, labels, images = collate(batch)
+            ids, labels, images, segments = collate(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(model, ids, labels, images) / cfg.grad_accum
+                loss = loss_fn(model, ids, labels, images, segments) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
             tokens += int((labels != IGNORE).sum())

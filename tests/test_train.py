@@ -15,8 +15,13 @@ from sphinx_tools.train import (
     IGNORE,
     ConversationData,
     TrainConfig,
+    collate,
     conversation_text,
+    init_model,
+    packed_mask,
+    packed_positions,
     tokenize_conversation,
+    tokenize_independent,
     train,
 )
 
@@ -111,6 +116,52 @@ def test_only_chosen_parts_change(synth_data):
     for k, v in after.state_dict().items():
         same = torch.equal(v, before.state_dict()[k])
         assert same != k.startswith(("qformer_proj.", "visual_proj.")), k
+
+
+def test_independent_turns_pack_one_turn_prompts(synth_data):
+    "Each packed turn gets the logits it would get alone; the shared prefix is stored once."
+    cfg = TrainConfig.load(write_config(synth_data, "packed"))
+    model, tok = init_model(cfg)
+    model.eval()
+    convs = [c["conversations"] for c in json.loads((synth_data / "data" / "conversations.json").read_text())]
+    conv = next(c for c in convs if len(c) >= 4)
+    ids, labels, segments = tokenize_independent(tok, conv)
+    n_prefix = segments.count(0)
+    assert ids[0] == tok.bos_id and n_prefix >= len(tok.encode(build_prompt([["", None]]).split("###")[0]))
+    assert sorted(set(segments)) == list(range(len(conv) // 2 + 1))
+    assert sum(t != IGNORE for t in labels) == sum(
+        sum(t != IGNORE for t in tokenize_conversation(tok, conv[k:k + 2])[1]) for k in range(0, len(conv), 2))
+    other = tokenize_independent(tok, convs[0])
+    batch = [{"ids": ids, "labels": labels, "segments": segments, "image": torch.rand(3, 448, 448)},
+             {"ids": other[0], "labels": other[1], "segments": other[2], "image": torch.rand(3, 448, 448)}]
+    b_ids, _, images, b_seg = collate(batch)
+    assert b_seg is not None and (b_seg[1, len(other[0]):] == -1).all()  # padding
+    with torch.no_grad():
+        img = model.encode_image(images)
+        h = model.embed(b_ids, img)
+        n_image = h.shape[1] - b_ids.shape[1]
+        packed = model(h, packed_positions(b_seg, n_image), mask=packed_mask(b_seg, n_image),
+                       keep_last=b_ids.shape[1])
+        for k in range(1, len(conv) // 2 + 1):
+            alone, _ = tokenize_conversation(tok, conv[2 * k - 2: 2 * k])
+            assert alone[:n_prefix] == ids[:n_prefix]
+            assert alone[n_prefix:] == [t for t, s in zip(ids, segments) if s == k]
+            t = torch.tensor([alone])
+            hh = model.embed(t, img[:1])
+            single = model(hh, torch.arange(hh.shape[1])[None], keep_last=len(alone))
+            rows = (b_seg[0] == k).nonzero().flatten()
+            torch.testing.assert_close(packed[0, rows], single[0, n_prefix:], atol=1e-4, rtol=1e-4)
+    short, _, short_seg = tokenize_independent(tok, conv, max_len=len(ids) - 1)
+    assert max(short_seg) < max(segments) and len(short) <= len(ids) - 1  # whole turns dropped
+
+
+def test_training_on_independent_turns(synth_data):
+    data = [{"path": "data/conversations.json", "root": "data", "independent_turns": True}]
+    out = train(TrainConfig.load(write_config(synth_data, "indep", data=data, steps=12, warmup=2,
+                                              save_every=100)), progress=False)
+    log = [json.loads(x) for x in (out.parent.parent / "indep_log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in log)  # no NaN from the block mask or padding
+    assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
 
 
 def test_bad_config(tmp_path):
