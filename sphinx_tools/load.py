@@ -14,6 +14,7 @@ import json
 import pickle
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,7 +73,10 @@ def read_config(path: Path, vocab_size: int, shard0: dict | None = None) -> Sphi
     kw = {k: args[k] for k in LLAMA_ARGS if k in args and args[k] is not None}
     kw["vocab_size"] = vocab_size  # as the reference: the tokenizer decides
     if "vision" in args:
-        vision = VisionConfig(**args["vision"])
+        try:
+            vision = VisionConfig(**args["vision"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"invalid \"vision\" entry in {cfg_file}: {e}") from None
     else:
         vision = infer_vision(shard0 or {}, path)
     try:
@@ -82,8 +86,9 @@ def read_config(path: Path, vocab_size: int, shard0: dict | None = None) -> Sphi
 
 
 def _vision_signature(v: VisionConfig) -> dict:
+    # encoder widths only: the token grid (patch size, Q-Former queries) is read from the tensors
     return {
-        "qformer.query_tokens": (1, 32, v.qf_width),
+        "qformer.query_tokens": (v.qf_width,),
         "qformer.vision_model.embeddings.class_embedding": (1, 1, v.qf_vision_width),
         "clip.visual.class_embedding": (v.clip_width,),
         "openclip_convnext_xxl.head.norm.weight": (v.convnext_dims[-1],),
@@ -92,11 +97,25 @@ def _vision_signature(v: VisionConfig) -> dict:
 
 
 def infer_vision(sd: dict, path: Path) -> VisionConfig:
-    "Released config.json files hold only LLaMA args: match the encoder widths to a known preset."
+    """Released config.json files hold only LLaMA args: match the encoder widths to a known preset,
+    and read the token grid from the tensors (patch size from CLIP's conv1 weight (w, 3, p, p),
+    Q-Former queries from query_tokens (1, Q, qf_width))."""
     shapes = {k.removeprefix(PREFIX): tuple(t.shape) for k, t in sd.items()}
+    q = shapes.get("qformer.query_tokens")
+    if q is not None and len(q) == 3:
+        shapes["qformer.query_tokens"] = q[-1:]
     for name, v in vision_configs.items():
         if all(shapes.get(k) == s for k, s in _vision_signature(v).items()):
-            return VisionConfig(**{f: getattr(v, f) for f in v.__dataclass_fields__})
+            grid = {}
+            conv1 = shapes.get("clip.visual.conv1.weight")
+            if conv1 is not None and len(conv1) == 4 and conv1[-1] == conv1[-2]:
+                grid["patch_size"] = conv1[-1]
+            if q is not None and len(q) == 3:
+                grid["qf_queries"] = q[1]
+            try:
+                return replace(v, **grid)
+            except ValueError as e:
+                raise CheckpointError(f"the visual token grid of {path} is not supported: {e}") from None
     raise CheckpointError(
         f"the visual encoder widths in {path} match no known preset ({sorted(vision_configs)}); "
         "add a \"vision\" entry to its config.json"

@@ -3,7 +3,8 @@ multi-scale sub-image scheme, written top to bottom from config to logits.
 
 Facts reproduced here (see docs/ARCHITECTURE notes in the README): the sequence is
 ``[BOS] + per view [start_img, 32 Q-Former tokens, 257 fused tokens, end_img] + prompt[1:]``, with RoPE
-over the whole sequence and causal attention. SPHINX (`llama_ens`) uses one 224 view; SPHINX-1k
+over the whole sequence and causal attention (32 = ``VisionConfig.qf_queries``, 257 = 1 + (224 /
+``VisionConfig.patch_size``)^2; smaller tiny models may use fewer). SPHINX (`llama_ens`) uses one 224 view; SPHINX-1k
 (`llama_ens5`) uses a 448 input split into a global view plus four quadrants.
 
 Parameter names equal the released checkpoint's (``llma.`` prefix stripped), so a state dict loads
@@ -29,14 +30,13 @@ from fairscale.nn.model_parallel.mappings import (
 
 LLAMA_TYPES = {"llama_ens": (224, 1), "llama_ens5": (448, 5)}  # llama_type -> (image_size, views)
 VIEW_SIZE = 224
-QUERY_TOKENS = 32
-FUSED_TOKENS = 257
-TOKENS_PER_VIEW = 1 + QUERY_TOKENS + FUSED_TOKENS + 1  # start_img, qformer, fused, end_img = 291
+CONVNEXT_GRID = 8  # the ConvNeXt trunk's output grid on its 256x256 input (stride 32)
 
 
 @dataclass
 class VisionConfig:
-    "Widths of the four frozen visual encoders. Defaults are the released SPHINX values."
+    """Widths of the four frozen visual encoders and the visual token grid (patch size, Q-Former
+    queries). Defaults are the released SPHINX values."""
 
     # BLIP-2 (OPT-2.7b config) ViT-g + Q-Former
     qf_vision_width: int = 1408
@@ -62,10 +62,43 @@ class VisionConfig:
     dino_width: int = 1536
     dino_layers: int = 40
     dino_heads: int = 24
+    # Visual token grid, shared by the three ViTs (BLIP-2, CLIP, DINOv2): grid = 224 // patch_size.
+    patch_size: int = 14
+    qf_queries: int = 32  # Q-Former query tokens per view
+
+    def __post_init__(self):
+        self.convnext_depths = tuple(self.convnext_depths)
+        self.convnext_dims = tuple(self.convnext_dims)
+        p = self.patch_size
+        if not isinstance(p, int) or p < 1 or VIEW_SIZE % p:
+            raise ValueError(f"patch_size {p!r} must be a positive divisor of the view size {VIEW_SIZE}")
+        g = VIEW_SIZE // p
+        if g % CONVNEXT_GRID and CONVNEXT_GRID % g:
+            raise ValueError(
+                f"patch_size {p} gives a {g}x{g} token grid; the ConvNeXt {CONVNEXT_GRID}x"
+                f"{CONVNEXT_GRID} trunk needs a grid that is a multiple or a divisor of {CONVNEXT_GRID}"
+            )
+        if not isinstance(self.qf_queries, int) or self.qf_queries < 1:
+            raise ValueError(f"qf_queries {self.qf_queries!r} must be an int >= 1")
 
     @property
     def fused_width(self) -> int:
         return self.clip_width + self.convnext_dims[-1] + self.dino_width
+
+    @property
+    def grid(self) -> int:
+        "Patch tokens per side of a 224 view."
+        return VIEW_SIZE // self.patch_size
+
+    @property
+    def fused_tokens(self) -> int:
+        "Fused (CLIP + ConvNeXt + DINOv2) tokens per view: class token + grid x grid patches."
+        return self.grid * self.grid + 1
+
+    @property
+    def tokens_per_view(self) -> int:
+        "start_img + Q-Former queries + fused tokens + end_img (291 for the released SPHINX)."
+        return 1 + self.qf_queries + self.fused_tokens + 1
 
 
 # Released SPHINX encoders, and the tiny widths of the reference's golden model (see tests/data/golden).
@@ -123,8 +156,12 @@ class SphinxConfig:
         return LLAMA_TYPES[self.llama_type][1]
 
     @property
+    def tokens_per_view(self) -> int:
+        return self.vision.tokens_per_view
+
+    @property
     def image_tokens(self) -> int:
-        return self.n_views * TOKENS_PER_VIEW
+        return self.n_views * self.tokens_per_view
 
     @property
     def head_dim(self) -> int:
@@ -142,7 +179,24 @@ class SphinxConfig:
         if name not in sphinx_configs:
             raise ValueError(f"unknown model preset {name!r}; known: {sorted(sphinx_configs)}")
         cfg = dict(sphinx_configs[name])
-        cfg["vision"] = replace(vision_configs[cfg.pop("vision", "sphinx")])
+        vision = replace(vision_configs[cfg.pop("vision", "sphinx")])
+        v = overrides.pop("vision", None)
+        if isinstance(v, str):
+            if v not in vision_configs:
+                raise ValueError(f"unknown vision preset {v!r}; known: {sorted(vision_configs)}")
+            vision = replace(vision_configs[v])
+        elif isinstance(v, VisionConfig):
+            vision = v
+        elif isinstance(v, dict):  # merged onto the preset's encoders
+            unknown = sorted(set(v) - set(VisionConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(
+                    f"unknown vision fields {unknown}; known: {sorted(VisionConfig.__dataclass_fields__)}"
+                )
+            vision = replace(vision, **v)
+        elif v is not None:
+            raise ValueError(f"vision override must be a dict, VisionConfig or preset name, got {v!r}")
+        cfg["vision"] = vision
         cfg.update(overrides)
         return cls(**cfg)
 
@@ -328,7 +382,7 @@ class QFormer(nn.Module):
         vcfg = Blip2VisionConfig(
             hidden_size=v.qf_vision_width, num_hidden_layers=v.qf_vision_layers,
             num_attention_heads=v.qf_vision_heads, intermediate_size=v.qf_vision_mlp,
-            image_size=VIEW_SIZE, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+            image_size=VIEW_SIZE, patch_size=v.patch_size, hidden_act="gelu", layer_norm_eps=1e-6,
             qkv_bias=True,
         )
         qcfg = Blip2QFormerConfig(
@@ -341,10 +395,10 @@ class QFormer(nn.Module):
             c._attn_implementation = "eager"
         self.vision_model = Blip2VisionModel(vcfg)
         self.qformer = Blip2QFormerModel(qcfg)
-        self.query_tokens = nn.Parameter(torch.zeros(1, QUERY_TOKENS, v.qf_width))
+        self.query_tokens = nn.Parameter(torch.zeros(1, v.qf_queries, v.qf_width))
 
     def forward(self, pixel_values):
-        # pixel_values: (N, 3, 224, 224) -> (N, 32, qf_width)
+        # pixel_values: (N, 3, 224, 224) -> (N, qf_queries, qf_width)
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
@@ -360,7 +414,7 @@ def build_clip(v: VisionConfig) -> nn.Module:
 
     vision_cfg = CLIPVisionCfg(
         layers=v.clip_layers, width=v.clip_width, head_width=v.clip_head_width,
-        patch_size=14, image_size=VIEW_SIZE, mlp_ratio=4.0,
+        patch_size=v.patch_size, image_size=VIEW_SIZE, mlp_ratio=4.0,
     )
     text_cfg = CLIPTextCfg(
         context_length=77, vocab_size=v.clip_text_vocab, width=v.clip_text_width,
@@ -372,10 +426,10 @@ def build_clip(v: VisionConfig) -> nn.Module:
 
 
 def clip_encode(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # x: (N, 3, 224, 224) -> (N, 257, clip_width); ln_post on all tokens, no proj.
-    # Batch-first: attention runs over the 257 tokens of each view.
-    x = visual.conv1(x)  # (N, w, 16, 16)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, 256, w)
+    # x: (N, 3, 224, 224) -> (N, 1 + g*g, clip_width) (257 at patch 14); ln_post on all tokens,
+    # no proj. Batch-first: attention runs over the 1 + g*g tokens of each view.
+    x = visual.conv1(x)  # (N, w, g, g)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, g*g, w)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = visual.ln_pre(x)
@@ -411,11 +465,14 @@ class SwiGLUFFN(nn.Module):
 
 
 def build_dinov2(v: VisionConfig) -> nn.Module:
-    "DINOv2 ViT-g/14 (hub `dinov2_vitg14` layout) from timm blocks, with the hub's parameter names."
+    """DINOv2 ViT-g/14 (hub `dinov2_vitg14` layout) from timm blocks, with the hub's parameter names.
+
+    The position embedding grid is 518 // patch_size per side (37 at patch 14), interpolated to the
+    view's grid at run time."""
     from timm.models.vision_transformer import VisionTransformer
 
     vit = VisionTransformer(
-        img_size=518, patch_size=14, embed_dim=v.dino_width, depth=v.dino_layers,
+        img_size=518, patch_size=v.patch_size, embed_dim=v.dino_width, depth=v.dino_layers,
         num_heads=v.dino_heads, mlp_ratio=4.0, init_values=1.0, num_classes=0, global_pool="",
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
@@ -427,11 +484,12 @@ def build_dinov2(v: VisionConfig) -> nn.Module:
 
 
 def dinov2_encode(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # x: (N, 3, 224, 224) ImageNet-normalized -> (N, 257, dino_width) = cat(cls, patches), normed
+    # x: (N, 3, 224, 224) ImageNet-normalized -> (N, 1 + g*g, dino_width) = cat(cls, patches), normed
     N, _, H, W = x.shape
-    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (N, 256, d)
+    p = vit.patch_embed.proj.kernel_size[0]
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (N, g*g, d)
     x = torch.cat([vit.cls_token.to(x.dtype).expand(N, -1, -1), x], dim=1)
-    x = x + _dinov2_pos_embed(vit.pos_embed, H // 14, W // 14).to(x.dtype)
+    x = x + _dinov2_pos_embed(vit.pos_embed, H // p, W // p).to(x.dtype)
     for blk in vit.blocks:
         x = blk(x)
     return vit.norm(x)
@@ -449,6 +507,19 @@ def _dinov2_pos_embed(pos_embed: torch.Tensor, h0: int, w0: int) -> torch.Tensor
     )
     assert patch.shape[-2:] == (h0, w0), patch.shape
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+
+
+def convnext_to_grid(trunk: torch.Tensor, g: int) -> torch.Tensor:
+    "ConvNeXt trunk (N, C, 8, 8) -> (N, C, g, g): nearest upsampling (the reference's 16 = x2), or pooling."
+    n = trunk.shape[-1]
+    if g == 2 * n:  # the released SPHINX: exactly the reference's repeat_interleave(2)
+        return trunk.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    if g % n == 0:
+        r = g // n
+        return trunk if r == 1 else trunk.repeat_interleave(r, dim=-1).repeat_interleave(r, dim=-2)
+    if n % g == 0:
+        return F.adaptive_avg_pool2d(trunk, g)
+    raise ValueError(f"cannot bring a {n}x{n} ConvNeXt trunk to a {g}x{g} token grid")
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -502,15 +573,16 @@ class Transformer(nn.Module):
         return torch.cat([g.to(images.dtype)] + quads, dim=0)
 
     def encode_views(self, x: torch.Tensor) -> dict:
-        # x: (N, 3, 224, 224) CLIP-normalized views -> per-encoder features
+        # x: (N, 3, 224, 224) CLIP-normalized views -> per-encoder features; g = 224 // patch_size
+        # (16 for the released SPHINX), Q = qf_queries (32)
         dt = x.dtype
-        qf = self.qformer(x)  # (N, 32, qf_width)
-        clip = clip_encode(self.clip.visual, x)  # (N, 257, clip_width)
+        qf = self.qformer(x)  # (N, Q, qf_width)
+        clip = clip_encode(self.clip.visual, x)  # (N, 1 + g*g, clip_width)
         cx = F.interpolate(x.half(), size=(256, 256)).to(dt)  # nearest, in fp16 as the reference
         trunk = self.openclip_convnext_xxl(cx)  # (N, C, 8, 8)
-        t = trunk.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)  # (N, C, 16, 16)
-        t = t.flatten(2).transpose(1, 2)  # (N, 256, C)
-        convnext = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)  # (N, 257, C)
+        t = convnext_to_grid(trunk, self.cfg.vision.grid)  # (N, C, g, g)
+        t = t.flatten(2).transpose(1, 2)  # (N, g*g, C)
+        convnext = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)  # (N, 1 + g*g, C)
         mean = torch.tensor(CLIP_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, dtype=dt, device=x.device).view(1, 3, 1, 1)
         im_mean = torch.tensor(IMAGENET_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
@@ -522,13 +594,13 @@ class Transformer(nn.Module):
         # images: (B, 3, S, S) -> (B, image_tokens, dim) including start/end tokens
         B = images.shape[0]
         f = self.encode_views(self.views(images))
-        q = self.qformer_proj(f["qformer"])  # (V*B, 32, dim)
+        q = self.qformer_proj(f["qformer"])  # (V*B, Q, dim)
         fused = self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
-        tokens = torch.cat([q, fused], dim=1)  # (V*B, 289, dim)
+        tokens = torch.cat([q, fused], dim=1)  # (V*B, Q + 1 + g*g, dim): 289 for the released
         start = self.start_img.expand(B, -1, -1).to(tokens.dtype)
         end = self.end_img.expand(B, -1, -1).to(tokens.dtype)
         parts = []
-        for view in tokens.chunk(self.cfg.n_views, dim=0):  # each (B, 289, dim)
+        for view in tokens.chunk(self.cfg.n_views, dim=0):  # each (B, Q + 1 + g*g, dim)
             parts += [start, view, end]
         return torch.cat(parts, dim=1)
 
