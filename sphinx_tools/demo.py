@@ -26,33 +26,34 @@ DEMO_DIR = Path(__file__).parent / "demo_model"
 
 # The recipe (every number that decides the shipped weights).
 RECIPE = {
-    "scenes": 3000,
+    "scenes": 8000,  # one pass: every step sees new scenes
     "data_seed": 0,
-    "turns": 32,  # all of a scene's questions in one conversation: the image is encoded once
+    "turns": 32,  # all of a scene's questions in one record: the image is encoded once per step
+    "independent_turns": True,  # ... and each question is trained as a one-turn prompt
     "vocab_size": 1024,
-    "model": {"preset": "tiny", "seed": 0, "overrides": {"dim": 128, "n_layers": 4, "n_heads": 4}},
+    "model": {
+        "preset": "tiny", "seed": 0,
+        # 56-px patches and 4 Q-Former queries: 23 tokens per view, 115 for the 5 views
+        "overrides": {"dim": 128, "n_layers": 4, "n_heads": 4,
+                      "vision": {"patch_size": 56, "qf_queries": 4}},
+    },
     "train": {
         "train": ["llm", "proj", "tokens", "encoders"],
-        "steps": 1500,
+        "steps": 4000,
         "batch_size": 2,
         "grad_accum": 1,
         "lr": 2.0e-3,
         "min_lr": 5.0e-5,
-        "warmup": 50,
+        "warmup": 100,
         "weight_decay": 0.0,
         "clip": 1.0,
         "max_len": 2560,
-        "save_every": 200,
+        "save_every": 250,
         "log_every": 10,
         "seed": 0,
-        "max_minutes": 100,  # a guard on busy machines; 1500 steps take ~26 min on 2 free cores
+        "max_minutes": 60,  # a guard on busy machines; 4000 steps take ~40 min on 2 free cores
     },
-    # Stage 2: continue from stage 1 on fresh scenes with a new, lower schedule (~17 min).
-    "stage2": {
-        "scenes": 3000,
-        "data_seed": 1,
-        "train": {"steps": 1000, "lr": 1.0e-3, "min_lr": 2.0e-5, "warmup": 20},
-    },
+    # "stage2": {"scenes": ..., "data_seed": 1, "train": {...}} continues on fresh scenes
 }
 
 
@@ -92,7 +93,8 @@ def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = Tru
         train_tokenizer(tok, recipe["vocab_size"], corpus=corpus)
     cfg = {
         "init": {**recipe["model"], "tokenizer": "tokenizer.model"},
-        "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0}],
+        "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0,
+                  "independent_turns": recipe["independent_turns"]}],
         "out": "run",
         **recipe["train"],
     }
@@ -112,7 +114,8 @@ def write_stage2_files(work: Path, recipe: dict = RECIPE, progress: bool = True)
                       progress=progress)
     cfg = {
         "init": {"checkpoint": "run/last"},
-        "data": [{"path": "data2/conversations.json", "root": "data2", "ratio": 1.0}],
+        "data": [{"path": "data2/conversations.json", "root": "data2", "ratio": 1.0,
+                  "independent_turns": recipe["independent_turns"]}],
         "out": "run2",
         **{**recipe["train"], **st["train"]},
     }
@@ -143,11 +146,19 @@ def build(work, dest, threads):
     "Generate data, train the tokenizer and the model, install the result."
     from .train import TrainConfig, train
 
-    for write in (write_training_files, write_stage2_files):  # each stage resumes if interrupted
-        cfg = TrainConfig.load(write(work))
+    stages = [write_training_files] + ([write_stage2_files] if "stage2" in RECIPE else [])
+    configs = []
+    for write in stages:  # each stage resumes if interrupted
+        configs.append(write(work))
+        cfg = TrainConfig.load(configs[-1])
         cfg.num_threads = threads
         ckpt = train(cfg)
-    click.echo(f"installed demo model at {install(ckpt, dest)}")
+    install(ckpt, dest)
+    for stale in dest.glob("train*.yaml"):
+        stale.unlink()
+    for c in configs:  # the training configs travel with the weights
+        shutil.copyfile(c, dest / c.name)
+    click.echo(f"installed demo model at {dest}")
 
 
 if __name__ == "__main__":

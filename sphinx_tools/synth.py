@@ -669,8 +669,9 @@ def _words_qas(scene: Scene, rng) -> list[QA]:
 def _pose_qas(scene: Scene, rng) -> list[QA]:
     objs, wh = scene.objects, scene.size
     people = "person" if len(objs) == 1 else "people"
-    qas = [_qa("detection", f"<p>{people}</p> {_boxes(objs, range(len(objs)), wh)}", range(len(objs)),
-               classes=["person"])]
+    persons = f"<p>{people}</p> {_boxes(objs, range(len(objs)), wh)}"
+    qas = [_qa("detection", persons, range(len(objs))),  # "all objects", as the label job asks
+           _qa("detection", persons, range(len(objs)), classes=["person"])]
     for i, obj in enumerate(objs):
         points = " ".join(f"<p>{name}</p> [{fmt_point(xy, wh)}]"
                           for name, xy in zip(KEYPOINT_NAMES, obj.keypoints[:, :2]))

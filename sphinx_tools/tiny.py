@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -63,9 +64,17 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0,
     return path
 
 
+POSITION_TABLES = ("positional_embedding", "pos_embed", "position_embedding")
+
+
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = 0):
-    "Deterministic random weights: norms near 1, biases near 0, other tensors N(0, 0.02)."
+    """Deterministic random weights for training from scratch.
+
+    Norm weights near 1, biases near 0.02 noise; matrices N(0, 1/fan_in) (a conv's fan-in is
+    in_channels * kh * kw); the encoders' position tables N(0, 1), so a patch token starts with
+    a location code as strong as its content (position is what box answers are made of).
+    """
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         if p.ndim <= 1 and ("norm" in name or name.endswith(("gamma", "ln_pre.weight", "ln_post.weight"))
@@ -75,7 +84,9 @@ def init_random_(model: nn.Module, seed: int = 0):
             base = torch.zeros(p.shape)
         noise = torch.randn(p.shape, generator=g) * 0.02
         if p.ndim >= 2 and p.shape[-1] > 0:
-            noise = torch.randn(p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5
+            fan_in = math.prod(p.shape[1:]) if p.ndim == 4 else p.shape[-1]
+            scale = 1.0 if name.endswith(POSITION_TABLES) else fan_in ** -0.5
+            noise = torch.randn(p.shape, generator=g) * scale
         p.copy_((base + noise).to(p.dtype))
 
 
