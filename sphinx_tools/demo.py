@@ -6,8 +6,9 @@
 
 which writes the synthetic training set (``sphinx_tools.synth``), trains a SentencePiece
 tokenizer on its conversations, writes the training config and runs the finetuning code
-(``sphinx_tools.train``); a second stage continues on fresh scenes; the final checkpoint is copied
-into ``sphinx_tools/demo_model``.
+(``sphinx_tools.train``; each scene's questions are packed as one-turn prompts that share the
+image, ``independent_turns``); a recipe with a ``stage2`` entry continues on fresh scenes. The
+final checkpoint and the training configs are copied into ``sphinx_tools/demo_model``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DEMO_DIR = Path(__file__).parent / "demo_model"
 
 # The recipe (every number that decides the shipped weights).
 RECIPE = {
-    "scenes": 8000,  # one pass: every step sees new scenes
+    "scenes": 9600,  # one pass: every step sees new scenes
     "data_seed": 0,
     "turns": 32,  # all of a scene's questions in one record: the image is encoded once per step
     "independent_turns": True,  # ... and each question is trained as a one-turn prompt
@@ -39,7 +40,7 @@ RECIPE = {
     },
     "train": {
         "train": ["llm", "proj", "tokens", "encoders"],
-        "steps": 4000,
+        "steps": 4800,
         "batch_size": 2,
         "grad_accum": 1,
         "lr": 2.0e-3,
@@ -51,7 +52,7 @@ RECIPE = {
         "save_every": 250,
         "log_every": 10,
         "seed": 0,
-        "max_minutes": 60,  # a guard on busy machines; 4000 steps take ~40 min on 2 free cores
+        "max_minutes": 60,  # a guard on busy machines; 4800 steps take ~36 min on 2 free cores
     },
     # "stage2": {"scenes": ..., "data_seed": 1, "train": {...}} continues on fresh scenes
 }
