@@ -89,7 +89,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
     for kind, task in [("shapes", "rec"), ("shapes", "detection"), ("pose", "pose"),
                        ("document", "layout"), ("words", "ocr")]:
         first = total = 0
-        errors = []
+        errors = ([], [])  # x, y
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
@@ -101,16 +101,22 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pred = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
                 pred = [tok.sp.id_to_piece(int(i)) for i in pred.argmax(-1)]
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
+                axis = 0  # coordinates alternate x, y inside each "[...]"
                 for i in range(2, len(ids) - 2):  # coordinate "0" "." d1 d2 inside an answer
+                    if "[" in pieces[i]:
+                        axis = 0
                     if labels[i] != IGNORE and pieces[i - 1:i + 1] == ["0", "."] and \
                             pieces[i + 1].isdigit() and pieces[i + 2].isdigit():
                         total += 1
                         first += pred[i] == pieces[i + 1]
                         if pred[i].isdigit() and pred[i + 1].isdigit():
-                            errors.append(abs(int(pred[i] + pred[i + 1]) - int(pieces[i + 1] + pieces[i + 2])))
+                            e = abs(int(pred[i] + pred[i + 1]) - int(pieces[i + 1] + pieces[i + 2])) / 100
+                            errors[axis % 2].append(e)
+                        axis += 1
+        mae = [round(sum(e) / max(len(e), 1), 4) for e in errors]
         out[task] = {"first_decimal_accuracy": round(first / max(total, 1), 4),
-                     "mean_abs_error": round(sum(errors) / max(len(errors), 1) / 100, 4),
-                     "coordinates": total}
+                     "mean_abs_error": round(sum(map(sum, errors)) / max(len(errors[0]) + len(errors[1]), 1), 4),
+                     "mean_abs_error_x": mae[0], "mean_abs_error_y": mae[1], "coordinates": total}
     return out
 
 
