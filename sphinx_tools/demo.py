@@ -76,53 +76,48 @@ def resolve(path) -> Path:
     return p
 
 
+def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int, init: dict,
+                 out: str, train: dict, config: str, progress: bool) -> Path:
+    "One stage's synthetic scenes (unless written already) and its training config; returns its path."
+    from .synth import write_dataset
+
+    data = work / data_dir
+    if not (data / "conversations.json").is_file():
+        write_dataset(data, scenes, seed=seed, turns=recipe["turns"], progress=progress)
+    cfg = {
+        "init": init,
+        "data": [{"path": f"{data_dir}/conversations.json", "root": data_dir, "ratio": 1.0,
+                  "independent_turns": recipe["independent_turns"]}],
+        "out": out,
+        **train,
+    }
+    path = work / config
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True) -> Path:
     "Synthetic data, tokenizer and training config of the recipe; returns the config path."
-    from .synth import write_dataset
     from .tiny import train_tokenizer
     from .train import conversation_text
 
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "data"
-    if not (data / "conversations.json").is_file():
-        write_dataset(data, recipe["scenes"], seed=recipe["data_seed"], turns=recipe["turns"],
-                      progress=progress)
+    path = _write_stage(work, recipe, "data", recipe["scenes"], recipe["data_seed"],
+                        {**recipe["model"], "tokenizer": "tokenizer.model"}, "run", recipe["train"],
+                        "train.yaml", progress)
     tok = work / "tokenizer.model"
     if not tok.is_file():
-        convs = json.loads((data / "conversations.json").read_text())
+        convs = json.loads((work / "data" / "conversations.json").read_text())
         corpus = [conversation_text(c["conversations"])[0] for c in convs]
         train_tokenizer(tok, recipe["vocab_size"], corpus=corpus)
-    cfg = {
-        "init": {**recipe["model"], "tokenizer": "tokenizer.model"},
-        "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0,
-                  "independent_turns": recipe["independent_turns"]}],
-        "out": "run",
-        **recipe["train"],
-    }
-    path = work / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def write_stage2_files(work: Path, recipe: dict = RECIPE, progress: bool = True) -> Path:
     "Stage 2: fresh scenes, initialized from stage 1's checkpoint; returns the config path."
-    from .synth import write_dataset
-
     st = recipe["stage2"]
-    data = work / "data2"
-    if not (data / "conversations.json").is_file():
-        write_dataset(data, st["scenes"], seed=st["data_seed"], turns=recipe["turns"],
-                      progress=progress)
-    cfg = {
-        "init": {"checkpoint": "run/last"},
-        "data": [{"path": "data2/conversations.json", "root": "data2", "ratio": 1.0,
-                  "independent_turns": recipe["independent_turns"]}],
-        "out": "run2",
-        **{**recipe["train"], **st["train"]},
-    }
-    path = work / "train2.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return _write_stage(work, recipe, "data2", st["scenes"], st["data_seed"], {"checkpoint": "run/last"},
+                        "run2", {**recipe["train"], **st["train"]}, "train2.yaml", progress)
 
 
 def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:

@@ -293,13 +293,13 @@ def collate(examples: list[dict], pad_id: int = 0):
         ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
         labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
         segments[r, : len(e["ids"])] = torch.tensor(e.get("segments") or [0] * len(e["ids"]))
-    packed = bool((segments > 0).any())
+    segments = segments if bool((segments > 0).any()) else None
     images = [e["image"] for e in examples]
     if all(im is not None for im in images):
-        return ids, labels, torch.stack(images), segments if packed else None
+        return ids, labels, torch.stack(images), segments
     if any(im is not None for im in images):
         raise SphinxToolsError("a batch mixes examples with and without images; use batch_size 1")
-    return ids, labels, None, segments if packed else None
+    return ids, labels, None, segments
 
 
 # -- model -------------------------------------------------------------------------------------
