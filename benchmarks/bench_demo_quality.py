@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from sphinx_tools.pipelines.autolabel.evaluate import box_iou
 from sphinx_tools.synth import generate_scene, scene_qas, write_dataset
 from sphinx_tools.train import IGNORE, tokenize_conversation
 
+COORDINATE = re.compile(r"[01]\.\d\d")  # one coordinate piece of a coordinate-token vocabulary
 TARGETS = {"detection_ap50": 0.90, "rec_acc50": 0.90, "pose_keypoint_ap": 0.5,
            "ocr_word_accuracy": 0.8, "layout_ap50": 0.8}
 
@@ -80,9 +82,32 @@ def constant_scores(pred: dict) -> dict:
     return out
 
 
+def _coordinates(pieces: list[str], labels: list[int], pred: list[str]):
+    """``(axis, true, predicted)`` hundredths of each answer coordinate; ``pred[i]`` is the piece
+    predicted after ``pieces[:i + 1]``, ``predicted`` is ``None`` when it is not a number.
+
+    A coordinate is one piece ``"0.41"`` (coordinate tokens) or the four pieces ``0 . 4 1``."""
+    axis = 0  # coordinates alternate x, y inside each "[...]"
+    for i in range(1, len(pieces)):
+        if "[" in pieces[i]:
+            axis = 0
+        if labels[i] == IGNORE:
+            continue
+        if COORDINATE.fullmatch(pieces[i]):  # one token
+            guess = pred[i - 1]
+            yield axis % 2, round(float(pieces[i]) * 100), (
+                round(float(guess) * 100) if COORDINATE.fullmatch(guess) else None)
+            axis += 1
+        elif pieces[i - 1:i + 1] == ["0", "."] and i + 2 < len(pieces) and \
+                pieces[i + 1].isdigit() and pieces[i + 2].isdigit():  # digit by digit
+            guess = pred[i] + pred[i + 1]
+            yield axis % 2, int(pieces[i + 1] + pieces[i + 2]), int(guess) if guess.isdigit() else None
+            axis += 1
+
+
 @torch.inference_mode()
 def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
-    "Coordinate digits predicted under teacher forcing, per task, on ``n`` fresh scenes per kind."
+    "Coordinates predicted under teacher forcing, per task, on ``n`` fresh scenes per kind."
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
@@ -101,18 +126,11 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pred = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
                 pred = [tok.sp.id_to_piece(int(i)) for i in pred.argmax(-1)]
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
-                axis = 0  # coordinates alternate x, y inside each "[...]"
-                for i in range(2, len(ids) - 2):  # coordinate "0" "." d1 d2 inside an answer
-                    if "[" in pieces[i]:
-                        axis = 0
-                    if labels[i] != IGNORE and pieces[i - 1:i + 1] == ["0", "."] and \
-                            pieces[i + 1].isdigit() and pieces[i + 2].isdigit():
-                        total += 1
-                        first += pred[i] == pieces[i + 1]
-                        if pred[i].isdigit() and pred[i + 1].isdigit():
-                            e = abs(int(pred[i] + pred[i + 1]) - int(pieces[i + 1] + pieces[i + 2])) / 100
-                            errors[axis % 2].append(e)
-                        axis += 1
+                for axis, truth, guess in _coordinates(pieces, labels, pred):
+                    total += 1
+                    first += guess is not None and guess // 10 == truth // 10
+                    if guess is not None:
+                        errors[axis].append(abs(guess - truth) / 100)
         mae = [round(sum(e) / max(len(e), 1), 4) for e in errors]
         out[task] = {"first_decimal_accuracy": round(first / max(total, 1), 4),
                      "mean_abs_error": round(sum(map(sum, errors)) / max(len(errors[0]) + len(errors[1]), 1), 4),

@@ -27,20 +27,27 @@ DEMO_DIR = Path(__file__).parent / "demo_model"
 
 # The recipe (every number that decides the shipped weights).
 RECIPE = {
-    "scenes": 9600,  # one pass: every step sees new scenes
+    "scenes": 9200,  # one pass: every step sees new scenes
     "data_seed": 0,
     "turns": 32,  # all of a scene's questions in one record: the image is encoded once per step
     "independent_turns": True,  # ... and each question is trained as a one-turn prompt
     "vocab_size": 1024,
+    # "0.41" is one token, and the 101 coordinate tokens start with embeddings that vary smoothly
+    # with their value (tiny.init_coordinate_rows_)
+    "coordinate_tokens": True,
     "model": {
         "preset": "tiny", "seed": 0,
-        # 56-px patches and 4 Q-Former queries: 23 tokens per view, 115 for the 5 views
+        # 56-px patches and 4 Q-Former queries: 23 tokens per view, 115 for the 5 views; encoders
+        # 96 wide (CLIP, DINOv2, Q-Former vision) and ConvNeXt up to 128 channels
         "overrides": {"dim": 128, "n_layers": 4, "n_heads": 4,
-                      "vision": {"patch_size": 56, "qf_queries": 4}},
+                      "vision": {"patch_size": 56, "qf_queries": 4,
+                                 "clip_width": 96, "clip_head_width": 16, "dino_width": 96, "dino_heads": 4,
+                                 "qf_vision_width": 96, "qf_vision_heads": 4, "qf_vision_mlp": 192,
+                                 "convnext_dims": [16, 32, 64, 128]}},
     },
     "train": {
         "train": ["llm", "proj", "tokens", "encoders"],
-        "steps": 4800,
+        "steps": 4600,
         "batch_size": 2,
         "grad_accum": 1,
         "lr": 2.0e-3,
@@ -52,7 +59,7 @@ RECIPE = {
         "save_every": 250,
         "log_every": 10,
         "seed": 0,
-        "max_minutes": 60,  # a guard on busy machines; 4800 steps take ~36 min on 2 free cores
+        "max_minutes": 60,  # a guard on busy machines; the steps take ~44 min on 2 free cores
     },
     # "stage2": {"scenes": ..., "data_seed": 1, "train": {...}} continues on fresh scenes
 }
@@ -77,13 +84,13 @@ def resolve(path) -> Path:
 
 
 def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int, init: dict,
-                 out: str, train: dict, config: str, progress: bool) -> Path:
+                 out: str, train: dict, config: str, progress: bool, workers: int = 1) -> Path:
     "One stage's synthetic scenes (unless written already) and its training config; returns its path."
     from .synth import write_dataset
 
     data = work / data_dir
     if not (data / "conversations.json").is_file():
-        write_dataset(data, scenes, seed=seed, turns=recipe["turns"], progress=progress)
+        write_dataset(data, scenes, seed=seed, turns=recipe["turns"], progress=progress, workers=workers)
     cfg = {
         "init": init,
         "data": [{"path": f"{data_dir}/conversations.json", "root": data_dir, "ratio": 1.0,
@@ -96,28 +103,31 @@ def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int
     return path
 
 
-def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True) -> Path:
-    "Synthetic data, tokenizer and training config of the recipe; returns the config path."
+def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True, workers: int = 1) -> Path:
+    """Synthetic data, tokenizer and training config of the recipe; returns the config path.
+
+    ``workers`` processes render the scenes (the files do not depend on it)."""
     from .tiny import train_tokenizer
     from .train import conversation_text
 
     work.mkdir(parents=True, exist_ok=True)
     path = _write_stage(work, recipe, "data", recipe["scenes"], recipe["data_seed"],
                         {**recipe["model"], "tokenizer": "tokenizer.model"}, "run", recipe["train"],
-                        "train.yaml", progress)
+                        "train.yaml", progress, workers)
     tok = work / "tokenizer.model"
     if not tok.is_file():
         convs = json.loads((work / "data" / "conversations.json").read_text())
         corpus = [conversation_text(c["conversations"])[0] for c in convs]
-        train_tokenizer(tok, recipe["vocab_size"], corpus=corpus)
+        train_tokenizer(tok, recipe["vocab_size"], corpus=corpus,
+                        coordinate_tokens=recipe.get("coordinate_tokens", False))
     return path
 
 
-def write_stage2_files(work: Path, recipe: dict = RECIPE, progress: bool = True) -> Path:
+def write_stage2_files(work: Path, recipe: dict = RECIPE, progress: bool = True, workers: int = 1) -> Path:
     "Stage 2: fresh scenes, initialized from stage 1's checkpoint; returns the config path."
     st = recipe["stage2"]
     return _write_stage(work, recipe, "data2", st["scenes"], st["data_seed"], {"checkpoint": "run/last"},
-                        "run2", {**recipe["train"], **st["train"]}, "train2.yaml", progress)
+                        "run2", {**recipe["train"], **st["train"]}, "train2.yaml", progress, workers)
 
 
 def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:
@@ -145,7 +155,7 @@ def build(work, dest, threads):
     stages = [write_training_files] + ([write_stage2_files] if "stage2" in RECIPE else [])
     configs = []
     for write in stages:  # each stage resumes if interrupted
-        configs.append(write(work))
+        configs.append(write(work, workers=threads))
         cfg = TrainConfig.load(configs[-1])
         cfg.num_threads = threads
         ckpt = train(cfg)

@@ -43,12 +43,19 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
+# "0.00" ... "0.99" and "1.00": every 2-decimal coordinate SPHINX writes (formats doc §3)
+COORDINATE_PIECES = tuple(f"0.{i:02d}" for i in range(100)) + ("1.00",)
+
+
 def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0,
-                    corpus: list[str] | None = None) -> Path:
+                    corpus: list[str] | None = None, coordinate_tokens: bool = False) -> Path:
     """Train a LLaMA-style SentencePiece BPE model (byte fallback, split digits) into ``path``.
 
     Args:
         corpus: training sentences; a small synthetic vision-chat corpus by default.
+        coordinate_tokens: make each of :data:`COORDINATE_PIECES` one piece, so a box is 4 tokens
+            of a 101-way position vocabulary instead of 16 digit and dot tokens (the text, and so
+            every parser, is unchanged).
     """
     import sentencepiece as spm
 
@@ -59,9 +66,46 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
         character_coverage=1.0, max_sentence_length=4096,
+        user_defined_symbols=list(COORDINATE_PIECES) if coordinate_tokens else [],
     )
     path.write_bytes(buf.getvalue())
     return path
+
+
+@torch.no_grad()
+def init_coordinate_rows_(model: nn.Module, tokenizer) -> int:
+    """Give the coordinate tokens (:data:`COORDINATE_PIECES` that are single pieces of
+    ``tokenizer``) input and output embedding rows that vary smoothly with their value.
+
+    Row of value ``v``: ``sqrt(2 / dim) * [cos(2 pi f v), sin(2 pi f v)]`` over ``dim / 2``
+    frequencies ``f`` from 0.25 to 50 cycles per image (geometric), so its norm matches the random
+    rows and nearby positions start with similar codes: what is learned about ``0.41`` carries
+    over to ``0.40`` and ``0.42``. Handles model-parallel shards (embedding columns, output rows).
+
+    Returns:
+        the number of coordinate tokens set (0 for a tokenizer without them).
+    """
+    ids, values = [], []
+    for piece in COORDINATE_PIECES:
+        i = tokenizer.sp.piece_to_id(piece)
+        if i != tokenizer.sp.unk_id() and tokenizer.sp.id_to_piece(i) == piece:
+            ids.append(i)
+            values.append(float(piece))
+    if not ids:
+        return 0
+    emb, out = model.tok_embeddings.weight, model.output.weight
+    dim = out.shape[1]
+    freqs = torch.logspace(math.log10(0.25), math.log10(50.0), dim // 2, dtype=torch.float64)
+    angle = 2 * math.pi * torch.tensor(values, dtype=torch.float64)[:, None] * freqs
+    table = torch.cat([angle.cos(), angle.sin()], dim=1) * math.sqrt(2 / dim)  # (n, dim)
+    rank = dist.mp_rank()
+    cols = emb.shape[1]
+    emb[ids] = table[:, rank * cols:(rank + 1) * cols].to(emb.dtype)
+    rows = out.shape[0]  # this rank's vocabulary slice
+    for i, row in zip(ids, table):
+        if rank * rows <= i < (rank + 1) * rows:
+            out[i - rank * rows] = row.to(out.dtype)
+    return len(ids)
 
 
 POSITION_TABLES = ("positional_embedding", "pos_embed", "position_embedding")

@@ -348,7 +348,7 @@ def init_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
         m = SphinxModel.from_pretrained(init["checkpoint"])
         model, tok = m.transformer, m.tokenizer
     else:
-        from .tiny import init_random_
+        from .tiny import init_coordinate_rows_, init_random_
 
         tok_path = Path(init["tokenizer"]) if "tokenizer" in init else None
         if tok_path is None or not tok_path.is_file():
@@ -361,6 +361,7 @@ def init_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
             model = Transformer(scfg)
         model = model.to_empty(device="cpu")
         init_random_(model, int(init.get("seed", 0)))
+        init_coordinate_rows_(model, tok)  # a no-op unless the tokenizer has coordinate tokens
     for p in model.parameters():
         p.data = p.data.float()
     return model, tok

@@ -34,3 +34,35 @@ def test_fan_in_scaling_and_position_tables():
     again = Transformer(cfg)
     init_random_(again, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_coordinate_tokens_are_single_pieces_with_smooth_rows(tmp_path):
+    from sphinx_tools.synth import generate_scene, scene_qas
+    from sphinx_tools.tiny import COORDINATE_PIECES, init_coordinate_rows_, train_tokenizer
+    from sphinx_tools.tokenizer import Tokenizer
+
+    corpus = [q.question + " " + q.answer for s in range(8) for q in scene_qas(generate_scene("shapes", s))]
+    digits = Tokenizer(train_tokenizer(tmp_path / "digits.model", 512, corpus=corpus))
+    coords = Tokenizer(train_tokenizer(tmp_path / "coords.model", 512, corpus=corpus, coordinate_tokens=True))
+    box = "[0.41,0.24,0.54,0.37]"
+    for tok in (digits, coords):
+        assert tok.decode(tok.encode(box, bos=False)) == box  # same text either way
+    assert [coords.sp.id_to_piece(i) for i in coords.encode(box, bos=False)][-8::2] == \
+        ["0.41", "0.24", "0.54", "0.37"]
+    assert "0.41" not in [digits.sp.id_to_piece(i) for i in digits.encode(box, bos=False)]
+
+    dist.init_model_parallel()
+    cfg = SphinxConfig.from_name("tiny", dim=64, n_layers=1, n_heads=4, vocab_size=512)
+    model = Transformer(cfg)
+    init_random_(model, seed=0)
+    assert init_coordinate_rows_(model, digits) == 0
+    before = model.output.weight.clone()
+    assert init_coordinate_rows_(model, coords) == len(COORDINATE_PIECES)
+    ids = [coords.sp.piece_to_id(p) for p in ("0.40", "0.41", "0.42", "0.80")]
+    for w in (model.output.weight, model.tok_embeddings.weight):
+        rows = w[ids]
+        assert torch.allclose(rows.norm(dim=1), torch.ones(4), atol=1e-4)  # as large as random rows
+        sim = rows @ rows.T
+        assert sim[1, 0] > 0.5 and sim[1, 2] > 0.5 and sim[1, 3] < 0.3  # neighbours alike, far apart not
+    other = [i for i in range(512) if i not in set(coords.sp.piece_to_id(p) for p in COORDINATE_PIECES)]
+    assert torch.equal(model.output.weight[other], before[other])  # nothing else touched
