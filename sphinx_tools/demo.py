@@ -76,9 +76,12 @@ def demo_path() -> Path:
 
 
 def resolve(path) -> Path:
-    "Map the name ``demo`` to the embedded checkpoint; other paths pass through."
+    """Map the name ``demo`` to the embedded checkpoint; other paths pass through.
+
+    A ``demo`` folder in the working directory wins only if it holds checkpoint shards, so a
+    build's ``--work`` folder (or any other ``demo`` folder) does not shadow the embedded model."""
     p = Path(path).expanduser()
-    if str(path) == DEMO_NAME and not p.exists():
+    if str(path) == DEMO_NAME and not any(p.glob("consolidated.*.model.pth")):
         return demo_path()
     return p
 
