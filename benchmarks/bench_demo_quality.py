@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ from sphinx_tools import SphinxModel
 from sphinx_tools.pipelines.autolabel import Labeler, evaluate, label_dataset, open_source, write_coco
 from sphinx_tools.pipelines.autolabel.evaluate import box_iou
 from sphinx_tools.synth import generate_scene, scene_qas, write_dataset
+from sphinx_tools.tiny import COORDINATE_PIECES
 from sphinx_tools.train import IGNORE, tokenize_conversation
 
-COORDINATE = re.compile(r"[01]\.\d\d")  # one coordinate piece of a coordinate-token vocabulary
 TARGETS = {"detection_ap50": 0.90, "rec_acc50": 0.90, "pose_keypoint_ap": 0.5,
            "ocr_word_accuracy": 0.8, "layout_ap50": 0.8}
 
@@ -93,10 +92,10 @@ def _coordinates(pieces: list[str], labels: list[int], pred: list[str]):
             axis = 0
         if labels[i] == IGNORE:
             continue
-        if COORDINATE.fullmatch(pieces[i]):  # one token
+        if pieces[i] in COORDINATE_PIECES:  # one token
             guess = pred[i - 1]
             yield axis % 2, round(float(pieces[i]) * 100), (
-                round(float(guess) * 100) if COORDINATE.fullmatch(guess) else None)
+                round(float(guess) * 100) if guess in COORDINATE_PIECES else None)
             axis += 1
         elif pieces[i - 1:i + 1] == ["0", "."] and i + 2 < len(pieces) and \
                 pieces[i + 1].isdigit() and pieces[i + 2].isdigit():  # digit by digit

@@ -80,8 +80,10 @@ def resolve(path) -> Path:
 
     A ``demo`` folder in the working directory wins only if it holds checkpoint shards, so a
     build's ``--work`` folder (or any other ``demo`` folder) does not shadow the embedded model."""
+    from .load import SHARD_RE
+
     p = Path(path).expanduser()
-    if str(path) == DEMO_NAME and not any(p.glob("consolidated.*.model.pth")):
+    if str(path) == DEMO_NAME and not (p.is_dir() and any(SHARD_RE.match(f.name) for f in p.iterdir())):
         return demo_path()
     return p
 

@@ -87,8 +87,8 @@ def init_coordinate_rows_(model: nn.Module, tokenizer) -> int:
     """
     ids, values = [], []
     for piece in COORDINATE_PIECES:
-        i = tokenizer.sp.piece_to_id(piece)
-        if i != tokenizer.sp.unk_id() and tokenizer.sp.id_to_piece(i) == piece:
+        i = tokenizer.sp.piece_to_id(piece)  # the unknown id when it is not a piece
+        if tokenizer.sp.id_to_piece(i) == piece:
             ids.append(i)
             values.append(float(piece))
     if not ids:
@@ -98,13 +98,11 @@ def init_coordinate_rows_(model: nn.Module, tokenizer) -> int:
     freqs = torch.logspace(math.log10(0.25), math.log10(50.0), dim // 2, dtype=torch.float64)
     angle = 2 * math.pi * torch.tensor(values, dtype=torch.float64)[:, None] * freqs
     table = torch.cat([angle.cos(), angle.sin()], dim=1) * math.sqrt(2 / dim)  # (n, dim)
-    rank = dist.mp_rank()
-    cols = emb.shape[1]
+    rank, cols, rows = dist.mp_rank(), emb.shape[1], out.shape[0]  # this rank's dims / vocab rows
     emb[ids] = table[:, rank * cols:(rank + 1) * cols].to(emb.dtype)
-    rows = out.shape[0]  # this rank's vocabulary slice
-    for i, row in zip(ids, table):
-        if rank * rows <= i < (rank + 1) * rows:
-            out[i - rank * rows] = row.to(out.dtype)
+    local = torch.tensor(ids) - rank * rows
+    mine = (local >= 0) & (local < rows)
+    out[local[mine]] = table[mine].to(out.dtype)
     return len(ids)
 
 

@@ -64,5 +64,6 @@ def test_coordinate_tokens_are_single_pieces_with_smooth_rows(tmp_path):
         assert torch.allclose(rows.norm(dim=1), torch.ones(4), atol=1e-4)  # as large as random rows
         sim = rows @ rows.T
         assert sim[1, 0] > 0.5 and sim[1, 2] > 0.5 and sim[1, 3] < 0.3  # neighbours alike, far apart not
-    other = [i for i in range(512) if i not in set(coords.sp.piece_to_id(p) for p in COORDINATE_PIECES)]
+    coordinate_ids = {coords.sp.piece_to_id(p) for p in COORDINATE_PIECES}
+    other = [i for i in range(512) if i not in coordinate_ids]
     assert torch.equal(model.output.weight[other], before[other])  # nothing else touched
