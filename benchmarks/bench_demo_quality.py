@@ -15,7 +15,9 @@ It also scores detection with every score set to 1.0, to show what logprob confi
 measures localization under teacher forcing (``teacher_forced``): on each task's answers for fresh
 scenes, how often the model's next-token prediction gets a coordinate's first decimal right and the
 mean absolute error of its two-decimal coordinate (image fractions), a finer signal than AP while
-a model is still far from the targets.
+a model is still far from the targets; and how much the answers depend on the image
+(``image_reliance``: answer loss with the scene's own image vs another scene's), which is ~0 for a
+model that answers from the question alone.
 Targets: detection AP50 >= 0.90, REC >= 0.90, pose AP >= 0.5, OCR >= 0.8, layout AP50 >= 0.8.
 """
 
@@ -137,6 +139,36 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
     return out
 
 
+@torch.inference_mode()
+def image_reliance(model, seed: int, n: int) -> dict:
+    """Mean answer-token loss per task with each scene's own image and with the next scene's image.
+
+    A model that reads the image loses much more with the wrong one; a blind one (answering from
+    the question and the answer prior alone) loses the same."""
+    import torch.nn.functional as F
+
+    t, tok = model.transformer, model.tokenizer
+    t.clear_caches()
+    sums = {}  # task -> [own loss, other loss, tokens]
+    for kind in ("shapes", "pose", "document", "words"):
+        scenes = [generate_scene(kind, seed * 1000 + 500 + k) for k in range(n)]
+        images = [model.encode_images(model.preprocess(s.image)[None]) for s in scenes]
+        for k, scene in enumerate(scenes):
+            for q in scene_qas(scene):
+                ids, labels = tokenize_conversation(
+                    tok, [{"from": "human", "value": q.question}, {"from": "gpt", "value": q.answer}])
+                target = torch.tensor(labels[1:], device=images[k].device)
+                acc = sums.setdefault(q.task, [0.0, 0.0, 0])
+                for slot, img in enumerate((images[k], images[(k + 1) % n])):
+                    h = t.embed(torch.tensor([ids], device=img.device), img)
+                    logits = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
+                    acc[slot] += float(F.cross_entropy(logits[:-1].float(), target, ignore_index=IGNORE,
+                                                       reduction="sum"))
+                acc[2] += int((target != IGNORE).sum())
+    return {task: {"loss_own_image": round(own / m, 4), "loss_other_image": round(other / m, 4),
+                   "tokens": m} for task, (own, other, m) in sorted(sums.items())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="demo")
@@ -175,6 +207,7 @@ def main():
         lay = label(model, sets["document"] / "images", ["layout"], tmp / "layout.json", args.max_gen_len)
         res["layout_ap50"] = ap50(evaluate(lay, gt["document"], iou_types=("bbox",)))
     res["teacher_forced"] = teacher_forced(model, args.seed, args.n)
+    res["image_reliance"] = image_reliance(model, args.seed, min(args.n, 12))
     res["seconds"] = time.time() - t0
     res["targets"] = TARGETS
     res["met"] = {k: (res.get(k) or 0) >= v for k, v in TARGETS.items()}

@@ -27,7 +27,7 @@ DEMO_DIR = Path(__file__).parent / "demo_model"
 
 # The recipe (every number that decides the shipped weights).
 RECIPE = {
-    "scenes": 9200,  # one pass: every step sees new scenes
+    "scenes": 7200,  # one pass: every step sees new scenes
     "data_seed": 0,
     "turns": 32,  # all of a scene's questions in one record: the image is encoded once per step
     "independent_turns": True,  # ... and each question is trained as a one-turn prompt
@@ -47,7 +47,7 @@ RECIPE = {
     },
     "train": {
         "train": ["llm", "proj", "tokens", "encoders"],
-        "steps": 4600,
+        "steps": 3600,
         "batch_size": 2,
         "grad_accum": 1,
         "lr": 2.0e-3,
@@ -59,7 +59,7 @@ RECIPE = {
         "save_every": 250,
         "log_every": 10,
         "seed": 0,
-        "max_minutes": 60,  # a guard on busy machines; the steps take ~44 min on 2 free cores
+        "max_minutes": 40,  # the 45-min budget on busy machines; the steps take ~35 min on 2 free cores
     },
     # "stage2": {"scenes": ..., "data_seed": 1, "train": {...}} continues on fresh scenes
 }

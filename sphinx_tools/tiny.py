@@ -107,23 +107,35 @@ def init_coordinate_rows_(model: nn.Module, tokenizer) -> int:
 
 
 POSITION_TABLES = ("positional_embedding", "pos_embed", "position_embedding")
+LAYER_SCALES = ("gamma",)  # ConvNeXt and DINOv2 layer scale: start at 1, as a norm weight
+
+
+def _norm_params(model: nn.Module) -> set[str]:
+    "Names of the weights and biases of every normalization layer (found by type, not by name)."
+    from .model import RMSNorm
+
+    names = set()
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RMSNorm)):
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in mod.named_parameters(recurse=False))
+    return names
 
 
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = 0):
     """Deterministic random weights for training from scratch.
 
-    Norm weights near 1, biases near 0.02 noise; matrices N(0, 1/fan_in) (a conv's fan-in is
-    in_channels * kh * kw); the encoders' position tables N(0, 1), so a patch token starts with
-    a location code as strong as its content (position is what box answers are made of).
+    Normalization weights (every LayerNorm, LayerNorm2d, RMSNorm: found by module type, whatever
+    the library names them) and layer scales near 1, their biases and all other biases 0.02 noise;
+    matrices N(0, 1/fan_in) (a conv's fan-in is in_channels * kh * kw); the encoders' position
+    tables N(0, 1), so a patch token starts with a location code as strong as its content
+    (position is what box answers are made of). Every encoder's output then depends on its image.
     """
     g = torch.Generator().manual_seed(seed)
+    norms = _norm_params(model)
     for name, p in sorted(model.named_parameters()):
-        if p.ndim <= 1 and ("norm" in name or name.endswith(("gamma", "ln_pre.weight", "ln_post.weight"))
-                            or name.split(".")[-2:-1] == ["1"]):
-            base = torch.ones(p.shape)
-        else:
-            base = torch.zeros(p.shape)
+        ones = (name in norms and name.endswith("weight")) or name.endswith(LAYER_SCALES)
+        base = torch.ones(p.shape) if ones else torch.zeros(p.shape)
         noise = torch.randn(p.shape, generator=g) * 0.02
         if p.ndim >= 2 and p.shape[-1] > 0:
             fan_in = math.prod(p.shape[1:]) if p.ndim == 4 else p.shape[-1]

@@ -67,3 +67,28 @@ def test_coordinate_tokens_are_single_pieces_with_smooth_rows(tmp_path):
     coordinate_ids = {coords.sp.piece_to_id(p) for p in COORDINATE_PIECES}
     other = [i for i in range(512) if i not in coordinate_ids]
     assert torch.equal(model.output.weight[other], before[other])  # nothing else touched
+
+
+def test_every_encoder_sees_its_image():
+    "Norm layers start near weight 1 / bias 0 whatever their library calls them (Q-Former's"
+    " `LayerNorm`, ConvNeXt's downsample `0`, CLIP's `ln_1`), so no encoder starts blind."
+    dist.init_model_parallel()
+    cfg = SphinxConfig.from_name("tiny", dim=64, n_layers=1, n_heads=4, vocab_size=256,
+                                 vision={"patch_size": 56, "qf_queries": 4})
+    model = Transformer(cfg)
+    init_random_(model, seed=0)
+    params = dict(model.named_parameters())
+    for name in ("qformer.qformer.encoder.layer.0.crossattention.output.LayerNorm",
+                 "openclip_convnext_xxl.stages.1.downsample.0", "clip.visual.transformer.resblocks.0.ln_1",
+                 "visual_proj.1", "layers.0.attention_norm"):
+        w = params[f"{name}.weight"]
+        assert (w - 1).abs().max() < 0.1, name
+        if f"{name}.bias" in params:
+            assert params[f"{name}.bias"].abs().max() < 0.1, name
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 224, 224, generator=g) * 2 - 1
+    with torch.no_grad():
+        feats = model.encode_views(x)
+    for k in ("qformer", "clip", "convnext", "dinov2"):
+        f = feats[k].float()
+        assert (f[0] - f[1]).abs().mean() > 0.1 * f[0].abs().mean(), k  # depends on the image
