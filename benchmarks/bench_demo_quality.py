@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -84,8 +86,10 @@ def constant_scores(pred: dict) -> dict:
 
 
 def _coordinates(pieces: list[str], labels: list[int], pred: list[str]):
-    """``(axis, true, predicted)`` hundredths of each answer coordinate; ``pred[i]`` is the piece
-    predicted after ``pieces[:i + 1]``, ``predicted`` is ``None`` when it is not a number.
+    """``(slot, true, predicted)`` hundredths of each answer coordinate; ``slot`` counts the
+    coordinates inside each ``[...]`` (even: x, odd: y; ``slot % 4`` is x1, y1, x2, y2 of a box),
+    ``pred[i]`` is the piece predicted after ``pieces[:i + 1]``, ``predicted`` is ``None`` when it
+    is not a number.
 
     A coordinate is one piece ``"0.41"`` (coordinate tokens) or the four pieces ``0 . 4 1``."""
     axis = 0  # coordinates alternate x, y inside each "[...]"
@@ -96,19 +100,23 @@ def _coordinates(pieces: list[str], labels: list[int], pred: list[str]):
             continue
         if pieces[i] in COORDINATE_PIECES:  # one token
             guess = pred[i - 1]
-            yield axis % 2, round(float(pieces[i]) * 100), (
+            yield axis, round(float(pieces[i]) * 100), (
                 round(float(guess) * 100) if guess in COORDINATE_PIECES else None)
             axis += 1
         elif pieces[i - 1:i + 1] == ["0", "."] and i + 2 < len(pieces) and \
                 pieces[i + 1].isdigit() and pieces[i + 2].isdigit():  # digit by digit
             guess = pred[i] + pred[i + 1]
-            yield axis % 2, int(pieces[i + 1] + pieces[i + 2]), int(guess) if guess.isdigit() else None
+            yield axis, int(pieces[i + 1] + pieces[i + 2]), int(guess) if guess.isdigit() else None
             axis += 1
 
 
 @torch.inference_mode()
 def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
-    "Coordinates predicted under teacher forcing, per task, on ``n`` fresh scenes per kind."
+    """Coordinates predicted under teacher forcing, per task, on ``n`` fresh scenes per kind.
+
+    For boxes also the error of the first corner (x1, y1: where the object is; x2, y2 follow
+    from it and the object's size) next to that of always answering the median first corner of
+    these scenes: a model that has learned where objects are beats it."""
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
@@ -116,6 +124,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                        ("document", "layout"), ("words", "ocr")]:
         first = total = 0
         errors = ([], [])  # x, y
+        first_corner = []  # (axis, truth, guess) of x1 and y1, hundredths
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
@@ -127,15 +136,23 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pred = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
                 pred = [tok.sp.id_to_piece(int(i)) for i in pred.argmax(-1)]
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
-                for axis, truth, guess in _coordinates(pieces, labels, pred):
+                for slot, truth, guess in _coordinates(pieces, labels, pred):
                     total += 1
                     first += guess is not None and guess // 10 == truth // 10
                     if guess is not None:
-                        errors[axis].append(abs(guess - truth) / 100)
+                        errors[slot % 2].append(abs(guess - truth) / 100)
+                        if slot % 4 < 2:
+                            first_corner.append((slot % 2, truth, guess))
         mae = [round(sum(e) / max(len(e), 1), 4) for e in errors]
         out[task] = {"first_decimal_accuracy": round(first / max(total, 1), 4),
                      "mean_abs_error": round(sum(map(sum, errors)) / max(len(errors[0]) + len(errors[1]), 1), 4),
                      "mean_abs_error_x": mae[0], "mean_abs_error_y": mae[1], "coordinates": total}
+        if task in ("rec", "detection") and first_corner:
+            median = [statistics.median_low(t for a, t, _ in first_corner if a == axis) for axis in (0, 1)]
+            out[task]["first_corner_mae"] = round(
+                sum(abs(g - t) for _, t, g in first_corner) / 100 / len(first_corner), 4)
+            out[task]["first_corner_mae_median_guess"] = round(
+                sum(abs(median[a] - t) for a, t, _ in first_corner) / 100 / len(first_corner), 4)
     return out
 
 
@@ -174,10 +191,10 @@ def main():
     ap.add_argument("--checkpoint", default="demo")
     ap.add_argument("--n", type=int, default=24, help="scenes per kind")
     ap.add_argument("--seed", type=int, default=777, help="a seed the model was not trained on")
-    ap.add_argument("--max-gen-len", type=int, default=768)
+    ap.add_argument("--max-gen-len", type=int, default=None, help="default: each task's own budget")
     ap.add_argument("--out", default="benchmarks/results/demo_quality.json")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     model = SphinxModel.from_pretrained(args.checkpoint)
     res, t0 = {"checkpoint": args.checkpoint, "scenes_per_kind": args.n, "seed": args.seed}, time.time()
     with tempfile.TemporaryDirectory() as tmp:

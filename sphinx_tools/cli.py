@@ -93,18 +93,21 @@ def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, devi
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--steps", type=click.IntRange(1), help="override the config's step count")
-@click.option("--threads", type=click.IntRange(1), help="CPU math threads")
-def train(config, steps, threads):
-    "Finetune SPHINX on conversation data (YAML CONFIG); resumes from OUT/last when present."
-    from .train import TrainConfig
-    from .train import train as run_training
+@click.option("--threads", type=click.IntRange(1), help="CPU math threads (per process)")
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(1),
+              help="local processes, data parallel (torchrun without torchrun)")
+def train(config, steps, threads, procs):
+    """Finetune SPHINX on conversation data (YAML CONFIG); resumes from OUT/last when present.
+
+    For several machines, launch it with torchrun instead of --procs."""
+    from .train import TrainConfig, train_local
 
     cfg = TrainConfig.load(config)
     if steps:
         cfg.steps = steps
     if threads:
         cfg.num_threads = threads
-    out = run_training(cfg)
+    out = train_local(cfg, procs)
     from . import dist
 
     dist.print0(f"checkpoint: {out}")

@@ -175,12 +175,12 @@ class SphinxModel:
                 rows.append(tr.embed(ids[None], None if img is None else img[None])[0])
         return rows
 
-    def _stop_check(self, stop: Sequence[str]):
+    def _stop_check(self, stop: Sequence[str], budgets: list[int]):
         eos, tok = self.tokenizer.eos_id, self.tokenizer
         window = 8 + 2 * max((len(tok.encode(s, bos=False)) for s in stop), default=0)
 
-        def is_done(_row: int, ids: list[int]) -> bool:
-            if ids[-1] == eos:
+        def is_done(row: int, ids: list[int]) -> bool:
+            if ids[-1] == eos or len(ids) >= budgets[row]:
                 return True
             tail = tok.decode(ids[-window:])
             return any(s in tail for s in stop)
@@ -203,7 +203,7 @@ class SphinxModel:
             ids, lps, offsets = ids[:keep], lps[:keep], offsets[:keep]
         return Generation(text, ids, lps, offsets, reason)
 
-    def generate(self, prompts: Sequence[str], images=None, max_gen_len: int = 512,
+    def generate(self, prompts: Sequence[str], images=None, max_gen_len: int | Sequence[int] = 512,
                  temperature: float = 0.0, top_p: float = 0.95, stop: Sequence[str] = STOP,
                  seed: int = 0) -> list[Generation]:
         """Generate answers for full conversation prompts (see ``conversation.build_prompt``).
@@ -211,7 +211,7 @@ class SphinxModel:
         Args:
             prompts: one prompt per row; rows may differ in length.
             images: per row a PIL image, a preprocessed (3, S, S) tensor, or None.
-            max_gen_len: most tokens generated per row.
+            max_gen_len: most tokens generated per row: one budget for all, or one per row.
             temperature: 0 for greedy; else softmax(logits / T) with top-p sampling.
             top_p: nucleus mass for sampling.
             stop: strings that end a row (cut from the text, never returned).
@@ -226,8 +226,9 @@ class SphinxModel:
         return self.last_generations
 
     def generate_multi(self, images: Sequence, questions: Sequence[Sequence[str]],
-                       max_gen_len: int = 512, temperature: float = 0.0, top_p: float = 0.95,
-                       stop: Sequence[str] = STOP, seed: int = 0) -> list[list[Generation]]:
+                       max_gen_len: int | Sequence[Sequence[int]] = 512, temperature: float = 0.0,
+                       top_p: float = 0.95, stop: Sequence[str] = STOP,
+                       seed: int = 0) -> list[list[Generation]]:
         """Answer several prompts per image, sharing the work common to them.
 
         Each image is preprocessed and encoded once; the longest common token prefix of its
@@ -238,6 +239,8 @@ class SphinxModel:
         Args:
             images: per image a PIL image, a preprocessed (3, S, S) tensor, or None.
             questions: per image, its full conversation prompts.
+            max_gen_len: one budget for every prompt, or per image one per prompt (a short
+                answer's row stops at its own budget while longer ones go on).
 
         Returns:
             Per image, one Generation per prompt, in order.
@@ -250,6 +253,11 @@ class SphinxModel:
         if not all(isinstance(p, str) for p in flat):
             raise ValueError("every prompt must be a str")
         stop = tuple(stop or ())
+        if not isinstance(max_gen_len, int):
+            if len(max_gen_len) != len(questions) or any(
+                    len(b) != len(qs) for b, qs in zip(max_gen_len, questions)):
+                raise ValueError("`max_gen_len` per prompt must have the shape of `questions`")
+            max_gen_len = [b for bs in max_gen_len for b in bs]
         shared, rows, index = self._shared_rows(images, questions)
         for _ in self._decode(rows, max_gen_len, temperature, top_p, stop, seed, shared, index):
             pass
@@ -294,14 +302,17 @@ class SphinxModel:
     def _decode(self, rows, max_gen_len, temperature, top_p, stop, seed, shared=None, index=None):
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer: build it with tokenizer_path=...")
-        if max_gen_len < 1:
-            raise ValueError(f"`max_gen_len` must be >= 1, got {max_gen_len}")
         B = len(rows)
+        budgets = [max_gen_len] * B if isinstance(max_gen_len, int) else [int(b) for b in max_gen_len]
+        if len(budgets) != B:
+            raise ValueError(f"got {len(budgets)} `max_gen_len` budgets for {B} prompts")
+        if min(budgets, default=1) < 1:
+            raise ValueError(f"`max_gen_len` must be >= 1, got {min(budgets)}")
         ids: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         gen = dist.make_generator(seed, self.device)
-        stream = decode_stream(self.transformer, rows, max_gen_len, temperature, top_p, gen,
-                               self._stop_check(stop), shared, index)
+        stream = decode_stream(self.transformer, rows, max(budgets, default=1), temperature, top_p,
+                               gen, self._stop_check(stop, budgets), shared, index)
         finished = [False] * B
         for nxt, lp, done in stream:
             nxt_l, lp_l = nxt.tolist(), lp.tolist()

@@ -11,8 +11,11 @@ questions), which is what task prompts look like at inference.
 Optimizer AdamW with linear warmup + cosine decay, gradient clipping and accumulation, fp32 or bf16
 autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``).
 Checkpoints are saved in the released consolidated format (loadable by ``from_pretrained``) with
-a ``train_state.pt`` beside them; a re-run resumes from it. Under ``torchrun`` the model-parallel
-groups come from the runtime and the rest of the world is data parallel (gradients averaged).
+a ``train_state.pt`` beside them; a re-run resumes from it. Under ``torchrun`` (or
+``train_local`` / ``sphinx-tools train --procs N`` on one machine) each ``model_parallel``
+processes form a model-parallel group of the runtime and the rest of the world is data parallel:
+every rank takes its share of each batch and the gradients are averaged, so N ranks of
+``batch_size`` B train as one process with ``batch_size`` B and ``grad_accum`` N.
 
 Config example::
 
@@ -31,6 +34,7 @@ Config example::
     weight_decay: 0.0
     clip: 1.0
     dtype: fp32                                 # or bf16 (autocast)
+    model_parallel: 1                           # under torchrun; the rest of the world is data parallel
     save_every: 500
     log_every: 20
     seed: 0
@@ -87,6 +91,7 @@ class TrainConfig:
     max_len: int = 512
     seed: int = 0
     num_threads: int | None = None
+    model_parallel: int = 1  # under torchrun: model-parallel size; the rest of the world is data parallel
     max_minutes: float | None = None  # safety stop: save and end after this much wall time
 
     @classmethod
@@ -404,15 +409,41 @@ def _mp_barrier():
         torch_dist.barrier(group=dist.fs_init.get_model_parallel_group())
 
 
-def _sync_grads(model: Transformer):
+def _sync_grads(params: list[torch.nn.Parameter]):
+    """Average the trainable parameters' gradients over the data-parallel group, in one
+    all-reduce. A parameter no rank used keeps no gradient (the optimizer skips it, as with one
+    process); one used by some ranks only (a batch without images) counts zeros for the rest."""
     world = dist.dp_world_size()
     if world == 1:
         return
-    group = dist.fs_init.get_data_parallel_group()
-    for p in model.parameters():
-        if p.grad is not None:
-            torch_dist.all_reduce(p.grad, group=group)
-            p.grad /= world
+    used = torch.tensor([float(p.grad is not None) for p in params])
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                     + [used])
+    torch_dist.all_reduce(flat, group=dist.fs_init.get_data_parallel_group())
+    grads = flat[: -len(params)] / world
+    for p, avg, n in zip(params, grads.split([p.numel() for p in params]), flat[-len(params):].tolist()):
+        p.grad = avg.view_as(p).clone() if n else None
+
+
+def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, progress: bool):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train(cfg, progress=progress)
+
+
+def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path:
+    """Run :func:`train` in ``procs`` processes on this machine (gloo), as ``torchrun
+    --nproc_per_node procs`` would: data parallel, or model parallel by ``cfg.model_parallel``.
+
+    On CPU give each process its share of the cores (``cfg.num_threads``)."""
+    if procs < 1:
+        raise SphinxToolsError(f"procs must be >= 1, got {procs}")
+    if procs == 1:
+        return train(cfg, progress=progress)
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(procs, dist._free_port(), cfg, progress), nprocs=procs)
+    return Path(cfg.out) / "last"
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -421,7 +452,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    dist.init_model_parallel()
+    dist.init_model_parallel(cfg.model_parallel)
     out = Path(cfg.out)
     last = out / "last"
     if not last.exists() and last.with_name("last.old").exists():  # crashed mid-swap
@@ -439,8 +470,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # one kernel, not one per tensor
     step, epoch, pos = 0, 0, 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -475,7 +506,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             loss.backward()
             total += float(loss.detach())
             tokens += int((labels != IGNORE).sum())
-        _sync_grads(model)
+        _sync_grads(params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -485,7 +516,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = dict(step=step, loss=total, lr=lr_at(step - 1, cfg), grad_norm=gnorm,
                        tok_s=tokens / (time.perf_counter() - t0), epoch=epoch,
-                       trainable=n_train)
+                       trainable=n_train, dp=dpw)  # tok_s: this rank's
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rec['tok_s']:.0f}")
             if log:
                 log.write(json.dumps(rec) + "\n")

@@ -137,6 +137,26 @@ def test_generate_multi_equals_independent_calls(golden_model):
             assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(g.logprobs, single.logprobs))
 
 
+def test_per_prompt_budgets(golden_model):
+    # each row stops at its own budget, as an independent call with that budget would
+    ims = images()
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS], [build_prompt([["Where is the dog?", None]])]]
+    budgets = [[3, 9, 1], [6]]
+    multi = golden_model.generate_multi(ims[:2], qs, max_gen_len=budgets, stop=())
+    for im, prompts, bs, gens in zip(ims, qs, budgets, multi):
+        for p, b, g in zip(prompts, bs, gens):
+            assert len(g.token_ids) == b and g.finish_reason == "length"
+            assert g.token_ids == golden_model.generate([p], [im], max_gen_len=b, stop=())[0].token_ids
+    rows = golden_model.generate(qs[0], [ims[0]] * 3, max_gen_len=[2, 5, 4], stop=())
+    assert [len(g.token_ids) for g in rows] == [2, 5, 4]
+    with pytest.raises(ValueError, match="shape of `questions`"):
+        golden_model.generate_multi(ims[:2], qs, max_gen_len=[[3, 9], [6]])
+    with pytest.raises(ValueError, match="2 `max_gen_len` budgets for 3 prompts"):
+        golden_model.generate(qs[0], [ims[0]] * 3, max_gen_len=[2, 5])
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        golden_model.generate(qs[0], [ims[0]] * 3, max_gen_len=[2, 0, 1])
+
+
 def test_generate_multi_with_identical_prompts_and_stop(golden_model, golden_io):
     p = golden_io["prompt"]
     free = golden_model.generate([p], [golden_io["image"]], max_gen_len=16, stop=())[0]

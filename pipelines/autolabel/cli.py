@@ -92,7 +92,8 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
               help="SAM checkpoint: add masks (compressed RLE) to box annotations")
 @click.option("--sam-type", default="vit_h", show_default=True)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--max-gen-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--max-gen-len", type=click.IntRange(1),
+              help="generation budget of every question [default: each task's own]")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0))
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -427,7 +427,7 @@ def _info(labeler: Labeler, source: Source, metadata: dict | None) -> dict:
         "tasks": labeler.names,
         "prompts": prompts,
         "task_options": labeler.options,
-        "sampling": labeler.sampling,
+        "sampling": {**labeler.sampling, "max_gen_len": {n: labeler.budget(n) for n in labeler.names}},
         "ontology": None if labeler.ontology is None else labeler.ontology.fingerprint(),
         "sam": labeler.sam_id if labeler.uses_sam else None,
         "source": {"location": str(source.location), "kind": source.kind},

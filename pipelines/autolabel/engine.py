@@ -85,7 +85,8 @@ class Labeler:
         task_options: per task, options for its prompt (``{"vqa": {"question": "..."}}``).
         ontology: maps detection phrases to categories; its classes are asked for by detection
             (unless ``task_options["detection"]["classes"]`` is given) and pick pose's persons.
-        max_gen_len: generation budget of every question.
+        max_gen_len: generation budget of every question; ``None``: each task's own
+            (``Task.max_gen_len``: 64 tokens for a REC box, 1024 for a detection list).
         temperature: 0 for greedy (reproducible labels).
         top_p: nucleus mass when sampling.
         seed: sampling seed.
@@ -99,7 +100,7 @@ class Labeler:
     """
 
     def __init__(self, model, tasks, *, task_options=None, ontology: Ontology | None = None,
-                 max_gen_len: int = 512, temperature: float = 0.0, top_p: float = 0.95,
+                 max_gen_len: int | None = None, temperature: float = 0.0, top_p: float = 0.95,
                  seed: int = 0, model_id: str = "model", sam_predictor=None,
                  sam_id: str | None = None):
         self.model = model
@@ -109,8 +110,10 @@ class Labeler:
         self.tasks = {name: get_task(name) for name in self.names}
         self.ontology = ontology
         self.options = self._task_options(task_options or {})
-        self.sampling = dict(max_gen_len=int(max_gen_len), temperature=float(temperature),
-                             top_p=float(top_p), seed=int(seed))
+        if max_gen_len is not None and int(max_gen_len) < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        self.max_gen_len = None if max_gen_len is None else int(max_gen_len)
+        self.sampling = dict(temperature=float(temperature), top_p=float(top_p), seed=int(seed))
         self.model_id = model_id
         self.sam_predictor = sam_predictor
         self.sam_id = sam_id
@@ -168,7 +171,12 @@ class Labeler:
                                                       if k in task.Options.model_fields}))
         except ValueError:
             template = None
-        return [name, task.plugin, json.dumps(opts, sort_keys=True, default=str), template]
+        return [name, task.plugin, json.dumps(opts, sort_keys=True, default=str), template,
+                self.budget(name)]
+
+    def budget(self, name: str) -> int:
+        "The generation budget of each of task ``name``'s questions."
+        return self.max_gen_len or self.tasks[name].max_gen_len
 
     def task_key(self, name: str, content_hash: str, item: ImageItem) -> str:
         "The work-log key of ``name`` on this image content (and, for REC, its expressions)."
@@ -286,7 +294,9 @@ class Labeler:
         order = list(plan)
         try:
             flat = self._generate_multi([batch[i].image for i in order],
-                                        [[p for _, _, ps in plan[i] for p in ps] for i in order])
+                                        [[p for _, _, ps in plan[i] for p in ps] for i in order],
+                                        [[self.budget(n) for n, _, ps in plan[i] for _ in ps]
+                                         for i in order])
         except Exception:
             if len(order) == 1:
                 failed[order[0]] = "generation failed"
@@ -304,9 +314,9 @@ class Labeler:
             out[i] = per_task
         return out
 
-    def _generate_multi(self, images, questions):
+    def _generate_multi(self, images, questions, budgets):
         with self.timer("generate"):
-            return self.model.generate_multi(images, questions, **self.sampling)
+            return self.model.generate_multi(images, questions, max_gen_len=budgets, **self.sampling)
 
     def _parse(self, name: str, work: Work, questions: list[dict], generations):
         task = self.tasks[name]
@@ -366,9 +376,12 @@ class SequentialModel:
     def __init__(self, model):
         self.model = model
 
-    def generate_multi(self, images, questions, **sampling):
-        return [[self.model.generate([q], [image], **sampling)[0] for q in qs]
-                for image, qs in zip(images, questions, strict=True)]
+    def generate_multi(self, images, questions, max_gen_len=512, **sampling):
+        if isinstance(max_gen_len, int):
+            max_gen_len = [[max_gen_len] * len(qs) for qs in questions]
+        return [[self.model.generate([q], [image], max_gen_len=b, **sampling)[0]
+                 for q, b in zip(qs, bs, strict=True)]
+                for image, qs, bs in zip(images, questions, max_gen_len, strict=True)]
 
 
 def failure_record(item: ImageItem, reason: str, content_hash: str | None = None) -> dict:

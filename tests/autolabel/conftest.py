@@ -54,10 +54,12 @@ class ScriptedModel:
 
     def __init__(self, fail_when=None):
         self.calls = []
+        self.budgets = []  # per call, its max_gen_len
         self.fail_when = fail_when
 
     def generate_multi(self, images, questions, **sampling):
         self.calls.append((len(images), [list(q) for q in questions]))
+        self.budgets.append(sampling.get("max_gen_len"))
         if self.fail_when is not None and self.fail_when(images):
             raise RuntimeError("scripted failure")
         out = []

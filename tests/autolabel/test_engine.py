@@ -37,6 +37,26 @@ def test_one_generate_multi_per_stage(scripted):
     assert [len(q) for q in q2] == [1 + 3, 1 + 3, 1 + 3]  # one person box; three boxes for REG
 
 
+def test_each_task_gets_its_own_budget(scripted):
+    from sphinx_tools import get_task
+
+    labeler = Labeler(scripted, ["detection", "caption", "pose"])
+    labeler.label(works(2, labeler=labeler))
+    (_, q1), (_, q2) = scripted.calls
+    want = [get_task("detection").max_gen_len, get_task("caption").max_gen_len]
+    assert want[0] != want[1]
+    assert scripted.budgets[0] == [want, want]
+    assert scripted.budgets[1] == [[get_task("pose").max_gen_len] * len(q) for q in q2]
+    # an explicit budget holds for every question, and is part of the work keys
+    fixed = Labeler(ScriptedModel(), ["detection", "caption"], max_gen_len=40)
+    fixed.label(works(1, labeler=fixed))
+    assert fixed.model.budgets == [[[40, 40]]]
+    item = ImageItem(0, None, "0.png", 1)
+    assert fixed.keys("h", item)["detection"] != Labeler(None, ["detection"]).keys("h", item)["detection"]
+    with pytest.raises(ValueError, match="max_gen_len must be >= 1, got 0"):
+        Labeler(None, ["detection"], max_gen_len=0)
+
+
 def test_pose_asks_about_person_boxes_only(scripted):
     labeler = Labeler(scripted, ["detection", "pose"])
     result = by_task(labeler.label(works(1, labeler=labeler)))
