@@ -422,7 +422,7 @@ def _sync_grads(params: list[torch.nn.Parameter]):
     torch_dist.all_reduce(flat, group=dist.fs_init.get_data_parallel_group())
     grads = flat[: -len(params)] / world
     for p, avg, n in zip(params, grads.split([p.numel() for p in params]), flat[-len(params):].tolist()):
-        p.grad = avg.view_as(p).clone() if n else None
+        p.grad = avg.view_as(p) if n else None  # views of the one reduced buffer, no copies
 
 
 def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, progress: bool):
