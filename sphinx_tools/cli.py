@@ -95,8 +95,9 @@ def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, devi
 @click.option("--steps", type=click.IntRange(1), help="override the config's step count")
 @click.option("--threads", type=click.IntRange(1), help="CPU math threads (per process)")
 @click.option("--procs", default=1, show_default=True, type=click.IntRange(1),
-              help="local processes, data parallel (torchrun without torchrun)")
-def train(config, steps, threads, procs):
+              help="local processes, data parallel (torchrun without torchrun); one per GPU on a GPU machine")
+@click.option("--device", help="override the config's device: auto (each process's GPU, else CPU), cpu, cuda, cuda:N")
+def train(config, steps, threads, procs, device):
     """Finetune SPHINX on conversation data (YAML CONFIG); resumes from OUT/last when present.
 
     For several machines, launch it with torchrun instead of --procs."""
@@ -107,6 +108,8 @@ def train(config, steps, threads, procs):
         cfg.steps = steps
     if threads:
         cfg.num_threads = threads
+    if device:
+        cfg.device = device
     out = train_local(cfg, procs)
     from . import dist
 

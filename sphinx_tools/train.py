@@ -9,7 +9,9 @@ prompt about the image (packed with a block attention mask: one image encoding, 
 questions), which is what task prompts look like at inference.
 
 Optimizer AdamW with linear warmup + cosine decay, gradient clipping and accumulation, fp32 or bf16
-autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``).
+autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``). It
+runs on each process's GPU when there is one (``device: auto``; under torchrun the one of its
+``LOCAL_RANK``, with NCCL) and on the CPU otherwise (gloo).
 Checkpoints are saved in the released consolidated format (loadable by ``from_pretrained``) with
 a ``train_state.pt`` beside them; a re-run resumes from it. Under ``torchrun`` (or
 ``train_local`` / ``sphinx-tools train --procs N`` on one machine) each ``model_parallel``
@@ -34,6 +36,7 @@ Config example::
     weight_decay: 0.0
     clip: 1.0
     dtype: fp32                                 # or bf16 (autocast)
+    device: auto                                # cuda:LOCAL_RANK when CUDA is there, else cpu
     model_parallel: 1                           # under torchrun; the rest of the world is data parallel
     save_every: 500
     log_every: 20
@@ -91,6 +94,7 @@ class TrainConfig:
     max_len: int = 512
     seed: int = 0
     num_threads: int | None = None
+    device: str = "auto"  # "auto" (this process's GPU, else the CPU), "cpu", "cuda", "cuda:N"
     model_parallel: int = 1  # under torchrun: model-parallel size; the rest of the world is data parallel
     max_minutes: float | None = None  # safety stop: save and end after this much wall time
 
@@ -345,12 +349,41 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def init_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
+def train_device(spec: str = "auto") -> torch.device:
+    """The device a training process runs on.
+
+    ``auto`` is this process's GPU (the one of its ``LOCAL_RANK``, as torchrun sets it) when CUDA
+    is available, else the CPU; ``cuda`` without an index also means the ``LOCAL_RANK`` one. A
+    clear error names a device that is malformed or not there."""
+    spec = str(spec)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SphinxToolsError(f"unknown training device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        raise SphinxToolsError(f"training device {spec!r} asked for, but CUDA is not available here")
+    dev = torch.device("cuda", local if dev.index is None else dev.index)
+    if dev.index >= torch.cuda.device_count():
+        raise SphinxToolsError(
+            f"training device {dev} (LOCAL_RANK {local}) does not exist: "
+            f"{torch.cuda.device_count()} GPU(s) visible; start at most that many processes per machine")
+    return dev
+
+
+def init_model(cfg: TrainConfig, device="cpu") -> tuple[Transformer, Tokenizer]:
+    "The model to train (fp32 weights on ``device``) and its tokenizer, from ``cfg.init``."
     from .sphinx_model import SphinxModel
 
     init = cfg.init
     if "checkpoint" in init:
-        m = SphinxModel.from_pretrained(init["checkpoint"])
+        m = SphinxModel.from_pretrained(init["checkpoint"], device=device)
         model, tok = m.transformer, m.tokenizer
     else:
         from .tiny import init_coordinate_rows_, init_random_
@@ -367,6 +400,7 @@ def init_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
         model = model.to_empty(device="cpu")
         init_random_(model, int(init.get("seed", 0)))
         init_coordinate_rows_(model, tok)  # a no-op unless the tokenizer has coordinate tokens
+        model = model.to(device)  # initialized on the CPU: the same weights on every device
     for p in model.parameters():
         p.data = p.data.float()
     return model, tok
@@ -416,7 +450,7 @@ def _sync_grads(params: list[torch.nn.Parameter]):
     world = dist.dp_world_size()
     if world == 1:
         return
-    used = torch.tensor([float(p.grad is not None) for p in params])
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                      + [used])
     torch_dist.all_reduce(flat, group=dist.fs_init.get_data_parallel_group())
@@ -432,12 +466,20 @@ def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, progress: bool)
 
 
 def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path:
-    """Run :func:`train` in ``procs`` processes on this machine (gloo), as ``torchrun
-    --nproc_per_node procs`` would: data parallel, or model parallel by ``cfg.model_parallel``.
-
-    On CPU give each process its share of the cores (``cfg.num_threads``)."""
+    """Run :func:`train` in ``procs`` processes on this machine, as ``torchrun --nproc_per_node
+    procs`` would: data parallel, or model parallel by ``cfg.model_parallel``. Process ``k`` trains
+    on GPU ``k`` (NCCL) when the device is ``auto`` or ``cuda`` and CUDA is there, else on the CPU
+    (gloo); on CPU give each process its share of the cores (``cfg.num_threads``)."""
     if procs < 1:
         raise SphinxToolsError(f"procs must be >= 1, got {procs}")
+    device = train_device(cfg.device)  # fail here, not in every child
+    if procs > 1 and device.type == "cuda":
+        if str(cfg.device) not in ("auto", "cuda"):
+            raise SphinxToolsError(f"device {cfg.device!r} names one GPU; {procs} processes need "
+                                   "device auto or cuda (process k on GPU k)")
+        if procs > torch.cuda.device_count():
+            raise SphinxToolsError(f"{procs} processes but {torch.cuda.device_count()} GPU(s): "
+                                   "one process per GPU (or device: cpu)")
     if procs == 1:
         return train(cfg, progress=progress)
     import torch.multiprocessing as mp
@@ -452,6 +494,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    device = train_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.maybe_init_dist("nccl" if device.type == "cuda" else "gloo")
     dist.init_model_parallel(cfg.model_parallel)
     out = Path(cfg.out)
     last = out / "last"
@@ -459,11 +505,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         os.replace(last.with_name("last.old"), last)
     state = None
     if (last / "train_state.pt").is_file():
-        state = torch.load(last / "train_state.pt", weights_only=False)
+        state = torch.load(last / "train_state.pt", weights_only=False, map_location="cpu")
         cfg_resume = TrainConfig(**{**asdict(cfg), "init": {"checkpoint": str(last)}})
-        model, tok = init_model(cfg_resume)
+        model, tok = init_model(cfg_resume, device)
     else:
-        model, tok = init_model(cfg)
+        model, tok = init_model(cfg, device)
     torch.manual_seed(cfg.seed + dist.dp_rank())
     n_train = set_trainable(model, cfg.train)
     model.train()
@@ -478,6 +524,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
     order = data.epoch(epoch)
     dp, dpw = dist.dp_rank(), dist.dp_world_size()
@@ -500,8 +548,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 pos += 1
                 if (pos - 1) % dpw == dp:
                     batch.append(data.example(d, i))
-            ids, labels, images, segments = collate(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ids, labels, images, segments = (None if t is None else t.to(device, non_blocking=True)
+                                             for t in collate(batch))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(model, ids, labels, images, segments) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
@@ -526,7 +575,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             model.eval()
             save(model, tok, last, dict(optimizer=opt.state_dict(), step=step, epoch=epoch,
                                         pos=pos, py_rng=random.getstate(),
-                                        torch_rng=torch.get_rng_state(), config=asdict(cfg)))
+                                        torch_rng=torch.get_rng_state(), config=asdict(cfg),
+                                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
             model.train()
         if out_of_time:
             if log:

@@ -24,6 +24,7 @@ from sphinx_tools.train import (
     tokenize_conversation,
     tokenize_independent,
     train,
+    train_device,
     train_local,
 )
 
@@ -216,9 +217,40 @@ def test_cli_trains_with_local_processes(synth_data):
     from sphinx_tools.cli import main
 
     cfg = write_config(synth_data, "cli", steps=3, batch_size=1, save_every=100)
-    res = CliRunner().invoke(main, ["train", str(cfg), "--steps", "2", "--procs", "2", "--threads", "1"])
+    res = CliRunner().invoke(main, ["train", str(cfg), "--steps", "2", "--procs", "2", "--threads", "1",
+                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert f"checkpoint: {synth_data / 'cli' / 'last'}" in res.output
     log = [json.loads(x) for x in (synth_data / "cli_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["dp"]) for r in log] == [(1, 2), (2, 2)]
     assert SphinxModel.from_pretrained(synth_data / "cli" / "last").transformer.cfg.dim > 0
+
+
+def test_training_device(monkeypatch, synth_data):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_device("auto") == train_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "xla", "cuda:x", ""):
+        with pytest.raises(SphinxToolsError, match=f"unknown training device {bad!r}"):
+            train_device(bad)
+    with pytest.raises(SphinxToolsError, match="'cuda' asked for, but CUDA is not available"):
+        train_device("cuda")
+    with pytest.raises(SphinxToolsError, match="unknown training device 'gpu'"):  # before any work
+        train_local(TrainConfig.load(write_config(synth_data, "devbad", device="gpu")), procs=2)
+
+    # with GPUs: auto and cuda are this process's LOCAL_RANK one (as torchrun sets it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train_device("auto") == train_device("cuda") == torch.device("cuda", 1)
+    assert train_device("cuda:0") == torch.device("cuda", 0)
+    assert train_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(SphinxToolsError, match=r"cuda:2 \(LOCAL_RANK 2\) does not exist: 2 GPU"):
+        train_device("auto")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = TrainConfig.load(write_config(synth_data, "devs"))
+    with pytest.raises(SphinxToolsError, match="3 processes but 2 GPU"):
+        train_local(cfg, procs=3)
+    cfg.device = "cuda:1"
+    with pytest.raises(SphinxToolsError, match="'cuda:1' names one GPU; 2 processes"):
+        train_local(cfg, procs=2)
