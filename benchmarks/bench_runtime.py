@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -108,6 +109,41 @@ def bench_load(tmp: Path) -> dict:
     return out
 
 
+ENCODE_SNIPPET = r"""
+import json, os, sys, time, statistics, torch
+from sphinx_tools import SphinxModel
+torch.set_num_threads(1)
+m = SphinxModel.from_pretrained(sys.argv[1])  # joins the MP world torchrun-style (RANK, WORLD_SIZE)
+images = torch.randn(int(sys.argv[2]), 3, m.cfg.image_size, m.cfg.image_size)
+times = []
+for _ in range(6):
+    t = time.perf_counter()
+    m.encode_images(images)
+    times.append(time.perf_counter() - t)
+if int(os.environ["RANK"]) == 0:
+    print(json.dumps(dict(encode_ms=statistics.median(times[1:]) * 1e3)))
+"""
+
+
+def bench_encode_mp(tmp: Path, images: int = 4) -> dict:
+    """Image encoding (SPHINX-1k's 5 views per image) with 1 and 2 model-parallel processes of one
+    thread each: the encoders are replicated, and each rank encodes its share of the views."""
+    from sphinx_tools.dist import _free_port
+
+    ckpt = make_tiny_checkpoint(tmp / "enc", variant="sphinx-1k")
+    out = {"images": images, "views": images * 5}
+    for mp in (1, 2):
+        port = _free_port()
+        env = lambda r: {**os.environ, "RANK": str(r), "WORLD_SIZE": str(mp), "LOCAL_RANK": str(r),
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", ENCODE_SNIPPET, str(ckpt), str(images)],
+                                  env=env(r), stdout=subprocess.PIPE, text=True) for r in range(mp)]
+        outs = [p.communicate()[0] for p in procs]
+        out[f"encode_ms_mp{mp}"] = json.loads(outs[0].strip().splitlines()[-1])["encode_ms"]
+    out["mp2_speedup"] = out["encode_ms_mp1"] / out["encode_ms_mp2"]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
@@ -126,6 +162,7 @@ def main():
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["load"] = bench_load(Path(tmp))
+        result["image_encode_model_parallel"] = bench_encode_mp(Path(tmp))
     result["targets_met"] = {
         "batch8_ge_4x_batch1": result["batch8_over_batch1"] >= 4,
         "pos500_le_1.5x_pos10": result["pos500_over_pos10"] <= 1.5,

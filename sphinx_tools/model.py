@@ -590,13 +590,37 @@ class Transformer(nn.Module):
         dino = dinov2_encode(self.dinov2_vitg14, (x * std + mean - im_mean) / im_std)
         return dict(qformer=qf, clip=clip, convnext_trunk=trunk, convnext=convnext, dinov2=dino)
 
+    def view_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, 3, 224, 224) views -> (N, Q + 1 + g*g, dim): 289 tokens a view for the released
+        f = self.encode_views(x)
+        q = self.qformer_proj(f["qformer"])  # (N, Q, dim)
+        fused = self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+        return torch.cat([q, fused], dim=1)
+
+    def _shared_view_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`view_tokens` with the views shared out over the model-parallel ranks.
+
+        The encoders are replicated on every rank (as in the reference), so each rank encodes
+        its slice of the views and an all-gather gives every rank all of them: the encoder work
+        is divided by the model-parallel size instead of repeated. Inference only (all_gather has
+        no backward); with gradients, or one rank, every rank encodes every view."""
+        mp = fs_init.get_model_parallel_world_size()
+        n = x.shape[0]
+        if mp == 1 or n < 2 or torch.is_grad_enabled():
+            return self.view_tokens(x)
+        per = -(-n // mp)
+        rank = fs_init.get_model_parallel_rank()
+        # the last ranks may have fewer (or no) views: they repeat the last one so shapes match
+        idx = torch.arange(rank * per, (rank + 1) * per, device=x.device).clamp(max=n - 1)
+        mine = self.view_tokens(x[idx]).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(mp)]
+        torch.distributed.all_gather(parts, mine, group=fs_init.get_model_parallel_group())
+        return torch.cat(parts, dim=0)[:n]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, S, S) -> (B, image_tokens, dim) including start/end tokens
         B = images.shape[0]
-        f = self.encode_views(self.views(images))
-        q = self.qformer_proj(f["qformer"])  # (V*B, Q, dim)
-        fused = self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
-        tokens = torch.cat([q, fused], dim=1)  # (V*B, Q + 1 + g*g, dim): 289 for the released
+        tokens = self._shared_view_tokens(self.views(images))  # (V*B, Q + 1 + g*g, dim)
         start = self.start_img.expand(B, -1, -1).to(tokens.dtype)
         end = self.end_img.expand(B, -1, -1).to(tokens.dtype)
         parts = []

@@ -24,6 +24,9 @@ def run(rank: int, world: int, port: int, ckpt: str, out: str, golden_io: str):
             result["error"] = str(e)
         else:
             io = torch.load(golden_io, weights_only=True)
+            encoded = []  # views this rank runs through the encoders, per call
+            encode_views = m.transformer.encode_views
+            m.transformer.encode_views = lambda x: encoded.append(x.shape[0]) or encode_views(x)
             logits = m.logits(io["prompt_token_ids"][None], io["image"][None])
             result["logits_diff"] = float((logits - io["logits"]).abs().max())
             text_only = m.logits(io["prompt_token_ids"][None], None)
@@ -34,6 +37,7 @@ def run(rank: int, world: int, port: int, ckpt: str, out: str, golden_io: str):
             sampled = m.generate([p, io["prompt"]], [io["image"], None], max_gen_len=12,
                                  temperature=0.9, top_p=0.9, seed=7)
             result["sampled"] = [g.token_ids for g in sampled]
+            result["encoded_views"] = encoded
             result["local_wq"] = list(m.transformer.layers[0].attention.wq.weight.shape)
     except Exception:
         result["crash"] = traceback.format_exc()

@@ -45,6 +45,10 @@ def test_golden_under_model_parallel(golden_dir, golden_io, layout, world, tmp_p
         assert r["text_only_diff"] <= 1e-4
         assert r["greedy"] == want
         assert r["local_wq"] == [64 // world, 64]  # only this rank's slice is materialized
+        # each rank encodes its share of the image's 5 views (3 + 2 of 2 ranks; 2 + 2 + 1 + 0 of
+        # 4, padded to 2 each) in each image encoding: logits, greedy, sampled
+        per = -(-5 // world)
+        assert r["encoded_views"] == [per] * 3, r["encoded_views"]
     # seeded sampling: identical on every model-parallel rank
     assert all(r["sampled"] == results[0]["sampled"] for r in results)
 
