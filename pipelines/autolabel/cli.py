@@ -89,7 +89,9 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
 @click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
               default=("coco",), show_default=True, help="extra exports beside the COCO file")
 @click.option("--sam", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="SAM checkpoint: add masks (compressed RLE) to box annotations")
+              help="SAM checkpoint: add masks to box annotations")
+@click.option("--mask-format", default="rle", show_default=True, type=click.Choice(["rle", "polygon"]),
+              help="SAM masks in the COCO file: compressed RLE (exact) or polygons (outer contours)")
 @click.option("--sam-type", default="vit_h", show_default=True)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--max-gen-len", type=click.IntRange(1),
@@ -112,7 +114,7 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
               help="larger images are recorded as failures (decompression bombs)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_option, formats,
-                  sam, sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit,
+                  sam, mask_format, sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit,
                   dry_run, overwrite, device, dtype, model_parallel, image_root, workers,
                   max_pixels, progress):
     """Auto-label images (a folder, a list of paths, or a COCO / RefCOCO json) into ONE COCO file.
@@ -155,7 +157,7 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
         barrier()
     if rank != 0:
         return
-    _finish(labeler, source, out, limit, formats, summary, dp_world)
+    _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format)
 
 
 def _ontology(spec, drop_unmapped: bool, source):
@@ -186,13 +188,13 @@ def _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world
                          barrier=barrier)
 
 
-def _finish(labeler, source, out, limit, formats, summary, dp_world) -> None:
+def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format="rle") -> None:
     "Rank 0: merge the logs into the COCO file, export, print the summary, set the exit code."
     from .coco import write_coco
     from .export import export
 
     merged = write_coco(out, source, labeler, limit=limit,
-                        metadata={"data_parallel": dp_world})
+                        metadata={"data_parallel": dp_world}, mask_format=mask_format)
     for fmt in formats:
         if fmt != "coco":
             where = export(out, fmt, source.root)

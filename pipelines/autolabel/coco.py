@@ -7,7 +7,8 @@ Layout of the output (a superset of COCO detection / keypoints / captions)::
                 carries the 17 COCO keypoint names and the skeleton
     images      {id, file_name (relative to the source root), width, height}
     annotations {id, image_id, category_id, bbox [x, y, w, h] px, area, iscrowd 0, score, task,
-                 segmentation (compressed RLE, with SAM), keypoints + num_keypoints (pose),
+                 segmentation (with SAM: compressed RLE, or polygons with
+                 ``mask_format="polygon"``), keypoints + num_keypoints (pose),
                  caption (REG), text (OCR), phrase, expression + question_id (REC),
                  caption_id (grounded caption)}
     captions    {id, image_id, caption, task}  (COCO-captions ``annotations`` shape)
@@ -31,7 +32,7 @@ import numpy as np
 from sphinx_tools.parsing import normalize_label
 
 from .engine import SEGMENT, Labeler
-from .segmenting import rle_area
+from .segmenting import rle_area, rle_to_polygons
 from .sources import Source
 from .worklog import WorkLog, log_dir_for
 
@@ -47,6 +48,7 @@ COCO_SKELETON = [
 SECTIONS = ("images", "annotations", "captions", "vqa", "relations", "failures")
 FAILURE = "__failure__"
 BOX_MATCH_PX = 1.0
+MASK_FORMATS = ("rle", "polygon")
 
 
 @dataclass
@@ -114,10 +116,16 @@ class CocoBuilder:
         categories: the category table.
         ontology: maps class phrases to category names (``None``: normalized phrase).
         question: the VQA question (written beside each answer).
+        mask_format: ``"rle"`` (compressed RLE, exact) or ``"polygon"`` (outer contours, for tools
+            that only read polygons; a mask with no 3-point contour stays RLE). ``area`` is the
+            mask's pixel count either way.
     """
 
     def __init__(self, folder: Path, categories: Categories, ontology=None,
-                 question: str | None = None):
+                 question: str | None = None, mask_format: str = "rle"):
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"unknown mask format {mask_format!r}; use one of {MASK_FORMATS}")
+        self.mask_format = mask_format
         self.sections = {name: _ArrayFile(folder, name) for name in SECTIONS}
         self.categories = categories
         self.ontology = ontology
@@ -254,7 +262,8 @@ class CocoBuilder:
         for task, rles in record["masks"].items():
             for ann, rle in zip(anns.get(task, []), rles, strict=False):
                 if ann is not None and rle is not None:
-                    ann["segmentation"] = rle
+                    polygons = rle_to_polygons(rle) if self.mask_format == "polygon" else None
+                    ann["segmentation"] = polygons or rle
                     ann["area"] = rle_area(rle)
 
     def _relations(self, result, anns: list, image_id) -> None:
@@ -324,7 +333,7 @@ def _pick(labeler: Labeler, index: dict, item, tasks) -> tuple[dict | None, floa
 
 
 def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = None,
-               metadata: dict | None = None) -> MergeSummary:
+               metadata: dict | None = None, mask_format: str = "rle") -> MergeSummary:
     """Merge every rank's work log into the COCO file ``out`` (atomically replaced).
 
     Images come in source order; an image is written when every task has a current record (its
@@ -337,6 +346,8 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
         labeler: the configuration the records must match (tasks, prompts, model, ...).
         limit: only the first ``limit`` images of the source.
         metadata: extra run metadata for ``info``.
+        mask_format: SAM masks as ``"rle"`` (compressed RLE) or ``"polygon"`` (see
+            :class:`CocoBuilder`).
 
     Returns:
         A :class:`MergeSummary`.
@@ -351,7 +362,7 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
     summary = MergeSummary(torn_lines=log.torn_lines)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         builder = CocoBuilder(Path(tmp), categories, labeler.ontology,
-                              labeler.options.get("vqa", {}).get("question"))
+                              labeler.options.get("vqa", {}).get("question"), mask_format)
         items = source.items() if limit is None else itertools.islice(source.items(), limit)
         for item in items:
             chosen, t = _pick(labeler, index, item, tasks)

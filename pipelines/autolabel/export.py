@@ -4,8 +4,9 @@
   ``DetectionDataset.as_yolo``; polygons when masks exist).
 - ``voc``: ``<out stem>_voc/*.xml`` (``as_pascal_voc``).
 - ``label-studio``: ``<out stem>.label-studio.json``, one task per image with a ``predictions``
-  entry: ``rectanglelabels`` per box (percent coordinates, score), ``keypointlabels`` per visible
-  key point, ``textarea`` per OCR string / region caption.
+  entry: ``rectanglelabels`` per box (percent coordinates, score), ``polygonlabels`` per part of
+  its mask (from the COCO polygons, or traced from RLE), ``keypointlabels`` per visible key point,
+  ``textarea`` per OCR string / region caption.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABEL_STUDIO_FROM = {"box": "label", "keypoint": "keypoints", "text": "transcription"}
+LABEL_STUDIO_FROM = {"box": "label", "keypoint": "keypoints", "text": "transcription",
+                     "polygon": "polygon"}
 
 
 def export(coco_path, fmt: str, images_root, out=None) -> Path:
@@ -88,7 +90,7 @@ def export_label_studio(coco_path, out_path, image_prefix: str = "") -> Path:
 
 
 def label_studio_results(ann: dict, image: dict, names: dict, keypoint_names) -> list[dict]:
-    "One COCO annotation as Label Studio result items (box, key points, text)."
+    "One COCO annotation as Label Studio result items (box, mask polygons, key points, text)."
     W, H = image["width"], image["height"]
     x, y, w, h = ann["bbox"]
     rid = f"a{ann['id']}"
@@ -104,6 +106,18 @@ def label_studio_results(ann: dict, image: dict, names: dict, keypoint_names) ->
     if text:
         out.append({**common, "id": rid, "from_name": LABEL_STUDIO_FROM["text"],
                     "type": "textarea", "value": {**box["value"], "text": [text]}})
+    segmentation = ann.get("segmentation")
+    if segmentation:  # COCO polygons, or RLE traced into polygons
+        from .segmenting import rle_to_polygons
+
+        polygons = segmentation if isinstance(segmentation, list) else rle_to_polygons(segmentation)
+        for j, poly in enumerate(polygons):
+            out.append({**common, "id": f"{rid}m{j}", "from_name": LABEL_STUDIO_FROM["polygon"],
+                        "type": "polygonlabels", "parentID": rid, "score": ann.get("score"),
+                        "value": {"points": [[100 * px / W, 100 * py / H]
+                                             for px, py in zip(poly[::2], poly[1::2])],
+                                  "closed": True,
+                                  "polygonlabels": box["value"]["rectanglelabels"]}})
     kps = ann.get("keypoints") or []
     for j in range(len(kps) // 3):
         kx, ky, v = kps[3 * j: 3 * j + 3]

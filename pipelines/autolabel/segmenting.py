@@ -63,6 +63,19 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def decode_rle(rle: dict) -> np.ndarray:
+    "COCO compressed RLE ``{size, counts: str}`` -> (H, W) bool mask."
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+
+
+def rle_to_polygons(rle: dict) -> list[list[float]]:
+    """COCO compressed RLE -> COCO polygons ``[[x1, y1, x2, y2, ...], ...]``: the outer contour of
+    each connected part of the mask (supervision's ``mask_to_polygons``); holes are not kept.
+    Parts too small for a polygon of 3 points are dropped, so a speck gives ``[]``."""
+    return [[float(v) for v in poly.reshape(-1)] for poly in sv.mask_to_polygons(decode_rle(rle))
+            if len(poly) >= 3]
+
+
 def rle_area(rle: dict) -> float:
     return float(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
 

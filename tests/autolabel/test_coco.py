@@ -180,3 +180,60 @@ def test_sam_masks_as_compressed_rle(synth_dir, tmp_path, box_sam):
     assert ev.stats[0] == pytest.approx(1.0)
     ds = sv.DetectionDataset.from_coco(str(synth_dir / "images"), str(out))
     assert ds[0][2].mask is not None
+
+
+def test_rle_to_polygons_traces_each_part():
+    from pycocotools import mask as mask_utils
+
+    from sphinx_tools.pipelines.autolabel.segmenting import encode_rle, rle_to_polygons
+
+    yy, xx = np.mgrid[:120, :160]
+    disk = (xx - 50) ** 2 + (yy - 60) ** 2 <= 30 ** 2
+    square = (xx >= 110) & (xx < 150) & (yy >= 20) & (yy < 50)
+    polygons = rle_to_polygons(encode_rle(disk | square))
+    assert len(polygons) == 2 and all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
+    for want in (disk, square):  # each part comes back as one polygon covering it
+        ious = [mask_utils.iou([mask_utils.encode(np.asfortranarray(want.astype(np.uint8)))],
+                               mask_utils.frPyObjects([p], 120, 160), [0])[0][0] for p in polygons]
+        assert max(ious) > 0.9
+    speck = np.zeros((20, 20), bool)
+    speck[5, 5] = True
+    assert rle_to_polygons(encode_rle(speck)) == []
+
+
+def test_sam_masks_as_polygons(synth_dir, tmp_path, box_sam):
+    from sphinx_tools.pipelines.autolabel.export import export_label_studio
+
+    labeler = Labeler(ScriptedModel(), ["detection"], model_id="s", sam_predictor=box_sam,
+                      sam_id="tiny")
+    source = open_source(synth_dir / "images")
+    out = tmp_path / "poly.json"
+    label_dataset(labeler, source, out, progress=False, limit=2)
+    with pytest.raises(ValueError, match="unknown mask format 'png'"):
+        write_coco(out, source, labeler, limit=2, mask_format="png")
+    write_coco(out, source, labeler, limit=2, mask_format="polygon")
+    coco = json.loads(out.read_text())
+    anns = coco["annotations"]
+    assert anns and all(isinstance(a["segmentation"], list) and a["segmentation"] for a in anns)
+    for a in anns:  # the box SAM's mask is the box: one polygon around it
+        xs, ys = a["segmentation"][0][::2], a["segmentation"][0][1::2]
+        x, y, w, h = a["bbox"]
+        assert min(xs) == pytest.approx(x, abs=2) and max(xs) == pytest.approx(x + w, abs=2)
+        assert min(ys) == pytest.approx(y, abs=2) and max(ys) == pytest.approx(y + h, abs=2)
+    # the polygons are the RLE masks up to the contour's half pixel: evaluated against them
+    from sphinx_tools.pipelines.autolabel.evaluate import evaluate
+
+    rle = tmp_path / "rle.json"
+    label_dataset(labeler, source, rle, progress=False, limit=2)
+    write_coco(rle, source, labeler, limit=2)
+    metrics = evaluate(out, rle, iou_types=("segm",))
+    assert metrics["segm"]["AP50"] == pytest.approx(1.0) and metrics["segm"]["AP75"] == pytest.approx(1.0)
+    ds = sv.DetectionDataset.from_coco(str(synth_dir / "images"), str(out))
+    assert ds[0][2].mask is not None
+    # Label Studio gets each mask as a polygon in percent of the image, tied to its box
+    tasks = json.loads(export_label_studio(out, tmp_path / "ls.json").read_text())
+    polys = [r for t in tasks for r in t["predictions"][0]["result"] if r["type"] == "polygonlabels"]
+    assert len(polys) == len(anns)
+    for r in polys:
+        assert r["parentID"].startswith("a") and r["value"]["polygonlabels"]
+        assert all(0 <= v <= 100 for pt in r["value"]["points"] for v in pt)
