@@ -38,6 +38,8 @@ Config example::
     dtype: fp32                                 # or bf16 (autocast)
     device: auto                                # cuda:LOCAL_RANK when CUDA is there, else cpu
     model_parallel: 1                           # under torchrun; the rest of the world is data parallel
+    encoder_warmup: {coco: data/synth/coco.json, images: data/synth/images, steps: 600}
+                                                # optional: dense encoder training first (warmup.py)
     save_every: 500
     log_every: 20
     seed: 0
@@ -97,6 +99,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (this process's GPU, else the CPU), "cpu", "cuda", "cuda:N"
     model_parallel: int = 1  # under torchrun: model-parallel size; the rest of the world is data parallel
     max_minutes: float | None = None  # safety stop: save and end after this much wall time
+    encoder_warmup: dict | None = None  # dense encoder training first (sphinx_tools.warmup)
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
@@ -123,6 +126,10 @@ class TrainConfig:
         for k in ("checkpoint", "tokenizer"):
             if k in raw["init"]:
                 raw["init"][k] = str((base / raw["init"][k]).resolve())
+        if raw.get("encoder_warmup") is not None:
+            from .warmup import check_config
+
+            raw["encoder_warmup"] = check_config(raw["encoder_warmup"], base)
         bad = set(raw.get("train", [])) - set(PARTS)
         if bad:
             raise SphinxToolsError(f"unknown trainable parts {sorted(bad)}; known: {sorted(PARTS)}")
@@ -492,6 +499,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) a finetuning job; returns the final checkpoint folder."""
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()  # max_minutes counts the whole job, encoder warm-up included
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = train_device(cfg.device)
@@ -510,6 +518,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model, tok = init_model(cfg_resume, device)
     else:
         model, tok = init_model(cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
+    dp, dpw = dist.dp_rank(), dist.dp_world_size()
+    log = open(out.parent / f"{out.name}_log.jsonl", "a") if dp == 0 else None
+    if state is None and cfg.encoder_warmup:  # a fresh start; a resumed run has warm encoders
+        from .warmup import check_config, warmup_encoders
+
+        warmup_encoders(model, check_config(cfg.encoder_warmup, Path(".")), device, log, progress)
     torch.manual_seed(cfg.seed + dist.dp_rank())
     n_train = set_trainable(model, cfg.train)
     model.train()
@@ -528,12 +543,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
     data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
     order = data.epoch(epoch)
-    dp, dpw = dist.dp_rank(), dist.dp_world_size()
     autocast = cfg.dtype == "bf16"
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or dist.mp_rank() + dp > 0,
                desc="train", unit="step")
-    log = open(out.parent / f"{out.name}_log.jsonl", "a") if dp == 0 else None
-    out.mkdir(parents=True, exist_ok=True)
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
@@ -570,7 +582,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if log:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes
+        out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             model.eval()
             save(model, tok, last, dict(optimizer=opt.state_dict(), step=step, epoch=epoch,

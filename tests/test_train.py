@@ -254,3 +254,87 @@ def test_training_device(monkeypatch, synth_data):
     cfg.device = "cuda:1"
     with pytest.raises(SphinxToolsError, match="'cuda:1' names one GPU; 2 processes"):
         train_local(cfg, procs=2)
+
+
+def _coco_file(tmp_path, images, boxes):
+    cats = [{"id": 7, "name": "thing"}, {"id": 9, "name": "other"}]
+    anns = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": b} for k, (i, c, b) in enumerate(boxes)]
+    p = tmp_path / "coco.json"
+    p.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return p
+
+
+def test_dense_targets_follow_the_views(tmp_path):
+    from sphinx_tools.warmup import DenseTargets
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448},
+              {"id": 2, "file_name": "b.png", "width": 200, "height": 100}]
+    coco = _coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (2, 9, [0, 0, 200, 100])])
+    d = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4)
+    assert d.width == 16 + 2
+    from PIL import Image
+
+    Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
+    image, t = d.example(0)
+    assert image.shape == (3, 448, 448) and t.shape == (5, 16, 18)
+    fg = t[..., :16].mean(-1).view(5, 4, 4)  # per patch: the covered share of its cells
+    want = torch.zeros(4, 4)
+    want[:2, :2] = 1  # the global view: the top-left quarter
+    torch.testing.assert_close(fg[0], want)
+    torch.testing.assert_close(fg[1], torch.ones(4, 4))  # the top-left quadrant is all box
+    assert fg[2:].abs().sum() == 0
+    torch.testing.assert_close(t[0, :, 16].view(4, 4), want)  # category 7 is channel 0
+    assert t[..., 17].abs().sum() == 0
+    # a wide image is padded top and bottom: its full-image box covers the middle rows
+    cov = d.coverage(1)
+    rows = cov[0].mean(1)
+    assert rows[: d.res // 4].sum() == 0 and rows[d.res // 4: 3 * d.res // 4].min() == 1
+    assert cov[2].sum() == cov[0].sum() and cov[1].sum() == 0  # category 9 is channel 1
+
+
+def test_encoder_warmup_config_errors(tmp_path):
+    from sphinx_tools.warmup import check_config
+
+    with pytest.raises(SphinxToolsError, match="needs `coco`"):
+        check_config({"steps": 3}, tmp_path)
+    with pytest.raises(SphinxToolsError, match=r"unknown encoder_warmup keys \['stpes'\]"):
+        check_config({"coco": "c.json", "stpes": 3}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="encoder_warmup.steps must be a positive integer, got 0"):
+        check_config({"coco": "c.json", "steps": 0}, tmp_path)
+    spec = check_config({"coco": "d/c.json"}, tmp_path)
+    assert spec["images"] == str((tmp_path / "d").resolve()) and spec["steps"] == 600
+
+
+def test_encoder_warmup_trains_the_encoders_on_boxes(synth_data):
+    from sphinx_tools.warmup import check_config, warmup_encoders
+
+    cfg = TrainConfig.load(write_config(synth_data, "warm0"))
+    model, _ = init_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = check_config({"coco": "data/coco.json", "images": "data/images", "steps": 40,
+                         "batch_size": 2, "lr": 3e-3, "warmup": 2}, synth_data)
+    torch.set_num_threads(2)
+    losses = warmup_encoders(model, spec, "cpu", progress=False)
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    after = model.state_dict()
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        if k.startswith(("layers.", "tok_embeddings.", "output.", "qformer", "start_img", "end_img")):
+            assert not changed, k
+    assert not torch.equal(before["visual_proj.0.weight"], after["visual_proj.0.weight"])
+    assert not torch.equal(before["clip.visual.conv1.weight"], after["clip.visual.conv1.weight"])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_with_encoder_warmup_runs_it_once(synth_data):
+    warm = {"coco": "data/coco.json", "images": "data/images", "steps": 3, "batch_size": 1}
+    cfg = TrainConfig.load(write_config(synth_data, "warm", steps=2, train=["llm", "proj", "tokens"],
+                                        encoder_warmup=warm))
+    first = train(cfg, progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "warm", steps=4, train=["llm", "proj", "tokens"],
+                                        encoder_warmup=warm))
+    train(cfg, progress=False)  # resumes at step 2: the encoders are warm already
+    log = [json.loads(x) for x in (synth_data / "warm_log.jsonl").read_text().splitlines()]
+    assert [r.get("warmup_step") for r in log] == [3, None, None, None, None]
+    assert [r["step"] for r in log[1:]] == [1, 2, 3, 4]
+    assert SphinxModel.from_pretrained(first).transformer.cfg.dim > 0

@@ -1,0 +1,219 @@
+"""Dense warm-up of the visual encoders from COCO boxes, before finetuning.
+
+The released SPHINX starts from pretrained encoders (CLIP, ConvNeXt, DINOv2, Q-Former). A model
+trained from scratch (the tiny demo model) starts from random ones, and the language loss alone
+teaches them where things are very slowly: on synthetic shapes a tiny SPHINX trained end to end
+answered every one-object REC question with the same box after 600 steps. This stage first
+trains the encoders and the fused visual projection on a dense task read from COCO ground truth;
+finetuning then teaches the LLM to read their tokens.
+
+Target of each fused patch token of each view (the global view and, for SPHINX-1k, the four
+quadrants): the fraction of each of its ``sub x sub`` cells that object boxes cover, and the
+fraction of the patch that boxes of each category cover. A linear head (discarded afterwards)
+predicts them with a mean squared error. Config (``encoder_warmup`` in the training YAML)::
+
+    encoder_warmup:
+      coco: data/coco.json     # boxes and categories; file names relative to `images`
+      images: data/images
+      steps: 600
+      batch_size: 4            # per process
+      lr: 2.0e-3               # warmup + cosine, like finetuning
+      sub: 4                   # sub-cells per patch side
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dist
+from .errors import SphinxToolsError
+from .transforms import PaddedResize
+
+DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0}
+KEYS = {"coco", "images", *DEFAULTS}
+TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
+
+
+def check_config(spec: dict, base: Path) -> dict:
+    "Validate an ``encoder_warmup`` mapping; paths resolved against ``base``; defaults filled."
+    if not isinstance(spec, dict):
+        raise SphinxToolsError(f"encoder_warmup must be a mapping, got {spec!r}")
+    unknown = set(spec) - KEYS
+    if unknown:
+        raise SphinxToolsError(f"unknown encoder_warmup keys {sorted(unknown)}; known: {sorted(KEYS)}")
+    if "coco" not in spec:
+        raise SphinxToolsError("encoder_warmup needs `coco` (a COCO json with boxes)")
+    out = {**DEFAULTS, **spec}
+    out["coco"] = str((base / out["coco"]).resolve())
+    out["images"] = str((base / out.get("images", Path(out["coco"]).parent)).resolve())
+    for key in ("steps", "batch_size", "sub"):
+        if not isinstance(out[key], int) or out[key] < 1:
+            raise SphinxToolsError(f"encoder_warmup.{key} must be a positive integer, got {out[key]!r}")
+    return out
+
+
+class DenseTargets:
+    """COCO images and their per-patch targets for a model's views.
+
+    Args:
+        coco: path of the COCO json (``images``, ``annotations`` with ``bbox``, ``categories``).
+        images: folder the ``file_name`` entries are relative to.
+        image_size: the model's input side (448 for SPHINX-1k).
+        n_views: 5 (global + quadrants) or 1 (global).
+        grid: patch tokens per view side.
+        sub: sub-cells per patch side.
+    """
+
+    def __init__(self, coco, images, image_size: int, n_views: int, grid: int, sub: int):
+        try:
+            data = json.loads(Path(coco).read_text())
+            self.images = list(data["images"])
+            categories = [c["id"] for c in data["categories"]]
+            annotations = data["annotations"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {e!r}") from None
+        if not self.images:
+            raise SphinxToolsError(f"{coco} has no images")
+        self.root, self.sub, self.grid, self.n_views = Path(images), sub, grid, n_views
+        self.channel = {cid: i for i, cid in enumerate(categories)}
+        self.boxes: dict = {im["id"]: [] for im in self.images}
+        for a in annotations:
+            if a.get("image_id") in self.boxes and a.get("category_id") in self.channel:
+                self.boxes[a["image_id"]].append((a["bbox"], self.channel[a["category_id"]]))
+        self.transform = PaddedResize(image_size)
+        self.res = grid * sub * (2 if n_views == 5 else 1)  # target map cells per image side
+
+    @property
+    def width(self) -> int:
+        "Target values per patch token."
+        return self.sub * self.sub + len(self.channel)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def coverage(self, index: int) -> torch.Tensor:
+        "(1 + categories, res, res): box coverage of each map cell, all boxes and per category."
+        im = self.images[index]
+        w, h = im["width"], im["height"]
+        side = max(w, h)
+        px, py = self.transform.offsets((w, h))
+        r = self.res
+        maps = np.zeros((1 + len(self.channel), r, r), np.float32)
+        edges = np.arange(r, dtype=np.float64)
+        for (x, y, bw, bh), c in self.boxes[im["id"]]:
+            x1, x2 = (x + px) / side * r, (x + bw + px) / side * r
+            y1, y2 = (y + py) / side * r, (y + bh + py) / side * r
+            cov = np.outer(np.clip(np.minimum(edges + 1, y2) - np.maximum(edges, y1), 0, 1),
+                           np.clip(np.minimum(edges + 1, x2) - np.maximum(edges, x1), 0, 1))
+            maps[0] = np.maximum(maps[0], cov)
+            maps[1 + c] = np.maximum(maps[1 + c], cov)
+        return torch.from_numpy(maps)
+
+    def example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "``(image (3, S, S), targets (n_views, grid * grid, width))`` of one COCO image."
+        from PIL import Image
+
+        path = self.root / self.images[index]["file_name"]
+        try:
+            with Image.open(path) as pil:
+                image = self.transform.apply_image(pil)
+        except OSError as e:
+            raise SphinxToolsError(f"cannot read warm-up image {path}: {e}") from None
+        maps = self.coverage(index)
+        half = self.res // 2
+        views = [maps] if self.n_views == 1 else [maps] + [
+            maps[:, i:i + half, j:j + half] for i in (0, half) for j in (0, half)]  # as Transformer.views
+        g, s = self.grid, self.sub
+        out = []
+        for v in views:
+            cells = F.adaptive_avg_pool2d(v[:1], g * s)  # (1, g*s, g*s)
+            cells = cells.view(g, s, g, s).permute(0, 2, 1, 3).reshape(g * g, s * s)
+            cats = F.adaptive_avg_pool2d(v[1:], g).flatten(1).T  # (g*g, categories)
+            out.append(torch.cat([cells, cats], dim=1))
+        return image, torch.stack(out)
+
+
+def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
+    "(B, 3, S, S) -> (B, n_views, grid * grid, dim): the fused patch tokens of every view."
+    cfg = model.cfg
+    g = cfg.vision.grid
+    f = model.encode_views(model.views(images))  # view-major: (V*B, ...)
+    fused = model.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+    B = images.shape[0]
+    return fused[:, 1:1 + g * g].reshape(cfg.n_views, B, g * g, -1).transpose(0, 1)
+
+
+def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) -> list[float]:
+    """Train the encoders and the visual projection on :class:`DenseTargets` (see the module
+    docstring); data parallel like finetuning (each rank its share of every batch, gradients
+    averaged). Writes ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
+    from tqdm.auto import tqdm
+
+    from .train import _sync_grads
+
+    data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
+                        model.cfg.vision.grid, spec["sub"])
+    gen = torch.Generator().manual_seed(int(spec["seed"]))
+    head = nn.Linear(model.cfg.dim, data.width)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * model.cfg.dim ** -0.5)
+        head.bias.zero_()
+    head = head.to(device)
+    params = [p for n, p in model.named_parameters() if n.startswith(TRAINS)]
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    params += list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    dp, dpw = dist.dp_rank(), dist.dp_world_size()
+    rng = random.Random(int(spec["seed"]))
+    order: list[int] = []
+    losses = []
+    bar = tqdm(total=spec["steps"], disable=not progress or dp > 0 or dist.mp_rank() > 0,
+               desc="encoder warm-up", unit="step")
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(spec["steps"]):
+        batch = []
+        for k in range(spec["batch_size"] * dpw):  # the global batch; this rank keeps its share
+            if not order:
+                order = list(range(len(data)))
+                rng.shuffle(order)
+            i = order.pop()
+            if k % dpw == dp:
+                batch.append(data.example(i))
+        images = torch.stack([b[0] for b in batch]).to(device)
+        targets = torch.stack([b[1] for b in batch]).to(device)
+        loss = F.mse_loss(head(patch_tokens(model, images)), targets) * 10
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = spec["lr"] * min(1.0, (step + 1) / spec["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / spec["steps"]))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log is not None and ((step + 1) % 10 == 0 or step + 1 == spec["steps"]):
+            log.write(json.dumps({"warmup_step": step + 1, "loss": losses[-1],
+                                  "s": round(time.perf_counter() - t0, 1)}) + "\n")
+            log.flush()
+    bar.close()
+    for p, flag in saved.items():
+        p.requires_grad_(flag)
+    for p in model.parameters():
+        p.grad = None
+    return losses
