@@ -590,12 +590,15 @@ class Transformer(nn.Module):
         dino = dinov2_encode(self.dinov2_vitg14, (x * std + mean - im_mean) / im_std)
         return dict(qformer=qf, clip=clip, convnext_trunk=trunk, convnext=convnext, dinov2=dino)
 
+    def fused_tokens(self, f: dict) -> torch.Tensor:
+        # encode_views features -> (N, 1 + g*g, dim): CLIP + ConvNeXt + DINOv2, projected
+        return self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+
     def view_tokens(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, 3, 224, 224) views -> (N, Q + 1 + g*g, dim): 289 tokens a view for the released
         f = self.encode_views(x)
         q = self.qformer_proj(f["qformer"])  # (N, Q, dim)
-        fused = self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
-        return torch.cat([q, fused], dim=1)
+        return torch.cat([q, self.fused_tokens(f)], dim=1)
 
     def _shared_view_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`view_tokens` with the views shared out over the model-parallel ranks.

@@ -24,10 +24,10 @@ predicts them with a mean squared error. Config (``encoder_warmup`` in the train
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -146,8 +146,7 @@ def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
     "(B, 3, S, S) -> (B, n_views, grid * grid, dim): the fused patch tokens of every view."
     cfg = model.cfg
     g = cfg.vision.grid
-    f = model.encode_views(model.views(images))  # view-major: (V*B, ...)
-    fused = model.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+    fused = model.fused_tokens(model.encode_views(model.views(images)))  # view-major: (V*B, ...)
     B = images.shape[0]
     return fused[:, 1:1 + g * g].reshape(cfg.n_views, B, g * g, -1).transpose(0, 1)
 
@@ -158,7 +157,9 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) 
     averaged). Writes ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
     from tqdm.auto import tqdm
 
-    from .train import _sync_grads
+    from .train import _sync_grads, lr_at
+
+    schedule = SimpleNamespace(lr=spec["lr"], min_lr=0.0, warmup=spec["warmup"], steps=spec["steps"])
 
     data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
                         model.cfg.vision.grid, spec["sub"])
@@ -200,9 +201,8 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) 
         loss.backward()
         _sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = spec["lr"] * min(1.0, (step + 1) / spec["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / spec["steps"]))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, schedule)
         opt.step()
         losses.append(float(loss.detach()))
         bar.update(1)

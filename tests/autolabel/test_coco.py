@@ -158,13 +158,19 @@ def test_drop_unmapped_phrases(synth_dir, tmp_path):
     assert len(coco["annotations"]) == 6
 
 
-def test_sam_masks_as_compressed_rle(synth_dir, tmp_path, box_sam):
+def _sam_labeled(synth_dir, out, box_sam, **coco_options):
+    "Two images detected and segmented by the box SAM, merged into ``out``; (labeler, source)."
     labeler = Labeler(ScriptedModel(), ["detection"], model_id="s", sam_predictor=box_sam,
                       sam_id="tiny")
     source = open_source(synth_dir / "images")
-    out = tmp_path / "sam.json"
     label_dataset(labeler, source, out, progress=False, limit=2)
-    write_coco(out, source, labeler, limit=2)
+    write_coco(out, source, labeler, limit=2, **coco_options)
+    return labeler, source
+
+
+def test_sam_masks_as_compressed_rle(synth_dir, tmp_path, box_sam):
+    out = tmp_path / "sam.json"
+    _sam_labeled(synth_dir, out, box_sam)
     coco = json.loads(out.read_text())
     anns = coco["annotations"]
     assert anns and all(isinstance(a["segmentation"]["counts"], str) for a in anns)
@@ -204,14 +210,10 @@ def test_rle_to_polygons_traces_each_part():
 def test_sam_masks_as_polygons(synth_dir, tmp_path, box_sam):
     from sphinx_tools.pipelines.autolabel.export import export_label_studio
 
-    labeler = Labeler(ScriptedModel(), ["detection"], model_id="s", sam_predictor=box_sam,
-                      sam_id="tiny")
-    source = open_source(synth_dir / "images")
     out = tmp_path / "poly.json"
-    label_dataset(labeler, source, out, progress=False, limit=2)
+    labeler, source = _sam_labeled(synth_dir, out, box_sam, mask_format="polygon")
     with pytest.raises(ValueError, match="unknown mask format 'png'"):
         write_coco(out, source, labeler, limit=2, mask_format="png")
-    write_coco(out, source, labeler, limit=2, mask_format="polygon")
     coco = json.loads(out.read_text())
     anns = coco["annotations"]
     assert anns and all(isinstance(a["segmentation"], list) and a["segmentation"] for a in anns)
@@ -224,8 +226,7 @@ def test_sam_masks_as_polygons(synth_dir, tmp_path, box_sam):
     from sphinx_tools.pipelines.autolabel.evaluate import evaluate
 
     rle = tmp_path / "rle.json"
-    label_dataset(labeler, source, rle, progress=False, limit=2)
-    write_coco(rle, source, labeler, limit=2)
+    _sam_labeled(synth_dir, rle, box_sam)
     metrics = evaluate(out, rle, iou_types=("segm",))
     assert metrics["segm"]["AP50"] == pytest.approx(1.0) and metrics["segm"]["AP75"] == pytest.approx(1.0)
     ds = sv.DetectionDataset.from_coco(str(synth_dir / "images"), str(out))
