@@ -15,7 +15,9 @@ It also scores detection with every score set to 1.0, to show what logprob confi
 measures localization under teacher forcing (``teacher_forced``): on each task's answers for fresh
 scenes, how often the model's next-token prediction gets a coordinate's first decimal right and the
 mean absolute error of its two-decimal coordinate (image fractions), a finer signal than AP while
-a model is still far from the targets; and how much the answers depend on the image
+a model is still far from the targets; for boxes also how the first corner (where the object is)
+follows the truth, over all scenes and split by the number of objects in the scene (a model that
+locates the only object of a scene but cannot yet pick one of several shows it there); and how much the answers depend on the image
 (``image_reliance``: answer loss with the scene's own image vs another scene's), which is ~0 for a
 model that answers from the question alone.
 Targets: detection AP50 >= 0.90, REC >= 0.90, pose AP >= 0.5, OCR >= 0.8, layout AP50 >= 0.8.
@@ -124,7 +126,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                        ("document", "layout"), ("words", "ocr")]:
         first = total = 0
         errors = ([], [])  # x, y
-        first_corner = []  # (axis, truth, guess) of x1 and y1, hundredths
+        first_corner = []  # (axis, truth, guess, objects in the scene) of x1 and y1, hundredths
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
@@ -142,17 +144,36 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                     if guess is not None:
                         errors[slot % 2].append(abs(guess - truth) / 100)
                         if slot % 4 < 2:
-                            first_corner.append((slot % 2, truth, guess))
+                            first_corner.append((slot % 2, truth, guess, len(scene.objects)))
         mae = [round(sum(e) / max(len(e), 1), 4) for e in errors]
         out[task] = {"first_decimal_accuracy": round(first / max(total, 1), 4),
                      "mean_abs_error": round(sum(map(sum, errors)) / max(len(errors[0]) + len(errors[1]), 1), 4),
                      "mean_abs_error_x": mae[0], "mean_abs_error_y": mae[1], "coordinates": total}
         if task in ("rec", "detection") and first_corner:
-            median = [statistics.median_low(t for a, t, _ in first_corner if a == axis) for axis in (0, 1)]
-            out[task]["first_corner_mae"] = round(
-                sum(abs(g - t) for _, t, g in first_corner) / 100 / len(first_corner), 4)
-            out[task]["first_corner_mae_median_guess"] = round(
-                sum(abs(median[a] - t) for a, t, _ in first_corner) / 100 / len(first_corner), 4)
+            out[task].update(corner_stats([r[:3] for r in first_corner]))
+            groups = {}
+            for axis, truth, guess, objects in first_corner:
+                groups.setdefault("3+" if objects >= 3 else str(objects), []).append((axis, truth, guess))
+            out[task]["first_corner_by_objects"] = {k: corner_stats(v) for k, v in sorted(groups.items())}
+    return out
+
+
+def corner_stats(rows: list[tuple[int, int, int]]) -> dict:
+    """How well guessed first corners ``(axis, truth, guess)`` (hundredths; axis 0 = x1, 1 = y1)
+    follow the truth: their mean absolute error next to that of always answering the median
+    truth of each axis, and the correlation of guess with truth per axis (``None`` when the
+    guesses or truths of an axis do not vary: a model that always answers the same corner)."""
+    out = {"first_corners": len(rows)}
+    median = {a: statistics.median_low(t for b, t, _ in rows if b == a) for a in {r[0] for r in rows}}
+    out["first_corner_mae"] = round(sum(abs(g - t) for _, t, g in rows) / 100 / len(rows), 4)
+    out["first_corner_mae_median_guess"] = round(
+        sum(abs(median[a] - t) for a, t, _ in rows) / 100 / len(rows), 4)
+    for axis, name in ((0, "x1"), (1, "y1")):
+        pairs = [(t, g) for a, t, g in rows if a == axis]
+        corr = None
+        if len(pairs) > 1 and len({t for t, _ in pairs}) > 1 and len({g for _, g in pairs}) > 1:
+            corr = round(statistics.correlation(*zip(*pairs)), 3)
+        out[f"first_corner_corr_{name}"] = corr
     return out
 
 

@@ -1,0 +1,38 @@
+"""The demo-quality benchmark's localization measures (benchmarks/bench_demo_quality.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sphinx_tools.train import IGNORE
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_demo_quality", Path(__file__).parents[1] / "benchmarks" / "bench_demo_quality.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_coordinates_read_one_token_and_digit_answers():
+    # one-token coordinates: the guess for pieces[i] is pred[i - 1]
+    pieces = ["Q", "[", "0.10", ",", "0.20", ",", "0.30", ",", "0.40", "]"]
+    labels = [IGNORE] + [1] * 9
+    pred = ["[", "0.12", ",", "x", ",", "0.30", ",", "0.41", "]", "</s>"]
+    assert list(bench._coordinates(pieces, labels, pred)) == [
+        (0, 10, 12), (1, 20, None), (2, 30, 30), (3, 40, 41)]
+    # digit by digit: "0 . 4 1", the two decimals guessed after "." and after the first decimal
+    pieces = ["[", "0", ".", "4", "1", "]"]
+    pred = ["0", ".", "3", "9", "]", "</s>"]
+    assert list(bench._coordinates(pieces, [1] * 6, pred)) == [(0, 41, 39)]
+
+
+def test_corner_stats_tell_a_locating_model_from_a_constant_one():
+    truths = [(a, t) for t in (10, 30, 50, 70) for a in (0, 1)]
+    exact = bench.corner_stats([(a, t, t) for a, t in truths])
+    assert exact["first_corner_mae"] == 0 and exact["first_corner_corr_x1"] == pytest.approx(1.0)
+    assert exact["first_corner_mae_median_guess"] == pytest.approx(0.2)  # median_low 30: |-20|,0,20,40
+    constant = bench.corner_stats([(a, t, 40) for a, t in truths])
+    assert constant["first_corner_corr_x1"] is None and constant["first_corner_corr_y1"] is None
+    assert constant["first_corner_mae"] == pytest.approx(0.2) and constant["first_corners"] == 8
+    flipped = bench.corner_stats([(a, t, 80 - t) for a, t in truths])
+    assert flipped["first_corner_corr_y1"] == pytest.approx(-1.0)
