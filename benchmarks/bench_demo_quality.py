@@ -17,9 +17,9 @@ scenes, how often the model's next-token prediction gets a coordinate's first de
 mean absolute error of its two-decimal coordinate (image fractions), a finer signal than AP while
 a model is still far from the targets; for boxes also how the first corner (where the object is)
 follows the truth, over all scenes and split by the number of objects in the scene (a model that
-locates the only object of a scene but cannot yet pick one of several shows it there); and how much the answers depend on the image
-(``image_reliance``: answer loss with the scene's own image vs another scene's), which is ~0 for a
-model that answers from the question alone.
+locates the only object of a scene but cannot yet pick one of several shows it there); and how
+much the answers depend on the image (``image_reliance``: answer loss with the scene's own image
+vs another scene's), which is ~0 for a model that answers from the question alone.
 Targets: detection AP50 >= 0.90, REC >= 0.90, pose AP >= 0.5, OCR >= 0.8, layout AP50 >= 0.8.
 """
 
@@ -153,8 +153,10 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
             out[task].update(corner_stats([r[:3] for r in first_corner]))
             groups = {}
             for axis, truth, guess, objects in first_corner:
-                groups.setdefault("3+" if objects >= 3 else str(objects), []).append((axis, truth, guess))
-            out[task]["first_corner_by_objects"] = {k: corner_stats(v) for k, v in sorted(groups.items())}
+                key = "3+" if objects >= 3 else str(objects)
+                groups.setdefault(key, []).append((axis, truth, guess))
+            out[task]["first_corner_by_objects"] = {k: corner_stats(v)
+                                                    for k, v in sorted(groups.items())}
     return out
 
 
