@@ -40,6 +40,7 @@ Config example::
     model_parallel: 1                           # under torchrun; the rest of the world is data parallel
     encoder_warmup: {coco: data/synth/coco.json, images: data/synth/images, steps: 600}
                                                 # optional: dense encoder training first (warmup.py)
+    coordinate_weight: 1.0                      # loss weight of the "0.41"-style coordinate tokens
     save_every: 500
     log_every: 20
     seed: 0
@@ -100,6 +101,9 @@ class TrainConfig:
     model_parallel: int = 1  # under torchrun: model-parallel size; the rest of the world is data parallel
     max_minutes: float | None = None  # safety stop: save and end after this much wall time
     encoder_warmup: dict | None = None  # dense encoder training first (sphinx_tools.warmup)
+    # loss weight of the coordinate tokens ("0.41" as one piece, tiny.COORDINATE_PIECES) relative
+    # to the other answer tokens; 1 is the plain mean (a tokenizer without them: no effect)
+    coordinate_weight: float = 1.0
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
@@ -321,11 +325,12 @@ def collate(examples: list[dict], pad_id: int = 0):
 # -- model -------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Transformer, ids, labels, images, segments=None) -> torch.Tensor:
+def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None) -> torch.Tensor:
     """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
 
     With ``segments`` (packed independent turns) the positions and attention mask make each turn
-    a one-turn conversation; without, the sequence is one causal conversation.
+    a one-turn conversation; without, the sequence is one causal conversation. ``token_weight``
+    (vocabulary-sized) weights each target token by its id: the weighted mean.
     """
     img = model.encode_image(images) if images is not None else None
     h = model.embed(ids, img)
@@ -336,8 +341,24 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None) -> torch.Ten
     else:
         positions, mask = packed_positions(segments, n_image), packed_mask(segments, n_image)
     logits = model(h, positions, mask=mask, keep_last=ids.shape[1])  # text positions only
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           weight=token_weight, ignore_index=IGNORE)
+
+
+def coordinate_weights(tok: Tokenizer, weight: float, device=None) -> torch.Tensor | None:
+    "Vocabulary-sized loss weights: ``weight`` for the coordinate pieces, 1 elsewhere (None if 1)."
+    from .tiny import COORDINATE_PIECES
+
+    if weight == 1.0:
+        return None
+    if weight <= 0:
+        raise SphinxToolsError(f"coordinate_weight must be positive, got {weight!r}")
+    w = torch.ones(tok.n_words)
+    for piece in COORDINATE_PIECES:
+        i = tok.sp.piece_to_id(piece)
+        if tok.sp.id_to_piece(i) == piece:
+            w[i] = weight
+    return w.to(device)
 
 
 def set_trainable(model: Transformer, parts: list[str]) -> int:
@@ -544,6 +565,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
     order = data.epoch(epoch)
     autocast = cfg.dtype == "bf16"
+    token_weight = coordinate_weights(tok, cfg.coordinate_weight, device)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or dist.mp_rank() + dp > 0,
                desc="train", unit="step")
     t0, tokens = time.perf_counter(), 0
@@ -563,7 +585,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             ids, labels, images, segments = (None if t is None else t.to(device, non_blocking=True)
                                              for t in collate(batch))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(model, ids, labels, images, segments) / cfg.grad_accum
+                loss = loss_fn(model, ids, labels, images, segments, token_weight) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
             tokens += int((labels != IGNORE).sum())

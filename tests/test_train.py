@@ -18,7 +18,9 @@ from sphinx_tools.train import (
     TrainConfig,
     collate,
     conversation_text,
+    coordinate_weights,
     init_model,
+    loss_fn,
     packed_mask,
     packed_positions,
     tokenize_conversation,
@@ -167,6 +169,34 @@ def test_training_on_independent_turns(synth_data):
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
 
 
+def test_coordinate_weight_scales_the_coordinate_tokens(synth_data, tmp_path):
+    tok = Tokenizer(train_tokenizer(tmp_path / "coord.model", 512, corpus=[
+        conversation_text(c["conversations"])[0]
+        for c in json.loads((synth_data / "data" / "conversations.json").read_text())],
+        coordinate_tokens=True))
+    assert coordinate_weights(tok, 1.0) is None
+    with pytest.raises(SphinxToolsError, match="coordinate_weight must be positive, got 0"):
+        coordinate_weights(tok, 0)
+    w = coordinate_weights(tok, 4.0)
+    coord = [tok.sp.piece_to_id(f"0.{i:02d}") for i in range(100)] + [tok.sp.piece_to_id("1.00")]
+    assert w.shape == (tok.n_words,) and bool((w[coord] == 4).all()) and w.sum() == tok.n_words + 3 * 101
+
+    cfg = TrainConfig.load(write_config(synth_data, "cw"))
+    model, _ = init_model(cfg)  # the same vocabulary size: the weights index its logits
+    assert model.cfg.vocab_size == tok.n_words
+    other = max(set(range(3, tok.n_words)) - set(coord))
+    ids = torch.tensor([[1, other, coord[41], other, coord[3]]])
+    labels = ids.clone()
+    labels[0, :2] = IGNORE
+    with torch.no_grad():
+        plain = loss_fn(model, ids, labels, None)
+        weighted = loss_fn(model, ids, labels, None, token_weight=w)
+        ce = torch.nn.functional.cross_entropy(
+            model(model.embed(ids, None), torch.arange(5)[None])[0, 1:4], ids[0, 2:], reduction="none")
+    torch.testing.assert_close(plain, ce.mean())
+    torch.testing.assert_close(weighted, (4 * ce[0] + ce[1] + 4 * ce[2]) / 9)
+
+
 def test_bad_config(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("init: {}\ndata: []\nout: x\nbogus: 1\n")
@@ -271,25 +301,41 @@ def test_dense_targets_follow_the_views(tmp_path):
               {"id": 2, "file_name": "b.png", "width": 200, "height": 100}]
     coco = _coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (2, 9, [0, 0, 200, 100])])
     d = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4)
-    assert d.width == 16 + 2
+    assert d.width == 16 + 1 + 2  # sub-cells, background, categories
     from PIL import Image
 
     Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
     image, t = d.example(0)
-    assert image.shape == (3, 448, 448) and t.shape == (5, 16, 18)
+    assert image.shape == (3, 448, 448) and t.shape == (5, 16, 19)
     fg = t[..., :16].mean(-1).view(5, 4, 4)  # per patch: the covered share of its cells
     want = torch.zeros(4, 4)
     want[:2, :2] = 1  # the global view: the top-left quarter
     torch.testing.assert_close(fg[0], want)
     torch.testing.assert_close(fg[1], torch.ones(4, 4))  # the top-left quadrant is all box
     assert fg[2:].abs().sum() == 0
-    torch.testing.assert_close(t[0, :, 16].view(4, 4), want)  # category 7 is channel 0
-    assert t[..., 17].abs().sum() == 0
+    # what each patch shows: background or category 7 (the first category), as shares of its area
+    torch.testing.assert_close(t[0, :, 17].view(4, 4), want)
+    torch.testing.assert_close(t[0, :, 16].view(4, 4), 1 - want)
+    torch.testing.assert_close(t[..., 16:].sum(-1), torch.ones(5, 16))
+    assert t[..., 18].abs().sum() == 0
     # a wide image is padded top and bottom: its full-image box covers the middle rows
     cov = d.coverage(1)
     rows = cov[0].mean(1)
     assert rows[: d.res // 4].sum() == 0 and rows[d.res // 4: 3 * d.res // 4].min() == 1
     assert cov[2].sum() == cov[0].sum() and cov[1].sum() == 0  # category 9 is channel 1
+
+
+def test_dense_targets_keep_the_images_of_chosen_categories(tmp_path):
+    from sphinx_tools.warmup import DenseTargets
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in (1, 2, 3)]
+    coco = _coco_file(tmp_path, images, [(1, 7, [0, 0, 9, 9]), (2, 9, [0, 0, 9, 9]), (2, 7, [20, 20, 9, 9])])
+    assert [im["id"] for im in DenseTargets(coco, tmp_path, 448, 5, 4, 4).images] == [1, 2, 3]
+    d = DenseTargets(coco, tmp_path, 448, 5, 4, 4, categories=["other"])
+    assert [im["id"] for im in d.images] == [2]
+    assert d.coverage(0)[1].sum() > 0  # its boxes of other categories are still targets
+    with pytest.raises(SphinxToolsError, match=r"categories \['dog'\] are not in .*it has \['other', 'thing'\]"):
+        DenseTargets(coco, tmp_path, 448, 5, 4, 4, categories=["dog", "thing"])
 
 
 def test_encoder_warmup_config_errors(tmp_path):
@@ -301,6 +347,8 @@ def test_encoder_warmup_config_errors(tmp_path):
         check_config({"coco": "c.json", "stpes": 3}, tmp_path)
     with pytest.raises(SphinxToolsError, match="encoder_warmup.steps must be a positive integer, got 0"):
         check_config({"coco": "c.json", "steps": 0}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="categories must be a non-empty list of names, got 'circle'"):
+        check_config({"coco": "c.json", "categories": "circle"}, tmp_path)
     spec = check_config({"coco": "d/c.json"}, tmp_path)
     assert spec["images"] == str((tmp_path / "d").resolve()) and spec["steps"] == 600
 
