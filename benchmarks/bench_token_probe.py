@@ -1,0 +1,140 @@
+"""What a model's image tokens hold: linear probes on fresh synthetic shapes scenes (issue F).
+
+Run:  .venv/bin/python benchmarks/bench_token_probe.py [--checkpoint demo] [--seed 555]
+
+The language model reads the image only through ``Transformer.encode_image``'s tokens. These
+probes ask whether what a box answer needs is in them, so a failing model can be told apart from
+failing encoders:
+
+- ``what``: each patch token of the four quadrant views, labelled with the colour and the shape of
+  the object whose box holds the patch centre (or background); a linear classifier trained on 80%
+  of the tokens, accuracy on the rest (on object patches, next to always answering the commonest);
+- ``where``: one-object scenes; ridge regression from all image tokens (flattened) to the box
+  ``x1, y1, x2, y2`` (fractions of the padded image), mean absolute error on held-out scenes next
+  to always answering the median box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sphinx_tools import SphinxModel
+from sphinx_tools.synth import COLORS, SHAPES, generate_scene
+
+
+def patch_labels(scene, transform, grid: int) -> np.ndarray:
+    """(4 quadrants, grid * grid, 2): (colour, shape) index of the object whose box holds each
+    quadrant patch centre, -1 for background (later objects win where boxes overlap)."""
+    side = transform.target_size
+    px, py = transform.offsets(scene.size)
+    scale = side / max(scene.size)
+    out = np.full((4, grid * grid, 2), -1)
+    for q in range(4):
+        ox, oy = q % 2 * side / 2, q // 2 * side / 2
+        for i in range(grid):
+            for j in range(grid):
+                cx, cy = ox + (j + 0.5) * side / 2 / grid, oy + (i + 0.5) * side / 2 / grid
+                for obj in scene.objects:
+                    x1, y1, x2, y2 = ((np.array(obj.xyxy) + [px, py, px, py]) * scale).tolist()
+                    if x1 <= cx < x2 and y1 <= cy < y2:
+                        out[q, i * grid + j] = (list(COLORS).index(obj.color), SHAPES.index(obj.category))
+    return out
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, n_train: int) -> torch.Tensor:
+    "Multinomial logistic regression (L-BFGS, small L2) on standardized ``x``; held-out predictions."
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    x = (x - mu) / sd
+    lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x[:n_train]), y[:n_train]) + 1e-3 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return lin(x[n_train:]).argmax(-1)
+
+
+@torch.inference_mode()
+def tokens(model, scene) -> np.ndarray:
+    "(image_tokens, dim) of one scene."
+    return model.encode_images(model.preprocess(scene.image)[None])[0].float().cpu().numpy()
+
+
+def probe_what(model, seed: int, scenes: int) -> dict:
+    cfg = model.transformer.cfg
+    g, per = cfg.vision.grid, cfg.tokens_per_view
+    first = per - 1 - g * g  # a view: start, Q-Former queries, class token, patches, end
+    feats, labels = [], []
+    for k in range(scenes):
+        scene = generate_scene("shapes", seed * 1000 + k)
+        t = tokens(model, scene)
+        for q in range(4):  # view 0 is the global view, 1..4 the quadrants
+            feats.append(t[(q + 1) * per + first:(q + 1) * per + first + g * g])
+        labels.append(patch_labels(scene, model.transform, g).reshape(-1, 2))
+    x = torch.tensor(np.concatenate(feats))
+    y = np.concatenate(labels)
+    n = int(len(x) * 0.8)
+    out = {"patches": len(x), "object_share": round(float((y[:, 0] >= 0).mean()), 4)}
+    for col, name in ((0, "color"), (1, "shape")):
+        pred = linear_probe(x, torch.tensor(y[:, col] + 1), n).numpy() - 1
+        truth = y[n:, col]
+        obj = truth >= 0
+        out[f"{name}_accuracy_on_objects"] = round(float((pred[obj] == truth[obj]).mean()), 4)
+        out[f"{name}_commonest_on_objects"] = round(float(np.bincount(truth[obj]).max() / obj.sum()), 4)
+    return out
+
+
+def probe_where(model, seed: int, scenes: int, lam: float = 100.0) -> dict:
+    feats, boxes, k = [], [], 0
+    while len(feats) < scenes:
+        scene = generate_scene("shapes", seed * 1000 + 500_000 + k)
+        k += 1
+        if len(scene.objects) != 1:
+            continue
+        feats.append(tokens(model, scene).ravel())
+        boxes.append(model.transform.to_model_xyxy([scene.objects[0].xyxy], scene.size)[0])
+    x, y = np.array(feats, np.float64), np.array(boxes)
+    n = int(len(x) * 0.8)
+    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+    x = (x - mu) / sd
+    # ridge in its dual form: the features outnumber the scenes
+    alpha = np.linalg.solve(x[:n] @ x[:n].T + lam * np.eye(n), y[:n] - y[:n].mean(0))
+    pred = x[n:] @ (x[:n].T @ alpha) + y[:n].mean(0)
+    return {"scenes": scenes, "ridge_lambda": lam,
+            "box_mae": round(float(np.abs(pred - y[n:]).mean()), 4),
+            "box_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="demo")
+    ap.add_argument("--seed", type=int, default=555, help="a seed the model was not trained on")
+    ap.add_argument("--scenes", type=int, default=400, help="shapes scenes for the `what` probe")
+    ap.add_argument("--where-scenes", type=int, default=600, help="one-object scenes for `where`")
+    ap.add_argument("--out", default="benchmarks/results/demo_token_probe.json")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    model = SphinxModel.from_pretrained(args.checkpoint)
+    result = {"checkpoint": args.checkpoint, "seed": args.seed,
+              "what": probe_what(model, args.seed, args.scenes),
+              "where": probe_where(model, args.seed, args.where_scenes),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The image-token probes (benchmarks/bench_token_probe.py): patch labels and the linear probe."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from sphinx_tools.synth import COLORS, SHAPES
+from sphinx_tools.transforms import PaddedResize
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_token_probe", Path(__file__).parents[1] / "benchmarks" / "bench_token_probe.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_patch_labels_follow_the_padded_quadrants():
+    # a 200 x 100 image padded to a square: it fills rows 112..336 of the 448 input
+    obj = SimpleNamespace(xyxy=(0.0, 0.0, 200.0, 100.0), color="blue", category="star")
+    scene = SimpleNamespace(size=(200, 100), objects=[obj])
+    labels = bench.patch_labels(scene, PaddedResize(448), grid=4).reshape(4, 4, 4, 2)
+    want = (list(COLORS).index("blue"), SHAPES.index("star"))
+    inside = np.zeros((4, 4, 4), bool)  # (quadrant, row, column); patch centres 28, 84, 140, 196
+    inside[:2, 2:] = True  # top quadrants: rows centred at 140 and 196 (+0)
+    inside[2:, :2] = True  # bottom quadrants: rows centred at 252 and 308
+    assert (labels[inside] == want).all() and (labels[~inside] == -1).all()
+
+
+def test_linear_probe_learns_a_separable_label_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    assert (bench.linear_probe(x, y, 300) == y[300:]).float().mean() > 0.9
+    noise = torch.randint(4, (400,), generator=g)
+    assert (bench.linear_probe(x, noise, 300) == noise[300:]).float().mean() < 0.45
