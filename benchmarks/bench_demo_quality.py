@@ -38,7 +38,7 @@ import torch
 from sphinx_tools import SphinxModel
 from sphinx_tools.pipelines.autolabel import Labeler, evaluate, label_dataset, open_source, write_coco
 from sphinx_tools.pipelines.autolabel.evaluate import box_iou
-from sphinx_tools.synth import generate_scene, scene_qas, write_dataset
+from sphinx_tools.synth import fmt_box, generate_scene, scene_qas, write_dataset
 from sphinx_tools.tiny import COORDINATE_PIECES
 from sphinx_tools.train import IGNORE, tokenize_conversation
 
@@ -118,7 +118,10 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
 
     For boxes also the error of the first corner (x1, y1: where the object is; x2, y2 follow
     from it and the object's size) next to that of always answering the median first corner of
-    these scenes: a model that has learned where objects are beats it."""
+    these scenes: a model that has learned where objects are beats it. For REC on scenes of
+    several objects also how often the first x guessed is nearest the named object's x1 among all
+    the scene's objects (``named_object_nearest``; chance: one in the number of objects): a model
+    that finds objects but cannot tell which one the question names stays at chance."""
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
@@ -127,6 +130,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
         first = total = 0
         errors = ([], [])  # x, y
         first_corner = []  # (axis, truth, guess, objects in the scene) of x1 and y1, hundredths
+        named = []  # REC, several objects: (first x nearest the named object's, 1 / objects)
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
@@ -138,7 +142,11 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pred = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
                 pred = [tok.sp.id_to_piece(int(i)) for i in pred.argmax(-1)]
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
+                xs = [round(float(fmt_box(o.xyxy, scene.image.size).split(",")[0]) * 100)
+                      for o in scene.objects]
                 for slot, truth, guess in _coordinates(pieces, labels, pred):
+                    if task == "rec" and slot == 0 and guess is not None and len(xs) > 1:
+                        named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs)))
                     total += 1
                     first += guess is not None and guess // 10 == truth // 10
                     if guess is not None:
@@ -157,7 +165,16 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 groups.setdefault(key, []).append((axis, truth, guess))
             out[task]["first_corner_by_objects"] = {k: corner_stats(v)
                                                     for k, v in sorted(groups.items())}
+        if named:
+            out[task]["named_object_nearest"] = round(sum(h for h, _ in named) / len(named), 4)
+            out[task]["named_object_nearest_chance"] = round(sum(c for _, c in named) / len(named), 4)
+            out[task]["named_object_questions"] = len(named)
     return out
+
+
+def nearest_is_named(guess: int, xs: list[int], named: int) -> bool:
+    "Whether a guessed coordinate is at least as near object ``named``'s as any other's ``xs``."
+    return abs(xs[named] - guess) <= min(abs(x - guess) for j, x in enumerate(xs) if j != named)
 
 
 def corner_stats(rows: list[tuple[int, int, int]]) -> dict:
@@ -216,10 +233,12 @@ def main():
     ap.add_argument("--seed", type=int, default=777, help="a seed the model was not trained on")
     ap.add_argument("--max-gen-len", type=int, default=None, help="default: each task's own budget")
     ap.add_argument("--out", default="benchmarks/results/demo_quality.json")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
-    model = SphinxModel.from_pretrained(args.checkpoint)
-    res, t0 = {"checkpoint": args.checkpoint, "scenes_per_kind": args.n, "seed": args.seed}, time.time()
+    model = SphinxModel.from_pretrained(args.checkpoint, device=args.device)
+    res, t0 = {"checkpoint": args.checkpoint, "scenes_per_kind": args.n, "seed": args.seed,
+               "device": args.device}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {}

@@ -11,7 +11,9 @@ failing encoders:
   of the tokens, accuracy on the rest (on object patches, next to always answering the commonest);
 - ``where``: one-object scenes; ridge regression from all image tokens (flattened) to the box
   ``x1, y1, x2, y2`` (fractions of the padded image), mean absolute error on held-out scenes next
-  to always answering the median box.
+  to always answering the median box;
+- ``own_box``: scenes of several objects; ridge regression from one patch token on an object to
+  that object's ``x1, y1``: whether a token, once picked, tells where its object is.
 """
 
 from __future__ import annotations
@@ -29,22 +31,32 @@ from sphinx_tools import SphinxModel
 from sphinx_tools.synth import COLORS, SHAPES, generate_scene
 
 
-def patch_labels(scene, transform, grid: int) -> np.ndarray:
-    """(4 quadrants, grid * grid, 2): (colour, shape) index of the object whose box holds each
-    quadrant patch centre, -1 for background (later objects win where boxes overlap)."""
+def patch_objects(scene, transform, grid: int) -> np.ndarray:
+    """(4 quadrants, grid * grid): index of the object whose box holds each quadrant patch centre,
+    -1 for background (later objects win where boxes overlap)."""
     side = transform.target_size
     px, py = transform.offsets(scene.size)
     scale = side / max(scene.size)
-    out = np.full((4, grid * grid, 2), -1)
+    out = np.full((4, grid * grid), -1)
     for q in range(4):
         ox, oy = q % 2 * side / 2, q // 2 * side / 2
         for i in range(grid):
             for j in range(grid):
                 cx, cy = ox + (j + 0.5) * side / 2 / grid, oy + (i + 0.5) * side / 2 / grid
-                for obj in scene.objects:
+                for k, obj in enumerate(scene.objects):
                     x1, y1, x2, y2 = ((np.array(obj.xyxy) + [px, py, px, py]) * scale).tolist()
                     if x1 <= cx < x2 and y1 <= cy < y2:
-                        out[q, i * grid + j] = (list(COLORS).index(obj.color), SHAPES.index(obj.category))
+                        out[q, i * grid + j] = k
+    return out
+
+
+def patch_labels(scene, transform, grid: int) -> np.ndarray:
+    """(4 quadrants, grid * grid, 2): (colour, shape) index of the object whose box holds each
+    quadrant patch centre, -1 for background (later objects win where boxes overlap)."""
+    labels = [(list(COLORS).index(o.color), SHAPES.index(o.category)) for o in scene.objects]
+    idx = patch_objects(scene, transform, grid)
+    out = np.full(idx.shape + (2,), -1)
+    out[idx >= 0] = np.array(labels).reshape(-1, 2)[idx[idx >= 0]]
     return out
 
 
@@ -117,6 +129,39 @@ def probe_where(model, seed: int, scenes: int, lam: float = 100.0) -> dict:
             "box_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
 
 
+def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
+    """Whether one patch token tells where its own object is: on scenes of several objects, ridge
+    regression from each quadrant patch token on an object to that object's ``x1, y1`` (fractions
+    of the padded image). A language model that has picked the named object's tokens can copy
+    its place from them only if this is small."""
+    cfg = model.transformer.cfg
+    g, per = cfg.vision.grid, cfg.tokens_per_view
+    first = per - 1 - g * g
+    feats, corners, k, used = [], [], 0, 0
+    while used < scenes:
+        scene = generate_scene("shapes", seed * 1000 + 700_000 + k)
+        k += 1
+        if len(scene.objects) < 2:
+            continue
+        used += 1
+        t = tokens(model, scene)
+        idx = patch_objects(scene, model.transform, g)
+        boxes = model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size)
+        for q in range(4):
+            view = t[(q + 1) * per + first:(q + 1) * per + first + g * g]
+            on = idx[q] >= 0
+            feats.append(view[on])
+            corners.append(np.asarray(boxes)[idx[q][on], :2])
+    x, y = np.concatenate(feats).astype(np.float64), np.concatenate(corners)
+    n = int(len(x) * 0.8)
+    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+    x = np.c_[(x - mu) / sd, np.ones(len(x))]
+    w = np.linalg.solve(x[:n].T @ x[:n] + lam * np.eye(x.shape[1]), x[:n].T @ y[:n])
+    return {"scenes": scenes, "patches": len(x), "ridge_lambda": lam,
+            "corner_mae": round(float(np.abs(x[n:] @ w - y[n:]).mean()), 4),
+            "corner_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="demo")
@@ -130,6 +175,7 @@ def main():
     result = {"checkpoint": args.checkpoint, "seed": args.seed,
               "what": probe_what(model, args.seed, args.scenes),
               "where": probe_where(model, args.seed, args.where_scenes),
+              "own_box": probe_own_box(model, args.seed, args.scenes // 4),
               "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

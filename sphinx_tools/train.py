@@ -41,6 +41,7 @@ Config example::
     encoder_warmup: {coco: data/synth/coco.json, images: data/synth/images, steps: 600}
                                                 # optional: dense encoder training first (warmup.py)
     coordinate_weight: 1.0                      # loss weight of the "0.41"-style coordinate tokens
+    loader_workers: 0                           # processes preparing the next batches (GPU runs: 4-16)
     save_every: 500
     log_every: 20
     seed: 0
@@ -104,6 +105,9 @@ class TrainConfig:
     # loss weight of the coordinate tokens ("0.41" as one piece, tiny.COORDINATE_PIECES) relative
     # to the other answer tokens; 1 is the plain mean (a tokenizer without them: no effect)
     coordinate_weight: float = 1.0
+    # processes that read and preprocess the next batches while the model trains (0: in the
+    # training loop); the batches and their order are the same either way
+    loader_workers: int = 0
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
@@ -297,6 +301,49 @@ class ConversationData:
             with Image.open(root / item["image"]) as im:
                 image = self.transform.apply_image(im)
         return {"ids": ids, "labels": labels, "segments": segments, "image": image}
+
+
+class _Positions(torch.utils.data.IterableDataset):
+    """This data-parallel rank's examples from ``(epoch, pos)`` on, across epochs, without end.
+
+    Yields ``(example, (epoch, pos))``: the position just after the example, so a checkpoint
+    written after a batch resumes at the next one. Loader workers take whole batches in turn
+    (the loader batches each worker's examples and interleaves the workers in order), so the
+    batches are the same with any number of workers."""
+
+    def __init__(self, data: ConversationData, epoch: int, pos: int, dp: int, dpw: int, batch_size: int):
+        self.data, self.start, self.dp, self.dpw, self.bs = data, (epoch, pos), dp, dpw, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        epoch, pos = self.start
+        order, k = self.data.epoch(epoch), 0
+        while True:
+            if pos >= len(order):
+                epoch, pos = epoch + 1, 0
+                order = self.data.epoch(epoch)
+            d, i = order[pos]
+            pos += 1
+            if (pos - 1) % self.dpw == self.dp:
+                if (k // self.bs) % nw == wid:
+                    yield self.data.example(d, i), (epoch, pos)
+                k += 1
+
+
+def batches(data: ConversationData, batch_size: int, epoch: int, pos: int, workers: int = 0,
+            pin: bool = False, rank: int = 0, world: int = 1):
+    """Batches of data-parallel ``rank``'s examples from ``(epoch, pos)``: ``(collated tensors,
+    (epoch, pos))`` where the position is the one after the batch. ``workers`` processes prepare
+    them ahead."""
+    def collate_with_position(items):
+        return collate([e for e, _ in items]), items[-1][1]
+
+    return iter(torch.utils.data.DataLoader(
+        _Positions(data, epoch, pos, rank, world, batch_size), batch_size=batch_size,
+        collate_fn=collate_with_position, num_workers=workers, pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator()))  # its own: the loader's seed draw leaves the training RNG alone
 
 
 def collate(examples: list[dict], pad_id: int = 0):
@@ -563,7 +610,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
     data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
-    order = data.epoch(epoch)
+    feed = batches(data, cfg.batch_size, epoch, pos, cfg.loader_workers, device.type == "cuda", dp, dpw)
     autocast = cfg.dtype == "bf16"
     token_weight = coordinate_weights(tok, cfg.coordinate_weight, device)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or dist.mp_rank() + dp > 0,
@@ -573,17 +620,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            batch = []
-            while len(batch) < cfg.batch_size:
-                if pos >= len(order):
-                    epoch, pos = epoch + 1, 0
-                    order = data.epoch(epoch)
-                d, i = order[pos]
-                pos += 1
-                if (pos - 1) % dpw == dp:
-                    batch.append(data.example(d, i))
+            tensors, (epoch, pos) = next(feed)
             ids, labels, images, segments = (None if t is None else t.to(device, non_blocking=True)
-                                             for t in collate(batch))
+                                             for t in tensors)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(model, ids, labels, images, segments, token_weight) / cfg.grad_accum
             loss.backward()

@@ -24,6 +24,14 @@ Config (``encoder_warmup`` in the training YAML)::
       lr: 2.0e-3               # warmup + cosine, like finetuning
       sub: 4                   # sub-cells per patch side
       categories: [circle, ...] # optional: only the images that show one of these categories
+      position: false          # optional: also the box of the object under each patch (see below)
+
+With ``position``, each patch token also learns the box of the object under its centre (or its
+own cell on background), in fractions of its view: a patch token of the global view then says
+where its object is in the image. Without it, a ridge probe from one global-view patch token on an
+object to that object's corner did little better than the median corner (0.138 against 0.169
+mean error; the patch's own grid place alone gives 0.051): the language model could pick "the
+star"'s tokens but not read from them where the star is.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from . import dist
 from .errors import SphinxToolsError
 from .transforms import PaddedResize
 
-DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0, "categories": None}
+DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0, "categories": None,
+            "position": False}
 KEYS = {"coco", "images", *DEFAULTS}
 TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
 
@@ -63,6 +72,8 @@ def check_config(spec: dict, base: Path) -> dict:
     cats = out["categories"]
     if cats is not None and (not isinstance(cats, list) or not cats or not all(isinstance(c, str) for c in cats)):
         raise SphinxToolsError(f"encoder_warmup.categories must be a non-empty list of names, got {cats!r}")
+    if not isinstance(out["position"], bool):
+        raise SphinxToolsError(f"encoder_warmup.position must be true or false, got {out['position']!r}")
     for key in ("steps", "batch_size", "sub"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise SphinxToolsError(f"encoder_warmup.{key} must be a positive integer, got {out[key]!r}")
@@ -80,10 +91,12 @@ class DenseTargets:
         grid: patch tokens per view side.
         sub: sub-cells per patch side.
         categories: names; when given, only the images with a box of one of them are used.
+        position: also the box ``x1, y1, x2, y2`` (fractions of the view) of the object under
+            each patch centre, or the patch's own cell where there is none.
     """
 
     def __init__(self, coco, images, image_size: int, n_views: int, grid: int, sub: int,
-                 categories: list[str] | None = None):
+                 categories: list[str] | None = None, position: bool = False):
         try:
             data = json.loads(Path(coco).read_text())
             self.images = list(data["images"])
@@ -105,6 +118,7 @@ class DenseTargets:
             if not self.images:
                 raise SphinxToolsError(f"no image of {coco} shows any of {categories}")
         self.root, self.sub, self.grid, self.n_views = Path(images), sub, grid, n_views
+        self.position = position
         self.channel = {cid: i for i, cid in enumerate(category_ids)}
         self.boxes: dict = {im["id"]: [] for im in self.images}
         for a in annotations:
@@ -114,9 +128,14 @@ class DenseTargets:
         self.res = grid * sub * (2 if n_views == 5 else 1)  # target map cells per image side
 
     @property
+    def regressed(self) -> int:
+        "Leading target values fitted by squared error: sub-cell coverage (and the box)."
+        return self.sub * self.sub + 4 * self.position
+
+    @property
     def width(self) -> int:
-        "Target values per patch token: sub-cell coverage, then background + category shares."
-        return self.sub * self.sub + 1 + len(self.channel)
+        "Target values per patch token: :attr:`regressed`, then background + category shares."
+        return self.regressed + 1 + len(self.channel)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -138,6 +157,32 @@ class DenseTargets:
             maps[0] = np.maximum(maps[0], cov)
             maps[1 + c] = np.maximum(maps[1 + c], cov)
         return torch.from_numpy(maps)
+
+    def places(self, index: int) -> torch.Tensor:
+        """(n_views, grid * grid, 4): for each patch, the box of the object under its centre (the
+        last listed wins) or else the patch's own cell, as fractions of the view."""
+        im = self.images[index]
+        w, h = im["width"], im["height"]
+        side = max(w, h)
+        px, py = self.transform.offsets((w, h))
+        boxes = [((x + px) / side, (y + py) / side, (x + bw + px) / side, (y + bh + py) / side)
+                 for (x, y, bw, bh), _ in self.boxes[im["id"]]]
+        views = [(0.0, 0.0, 1.0)] if self.n_views == 1 else [(0.0, 0.0, 1.0)] + [
+            (j / 2, i / 2, 0.5) for i in (0, 1) for j in (0, 1)]  # (left, top, side), as Transformer.views
+        g = self.grid
+        out = torch.zeros(len(views), g * g, 4)
+        for v, (left, top, span) in enumerate(views):
+            for r in range(g):
+                for c in range(g):
+                    cx, cy = left + (c + 0.5) * span / g, top + (r + 0.5) * span / g
+                    box = (left + c * span / g, top + r * span / g,
+                           left + (c + 1) * span / g, top + (r + 1) * span / g)
+                    for b in boxes:
+                        if b[0] <= cx < b[2] and b[1] <= cy < b[3]:
+                            box = b
+                    out[v, r * g + c] = torch.tensor([(box[0] - left) / span, (box[1] - top) / span,
+                                                      (box[2] - left) / span, (box[3] - top) / span])
+        return out
 
     def example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         "``(image (3, S, S), targets (n_views, grid * grid, width))`` of one COCO image."
@@ -162,7 +207,11 @@ class DenseTargets:
             background = (1 - cats.sum(dim=1, keepdim=True)).clamp(min=0)
             classes = torch.cat([background, cats], dim=1)
             out.append(torch.cat([cells, classes / classes.sum(dim=1, keepdim=True)], dim=1))
-        return image, torch.stack(out)
+        out = torch.stack(out)
+        if self.position:
+            s2 = self.sub * self.sub
+            out = torch.cat([out[..., :s2], self.places(index), out[..., s2:]], dim=-1)
+        return image, out
 
 
 def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
@@ -175,7 +224,7 @@ def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
 
 
 def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int) -> torch.Tensor:
-    "10 x MSE of the first ``cells`` values (coverage) + cross entropy of the rest (class shares)."
+    "10 x MSE of the first ``cells`` values (coverage, box) + cross entropy of the rest (class shares)."
     coverage = F.mse_loss(pred[..., :cells], targets[..., :cells]) * 10
     classes = -(targets[..., cells:] * F.log_softmax(pred[..., cells:], dim=-1)).sum(-1).mean()
     return coverage + classes
@@ -192,7 +241,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) 
     schedule = SimpleNamespace(lr=spec["lr"], min_lr=0.0, warmup=spec["warmup"], steps=spec["steps"])
 
     data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
-                        model.cfg.vision.grid, spec["sub"], spec.get("categories"))
+                        model.cfg.vision.grid, spec["sub"], spec.get("categories"), spec.get("position", False))
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     head = nn.Linear(model.cfg.dim, data.width)
     with torch.no_grad():
@@ -226,7 +275,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) 
                 batch.append(data.example(i))
         images = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
-        loss = dense_loss(head(patch_tokens(model, images)), targets, data.sub * data.sub)
+        loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync_grads(params)

@@ -28,6 +28,17 @@ def test_patch_labels_follow_the_padded_quadrants():
     assert (labels[inside] == want).all() and (labels[~inside] == -1).all()
 
 
+def test_patch_objects_index_the_object_under_each_patch_and_later_ones_win():
+    a = SimpleNamespace(xyxy=(0.0, 0.0, 448.0, 224.0), color="red", category="circle")
+    b = SimpleNamespace(xyxy=(0.0, 0.0, 112.0, 112.0), color="blue", category="star")
+    scene = SimpleNamespace(size=(448, 448), objects=[a, b])
+    idx = bench.patch_objects(scene, PaddedResize(448), grid=4).reshape(4, 4, 4)
+    want = np.full((4, 4, 4), -1)
+    want[:2] = 0  # the top quadrants are all under a
+    want[0, :2, :2] = 1  # b covers the top-left quarter of the top-left quadrant, drawn later
+    assert (idx == want).all()
+
+
 def test_linear_probe_learns_a_separable_label_and_not_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 8, generator=g)

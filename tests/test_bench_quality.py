@@ -36,3 +36,10 @@ def test_corner_stats_tell_a_locating_model_from_a_constant_one():
     assert constant["first_corner_mae"] == pytest.approx(0.2) and constant["first_corners"] == 8
     flipped = bench.corner_stats([(a, t, 80 - t) for a, t in truths])
     assert flipped["first_corner_corr_y1"] == pytest.approx(-1.0)
+
+
+def test_nearest_is_named_tells_the_named_object_from_the_others():
+    xs = [10, 50, 52]
+    assert bench.nearest_is_named(12, xs, 0) and not bench.nearest_is_named(12, xs, 1)
+    assert bench.nearest_is_named(51, xs, 1) and bench.nearest_is_named(51, xs, 2)  # a tie counts
+    assert not bench.nearest_is_named(60, xs, 1) and bench.nearest_is_named(60, xs, 2)

@@ -16,6 +16,7 @@ from sphinx_tools.train import (
     IGNORE,
     ConversationData,
     TrainConfig,
+    batches,
     collate,
     conversation_text,
     coordinate_weights,
@@ -103,6 +104,39 @@ def test_train_saves_loadable_checkpoint_and_resumes_identically(synth_data):
         torch.testing.assert_close(a[k], b[k], msg=k)
     log = [json.loads(x) for x in (Path(cfg.out).parent / "resumed_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_loader_workers_give_the_same_batches_across_epochs(synth_data):
+    tok = Tokenizer(synth_data / "tok.model")
+    path = str(synth_data / "data" / "conversations.json")
+    data = ConversationData([{"path": path, "root": str(synth_data / "data")}], tok, 448, 512, 0)
+    n = len(data.epoch(0))
+    order = [(e, k, d, i) for e in range(3) for k, (d, i) in enumerate(data.epoch(e))]
+    runs = {}
+    for workers in (0, 2):
+        feed = batches(data, 3, 0, n - 4, workers)  # four examples before epoch 1
+        runs[workers] = [next(feed) for _ in range(6)]
+    for (a, pa), (b, pb) in zip(runs[0], runs[2]):
+        assert pa == pb
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)
+    seen = order[n - 4: n + 14]  # crosses into epoch 1 (and epoch 2 when it is short)
+    assert [p for _, p in runs[0]] == [(e, k + 1) for e, k, _, _ in seen[2::3]]
+    ids = [row for t, _ in runs[0] for row in t[0]]
+    expect = [collate([data.example(d, i)])[0][0] for _, _, d, i in seen]
+    assert all(torch.equal(a[: len(b)], b) and not a[len(b):].any() for a, b in zip(ids, expect))
+
+
+def test_resuming_with_loader_workers_matches_a_straight_run(synth_data):
+    straight = train(TrainConfig.load(write_config(synth_data, "straight0")), progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "workers", loader_workers=2))
+    cfg.steps = 2
+    train(cfg, progress=False)
+    resumed = train(TrainConfig.load(write_config(synth_data, "workers", loader_workers=2)), progress=False)
+    a = SphinxModel.from_pretrained(straight).state_dict()
+    b = SphinxModel.from_pretrained(resumed).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
 
 
 def test_training_lowers_the_loss_on_its_data(synth_data):
@@ -325,6 +359,35 @@ def test_dense_targets_follow_the_views(tmp_path):
     assert cov[2].sum() == cov[0].sum() and cov[1].sum() == 0  # category 9 is channel 1
 
 
+def test_dense_position_targets_give_each_patch_its_object_box_in_view_fractions(tmp_path):
+    from PIL import Image
+
+    from sphinx_tools.warmup import DenseTargets
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448}]
+    coco = _coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (1, 9, [112, 112, 80, 80])])
+    d = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4, position=True)
+    assert d.regressed == 16 + 4 and d.width == 16 + 4 + 1 + 2
+    Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
+    _, t = d.example(0)
+    plain = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4).example(0)[1]
+    torch.testing.assert_close(torch.cat([t[..., :16], t[..., 20:]], -1), plain)  # the rest as before
+    box = t[..., 16:20]
+    # global view: the big box (0, 0, .5, .5) under the top-left patches, the small one, listed
+    # later, under the patch whose centre it holds; elsewhere each patch's own cell
+    g = box[0].view(4, 4, 4)
+    torch.testing.assert_close(g[0, 0], torch.tensor([0, 0, 0.5, 0.5]))
+    e = 192 / 448  # the small box's right and bottom edge
+    torch.testing.assert_close(g[1, 1], torch.tensor([0.25, 0.25, e, e]))
+    torch.testing.assert_close(g[3, 2], torch.tensor([0.5, 0.75, 0.75, 1.0]))
+    # the top-left quadrant view: the big box is the whole view, the small one from (.5, .5)
+    q = box[1].view(4, 4, 4)
+    torch.testing.assert_close(q[0, 3], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(q[2, 2], torch.tensor([0.5, 0.5, 2 * e, 2 * e]))
+    torch.testing.assert_close(q[3, 3], torch.tensor([0.0, 0.0, 1.0, 1.0]))  # centre past its edge
+    torch.testing.assert_close(box[4].view(4, 4, 4)[0, 0], torch.tensor([0, 0, 0.25, 0.25]))
+
+
 def test_dense_targets_keep_the_images_of_chosen_categories(tmp_path):
     from sphinx_tools.warmup import DenseTargets
 
@@ -349,8 +412,10 @@ def test_encoder_warmup_config_errors(tmp_path):
         check_config({"coco": "c.json", "steps": 0}, tmp_path)
     with pytest.raises(SphinxToolsError, match="categories must be a non-empty list of names, got 'circle'"):
         check_config({"coco": "c.json", "categories": "circle"}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="position must be true or false, got 'yes'"):
+        check_config({"coco": "c.json", "position": "yes"}, tmp_path)
     spec = check_config({"coco": "d/c.json"}, tmp_path)
-    assert spec["images"] == str((tmp_path / "d").resolve()) and spec["steps"] == 600
+    assert spec["position"] is False and spec["images"] == str((tmp_path / "d").resolve()) and spec["steps"] == 600
 
 
 def test_encoder_warmup_trains_the_encoders_on_boxes(synth_data):
