@@ -13,7 +13,8 @@ failing encoders:
   ``x1, y1, x2, y2`` (fractions of the padded image), mean absolute error on held-out scenes next
   to always answering the median box;
 - ``own_box``: scenes of several objects; ridge regression from one patch token on an object to
-  that object's ``x1, y1``: whether a token, once picked, tells where its object is.
+  that object's ``x1, y1`` (global view and quadrants apart): whether a token, once picked, tells
+  where its object is.
 """
 
 from __future__ import annotations
@@ -32,21 +33,22 @@ from sphinx_tools.synth import COLORS, SHAPES, generate_scene
 
 
 def patch_objects(scene, transform, grid: int) -> np.ndarray:
-    """(4 quadrants, grid * grid): index of the object whose box holds each quadrant patch centre,
-    -1 for background (later objects win where boxes overlap)."""
+    """(5 views, grid * grid): index of the object whose box holds each patch centre, -1 for
+    background (later objects win where boxes overlap); view 0 is the global view, 1..4 the
+    quadrants."""
     side = transform.target_size
     px, py = transform.offsets(scene.size)
     scale = side / max(scene.size)
-    out = np.full((4, grid * grid), -1)
-    for q in range(4):
-        ox, oy = q % 2 * side / 2, q // 2 * side / 2
+    out = np.full((5, grid * grid), -1)
+    views = [(0, 0, side)] + [(q % 2 * side / 2, q // 2 * side / 2, side / 2) for q in range(4)]
+    for v, (ox, oy, span) in enumerate(views):
         for i in range(grid):
             for j in range(grid):
-                cx, cy = ox + (j + 0.5) * side / 2 / grid, oy + (i + 0.5) * side / 2 / grid
+                cx, cy = ox + (j + 0.5) * span / grid, oy + (i + 0.5) * span / grid
                 for k, obj in enumerate(scene.objects):
                     x1, y1, x2, y2 = ((np.array(obj.xyxy) + [px, py, px, py]) * scale).tolist()
                     if x1 <= cx < x2 and y1 <= cy < y2:
-                        out[q, i * grid + j] = k
+                        out[v, i * grid + j] = k
     return out
 
 
@@ -54,7 +56,7 @@ def patch_labels(scene, transform, grid: int) -> np.ndarray:
     """(4 quadrants, grid * grid, 2): (colour, shape) index of the object whose box holds each
     quadrant patch centre, -1 for background (later objects win where boxes overlap)."""
     labels = [(list(COLORS).index(o.color), SHAPES.index(o.category)) for o in scene.objects]
-    idx = patch_objects(scene, transform, grid)
+    idx = patch_objects(scene, transform, grid)[1:]
     out = np.full(idx.shape + (2,), -1)
     out[idx >= 0] = np.array(labels).reshape(-1, 2)[idx[idx >= 0]]
     return out
@@ -131,13 +133,17 @@ def probe_where(model, seed: int, scenes: int, lam: float = 100.0) -> dict:
 
 def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
     """Whether one patch token tells where its own object is: on scenes of several objects, ridge
-    regression from each quadrant patch token on an object to that object's ``x1, y1`` (fractions
-    of the padded image). A language model that has picked the named object's tokens can copy
-    its place from them only if this is small."""
+    regression from each patch token on an object to that object's ``x1, y1`` (fractions of the
+    padded image), for the global view's tokens and for the quadrants' (whose place in the image
+    also depends on the quadrant, which a token cannot know). A language model that has picked
+    the named object's tokens can copy its place from them only if this is small; next to it the
+    error of a regression from the patch's own grid place (what a token could say about itself)."""
     cfg = model.transformer.cfg
     g, per = cfg.vision.grid, cfg.tokens_per_view
     first = per - 1 - g * g
-    feats, corners, k, used = [], [], 0, 0
+    rows = {"global": ([], [], []), "quadrants": ([], [], [])}  # features, corners, grid places
+    k = used = 0
+    cells = np.array([(j / g, i / g) for i in range(g) for j in range(g)])
     while used < scenes:
         scene = generate_scene("shapes", seed * 1000 + 700_000 + k)
         k += 1
@@ -146,20 +152,29 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
         used += 1
         t = tokens(model, scene)
         idx = patch_objects(scene, model.transform, g)
-        boxes = model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size)
-        for q in range(4):
-            view = t[(q + 1) * per + first:(q + 1) * per + first + g * g]
-            on = idx[q] >= 0
-            feats.append(view[on])
-            corners.append(np.asarray(boxes)[idx[q][on], :2])
-    x, y = np.concatenate(feats).astype(np.float64), np.concatenate(corners)
-    n = int(len(x) * 0.8)
-    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
-    x = np.c_[(x - mu) / sd, np.ones(len(x))]
-    w = np.linalg.solve(x[:n].T @ x[:n] + lam * np.eye(x.shape[1]), x[:n].T @ y[:n])
-    return {"scenes": scenes, "patches": len(x), "ridge_lambda": lam,
-            "corner_mae": round(float(np.abs(x[n:] @ w - y[n:]).mean()), 4),
-            "corner_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
+        boxes = np.asarray(model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size))
+        for v in range(5):
+            on = idx[v] >= 0
+            feats, corners, places = rows["global" if v == 0 else "quadrants"]
+            feats.append(t[v * per + first:v * per + first + g * g][on])
+            corners.append(boxes[idx[v][on], :2])
+            places.append(cells[on])
+    out = {"scenes": scenes, "ridge_lambda": lam}
+    for name, (feats, corners, places) in rows.items():
+        y = np.concatenate(corners)
+        n = int(len(y) * 0.8)
+
+        def ridge(x):
+            x = x.astype(np.float64)
+            mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+            x = np.c_[(x - mu) / sd, np.ones(len(x))]
+            w = np.linalg.solve(x[:n].T @ x[:n] + lam * np.eye(x.shape[1]), x[:n].T @ y[:n])
+            return round(float(np.abs(x[n:] @ w - y[n:]).mean()), 4)
+
+        out[name] = {"patches": len(y), "corner_mae": ridge(np.concatenate(feats)),
+                     "corner_mae_from_grid_place": ridge(np.concatenate(places)),
+                     "corner_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
+    return out
 
 
 def main():
@@ -175,7 +190,7 @@ def main():
     result = {"checkpoint": args.checkpoint, "seed": args.seed,
               "what": probe_what(model, args.seed, args.scenes),
               "where": probe_where(model, args.seed, args.where_scenes),
-              "own_box": probe_own_box(model, args.seed, args.scenes // 4),
+              "own_box": probe_own_box(model, args.seed, args.scenes),
               "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -32,10 +32,12 @@ def test_patch_objects_index_the_object_under_each_patch_and_later_ones_win():
     a = SimpleNamespace(xyxy=(0.0, 0.0, 448.0, 224.0), color="red", category="circle")
     b = SimpleNamespace(xyxy=(0.0, 0.0, 112.0, 112.0), color="blue", category="star")
     scene = SimpleNamespace(size=(448, 448), objects=[a, b])
-    idx = bench.patch_objects(scene, PaddedResize(448), grid=4).reshape(4, 4, 4)
-    want = np.full((4, 4, 4), -1)
-    want[:2] = 0  # the top quadrants are all under a
-    want[0, :2, :2] = 1  # b covers the top-left quarter of the top-left quadrant, drawn later
+    idx = bench.patch_objects(scene, PaddedResize(448), grid=4).reshape(5, 4, 4)
+    want = np.full((5, 4, 4), -1)
+    want[0, :2] = 0  # global view: a is the top half
+    want[0, 0, 0] = 1  # b is its top-left patch, drawn later
+    want[1:3] = 0  # the top quadrants are all under a
+    want[1, :2, :2] = 1  # b covers the top-left quarter of the top-left quadrant
     assert (idx == want).all()
 
 

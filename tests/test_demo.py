@@ -24,3 +24,12 @@ def test_demo_name_is_not_shadowed_by_a_folder_without_shards(tmp_path, monkeypa
     (tmp_path / "demo" / "consolidated.00-of-01.model.pth").unlink()
     with pytest.raises(CheckpointError, match="demo build"):
         demo.resolve("demo")
+
+
+def test_the_shipped_model_was_trained_by_the_recipe_in_the_repo():
+    import yaml
+
+    shipped = yaml.safe_load((demo.DEMO_DIR / "train.yaml").read_text())
+    assert {k: shipped[k] for k in demo.RECIPE["train"]} == demo.RECIPE["train"]
+    assert shipped["init"] == {**demo.RECIPE["model"], "tokenizer": "tokenizer.model"}
+    assert shipped["data"][0]["independent_turns"] == demo.RECIPE["independent_turns"]
