@@ -135,6 +135,8 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
             img = model.encode_images(model.preprocess(scene.image)[None])
+            xs = [round(float(fmt_box(o.xyxy, scene.image.size).split(",")[0]) * 100)
+                  for o in scene.objects]  # each object's x1 as its answer writes it
             for q in qas:
                 ids, labels = tokenize_conversation(
                     tok, [{"from": "human", "value": q.question}, {"from": "gpt", "value": q.answer}])
@@ -142,8 +144,6 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pred = t(h, torch.arange(h.shape[1], device=img.device)[None], keep_last=len(ids))[0]
                 pred = [tok.sp.id_to_piece(int(i)) for i in pred.argmax(-1)]
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
-                xs = [round(float(fmt_box(o.xyxy, scene.image.size).split(",")[0]) * 100)
-                      for o in scene.objects]
                 for slot, truth, guess in _coordinates(pieces, labels, pred):
                     if task == "rec" and slot == 0 and guess is not None and len(xs) > 1:
                         named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs)))

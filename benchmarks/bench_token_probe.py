@@ -30,26 +30,14 @@ import torch.nn.functional as F
 
 from sphinx_tools import SphinxModel
 from sphinx_tools.synth import COLORS, SHAPES, generate_scene
+from sphinx_tools.warmup import patch_owners
 
 
 def patch_objects(scene, transform, grid: int) -> np.ndarray:
     """(5 views, grid * grid): index of the object whose box holds each patch centre, -1 for
     background (later objects win where boxes overlap); view 0 is the global view, 1..4 the
     quadrants."""
-    side = transform.target_size
-    px, py = transform.offsets(scene.size)
-    scale = side / max(scene.size)
-    out = np.full((5, grid * grid), -1)
-    views = [(0, 0, side)] + [(q % 2 * side / 2, q // 2 * side / 2, side / 2) for q in range(4)]
-    for v, (ox, oy, span) in enumerate(views):
-        for i in range(grid):
-            for j in range(grid):
-                cx, cy = ox + (j + 0.5) * span / grid, oy + (i + 0.5) * span / grid
-                for k, obj in enumerate(scene.objects):
-                    x1, y1, x2, y2 = ((np.array(obj.xyxy) + [px, py, px, py]) * scale).tolist()
-                    if x1 <= cx < x2 and y1 <= cy < y2:
-                        out[v, i * grid + j] = k
-    return out
+    return patch_owners(transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size), 5, grid)
 
 
 def patch_labels(scene, transform, grid: int) -> np.ndarray:

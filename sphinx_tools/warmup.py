@@ -80,6 +80,27 @@ def check_config(spec: dict, base: Path) -> dict:
     return out
 
 
+def view_squares(n_views: int) -> list[tuple[float, float, float]]:
+    "``(left, top, side)`` of each view in fractions of the padded image, in ``Transformer.views`` order."
+    full = [(0.0, 0.0, 1.0)]
+    return full if n_views == 1 else full + [(j / 2, i / 2, 0.5) for i in (0, 1) for j in (0, 1)]
+
+
+def patch_owners(boxes, n_views: int, grid: int) -> np.ndarray:
+    """(n_views, grid * grid): index of the box (``x1, y1, x2, y2`` fractions of the padded image)
+    that holds each patch centre, -1 where none does; a later box wins where boxes overlap."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    c, r = np.tile(np.arange(grid), grid), np.repeat(np.arange(grid), grid)  # row-major patches
+    out = np.full((n_views, grid * grid), -1)
+    if not len(b):
+        return out
+    for v, (left, top, span) in enumerate(view_squares(n_views)):
+        cx, cy = left + (c + 0.5) * span / grid, top + (r + 0.5) * span / grid
+        inside = (b[:, :1] <= cx) & (cx < b[:, 2:3]) & (b[:, 1:2] <= cy) & (cy < b[:, 3:4])  # (boxes, patches)
+        out[v] = np.where(inside.any(0), len(b) - 1 - inside[::-1].argmax(0), -1)
+    return out
+
+
 class DenseTargets:
     """COCO images and their per-patch targets for a model's views.
 
@@ -162,27 +183,18 @@ class DenseTargets:
         """(n_views, grid * grid, 4): for each patch, the box of the object under its centre (the
         last listed wins) or else the patch's own cell, as fractions of the view."""
         im = self.images[index]
-        w, h = im["width"], im["height"]
-        side = max(w, h)
-        px, py = self.transform.offsets((w, h))
-        boxes = [((x + px) / side, (y + py) / side, (x + bw + px) / side, (y + bh + py) / side)
-                 for (x, y, bw, bh), _ in self.boxes[im["id"]]]
-        views = [(0.0, 0.0, 1.0)] if self.n_views == 1 else [(0.0, 0.0, 1.0)] + [
-            (j / 2, i / 2, 0.5) for i in (0, 1) for j in (0, 1)]  # (left, top, side), as Transformer.views
+        boxes = self.transform.to_model_xyxy(
+            [(x, y, x + bw, y + bh) for (x, y, bw, bh), _ in self.boxes[im["id"]]], (im["width"], im["height"]))
+        owner = patch_owners(boxes, self.n_views, self.grid)
         g = self.grid
-        out = torch.zeros(len(views), g * g, 4)
-        for v, (left, top, span) in enumerate(views):
-            for r in range(g):
-                for c in range(g):
-                    cx, cy = left + (c + 0.5) * span / g, top + (r + 0.5) * span / g
-                    box = (left + c * span / g, top + r * span / g,
-                           left + (c + 1) * span / g, top + (r + 1) * span / g)
-                    for b in boxes:
-                        if b[0] <= cx < b[2] and b[1] <= cy < b[3]:
-                            box = b
-                    out[v, r * g + c] = torch.tensor([(box[0] - left) / span, (box[1] - top) / span,
-                                                      (box[2] - left) / span, (box[3] - top) / span])
-        return out
+        c, r = np.tile(np.arange(g), g), np.repeat(np.arange(g), g)  # row-major patches
+        out = []
+        for v, (left, top, span) in enumerate(view_squares(self.n_views)):
+            cells = np.stack([left + c * span / g, top + r * span / g,
+                              left + (c + 1) * span / g, top + (r + 1) * span / g], axis=1)
+            chosen = np.where(owner[v][:, None] >= 0, boxes[owner[v]], cells) if len(boxes) else cells
+            out.append((chosen - [left, top, left, top]) / span)
+        return torch.from_numpy(np.stack(out)).float()
 
     def example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         "``(image (3, S, S), targets (n_views, grid * grid, width))`` of one COCO image."
