@@ -14,7 +14,9 @@ failing encoders:
   to always answering the median box;
 - ``own_box``: scenes of several objects; ridge regression from one patch token on an object to
   that object's ``x1, y1`` (global view and quadrants apart): whether a token, once picked, tells
-  where its object is.
+  where its object is; the same from the LLM's hidden state of that token after each layer
+  (``llm_layers``; the image tokens come first, so they see only the image): whether the language
+  model has turned a quadrant token's place in its quadrant into a place in the image.
 """
 
 from __future__ import annotations
@@ -74,6 +76,23 @@ def tokens(model, scene) -> np.ndarray:
     return model.encode_images(model.preprocess(scene.image)[None])[0].float().cpu().numpy()
 
 
+def hidden_states(model, scene) -> np.ndarray:
+    "(layers, image_tokens, dim): the LLM's hidden state of each image token after each layer."
+    t = model.transformer
+    img = model.encode_images(model.preprocess(scene.image)[None])
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(out[0, 1:1 + img.shape[1]]))
+             for layer in t.layers]
+    try:
+        with torch.no_grad():
+            h = t.embed(torch.tensor([[model.tokenizer.bos_id]], device=img.device), img)
+            t(h, torch.arange(h.shape[1], device=img.device)[None], last_only=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(seen).float().cpu().numpy()
+
+
 def probe_what(model, seed: int, scenes: int) -> dict:
     cfg = model.transformer.cfg
     g, per = cfg.vision.grid, cfg.tokens_per_view
@@ -130,6 +149,7 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
     g, per = cfg.vision.grid, cfg.tokens_per_view
     first = per - 1 - g * g
     rows = {"global": ([], [], []), "quadrants": ([], [], [])}  # features, corners, grid places
+    llm = [{"global": [], "quadrants": []} for _ in range(cfg.n_layers)]  # hidden states
     k = used = 0
     cells = np.array([(j / g, i / g) for i in range(g) for j in range(g)])
     while used < scenes:
@@ -139,14 +159,19 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
             continue
         used += 1
         t = tokens(model, scene)
+        hs = hidden_states(model, scene)
         idx = patch_objects(scene, model.transform, g)
         boxes = np.asarray(model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size))
         for v in range(5):
             on = idx[v] >= 0
-            feats, corners, places = rows["global" if v == 0 else "quadrants"]
-            feats.append(t[v * per + first:v * per + first + g * g][on])
+            name = "global" if v == 0 else "quadrants"
+            feats, corners, places = rows[name]
+            patches = slice(v * per + first, v * per + first + g * g)
+            feats.append(t[patches][on])
             corners.append(boxes[idx[v][on], :2])
             places.append(cells[on])
+            for layer, h in zip(llm, hs):
+                layer[name].append(h[patches][on])
     out = {"scenes": scenes, "ridge_lambda": lam}
     for name, (feats, corners, places) in rows.items():
         y = np.concatenate(corners)
@@ -161,7 +186,8 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
 
         out[name] = {"patches": len(y), "corner_mae": ridge(np.concatenate(feats)),
                      "corner_mae_from_grid_place": ridge(np.concatenate(places)),
-                     "corner_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4)}
+                     "corner_mae_median_guess": round(float(np.abs(np.median(y[:n], 0) - y[n:]).mean()), 4),
+                     "llm_layers_corner_mae": [ridge(np.concatenate(layer[name])) for layer in llm]}
     return out
 
 

@@ -8,6 +8,9 @@ A dataset marked ``independent_turns`` trains each question of a record as its o
 prompt about the image (packed with a block attention mask: one image encoding, no leaks between
 questions), which is what task prompts look like at inference.
 
+An optional auxiliary loss (``token_position``, :class:`TokenPlaces`) teaches the LLM's first
+layers where each image patch token's object lies in the whole image.
+
 Optimizer AdamW with linear warmup + cosine decay, gradient clipping and accumulation, fp32 or bf16
 autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, ``encoders``). It
 runs on each process's GPU when there is one (``device: auto``; under torchrun the one of its
@@ -41,6 +44,9 @@ Config example::
     encoder_warmup: {coco: data/synth/coco.json, images: data/synth/images, steps: 600}
                                                 # optional: dense encoder training first (warmup.py)
     coordinate_weight: 1.0                      # loss weight of the "0.41"-style coordinate tokens
+    token_position: {coco: data/synth/coco.json, images: data/synth/images, layer: 1, weight: 10.0}
+                                                # optional: auxiliary loss (TokenPlaces); images
+                                                # default to the json's folder
     loader_workers: 0                           # processes preparing the next batches (GPU runs: 4-16)
     save_every: 500
     log_every: 20
@@ -108,6 +114,9 @@ class TrainConfig:
     # processes that read and preprocess the next batches while the model trains (0: in the
     # training loop); the batches and their order are the same either way
     loader_workers: int = 0
+    # auxiliary loss: each image patch token's hidden state after LLM layer ``layer`` predicts
+    # where its object is in the whole image (see TokenPlaces); {coco, images, layer, weight}
+    token_position: dict | None = None
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
@@ -138,6 +147,8 @@ class TrainConfig:
             from .warmup import check_config
 
             raw["encoder_warmup"] = check_config(raw["encoder_warmup"], base)
+        if raw.get("token_position") is not None:
+            raw["token_position"] = check_token_position(raw["token_position"], base)
         bad = set(raw.get("train", [])) - set(PARTS)
         if bad:
             raise SphinxToolsError(f"unknown trainable parts {sorted(bad)}; known: {sorted(PARTS)}")
@@ -259,8 +270,9 @@ def _pieces_with_offsets(tok: Tokenizer, text: str) -> list[tuple[int, int]]:
 class ConversationData:
     "Datasets mixed by ratio; each epoch is a seeded shuffle of (dataset, item) pairs."
 
-    def __init__(self, specs: list[dict], tok: Tokenizer, image_size: int, max_len: int, seed: int):
-        self.tok, self.max_len = tok, max_len
+    def __init__(self, specs: list[dict], tok: Tokenizer, image_size: int, max_len: int, seed: int,
+                 places: "TokenPlaces | None" = None):
+        self.tok, self.max_len, self.places = tok, max_len, places
         self.transform = PaddedResize(image_size)
         self.sets = []
         for s in specs:
@@ -296,11 +308,13 @@ class ConversationData:
             ids, labels = tokenize_conversation(self.tok, item["conversations"])
             ids, labels = ids[: self.max_len], labels[: self.max_len]
             segments = [0] * len(ids)
-        image = None
+        image = places = None
         if item.get("image"):
             with Image.open(root / item["image"]) as im:
                 image = self.transform.apply_image(im)
-        return {"ids": ids, "labels": labels, "segments": segments, "image": image}
+            if self.places is not None:
+                places = self.places.targets(root / item["image"])
+        return {"ids": ids, "labels": labels, "segments": segments, "image": image, "places": places}
 
 
 class _Positions(torch.utils.data.IterableDataset):
@@ -347,10 +361,11 @@ def batches(data: ConversationData, batch_size: int, epoch: int, pos: int, worke
 
 
 def collate(examples: list[dict], pad_id: int = 0):
-    """Pad a batch: ``(ids, labels, images or None, segments or None)``.
+    """Pad a batch: ``(ids, labels, images or None, segments or None, places or None)``.
 
     ``segments`` is given only when some example is packed (independent turns); padding gets
-    segment -1 (it sees the prefix and itself, and carries no loss).
+    segment -1 (it sees the prefix and itself, and carries no loss). ``places``: the examples'
+    :meth:`TokenPlaces.targets`, when every example has them.
     """
     T = max(len(e["ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -361,24 +376,130 @@ def collate(examples: list[dict], pad_id: int = 0):
         labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
         segments[r, : len(e["ids"])] = torch.tensor(e.get("segments") or [0] * len(e["ids"]))
     segments = segments if bool((segments > 0).any()) else None
+    places = [e.get("places") for e in examples]
+    places = torch.stack(places) if all(p is not None for p in places) else None
     images = [e["image"] for e in examples]
     if all(im is not None for im in images):
-        return ids, labels, torch.stack(images), segments
+        return ids, labels, torch.stack(images), segments, places
     if any(im is not None for im in images):
         raise SphinxToolsError("a batch mixes examples with and without images; use batch_size 1")
-    return ids, labels, None, segments
+    return ids, labels, None, segments, None
+
+
+# -- auxiliary position loss -------------------------------------------------------------------
+
+TOKEN_POSITION_DEFAULTS = {"layer": 1, "weight": 10.0}
+
+
+def check_token_position(spec, base: Path) -> dict:
+    "The ``token_position`` config with paths resolved against ``base``; a clear error if malformed."
+    if not isinstance(spec, dict):
+        raise SphinxToolsError(f"token_position must be a mapping, got {spec!r}")
+    unknown = set(spec) - {"coco", "images", *TOKEN_POSITION_DEFAULTS}
+    if unknown or "coco" not in spec:
+        raise SphinxToolsError(f"token_position needs coco (and optionally images, layer, weight); "
+                               f"got keys {sorted(spec)}")
+    out = {**TOKEN_POSITION_DEFAULTS, **spec}
+    if not isinstance(out["layer"], int) or out["layer"] < 0:
+        raise SphinxToolsError(f"token_position.layer must be an int >= 0, got {out['layer']!r}")
+    if not isinstance(out["weight"], (int, float)) or out["weight"] <= 0:
+        raise SphinxToolsError(f"token_position.weight must be positive, got {out['weight']!r}")
+    out["coco"] = str((base / out["coco"]).resolve())
+    out["images"] = str((base / out.get("images", Path(out["coco"]).parent)).resolve())
+    return out
+
+
+class TokenPlaces:
+    """Where the object under each image patch token is, in the whole image: targets of an
+    auxiliary loss on the LLM's hidden states (``token_position`` in the training config).
+
+    SPHINX-1k's image tokens carry no view identity: the four quadrant views go through the same
+    encoders and projection as the global view, and LLaMA has no absolute position embedding
+    (RoPE rotates queries and keys only, never the values), so a quadrant token's content says
+    at best where its object is *within its quadrant*. Only the token's place in the sequence
+    tells the quadrant, and a tiny LLM trained from scratch is slow to learn that: where the demo
+    model (without this loss) writes the first coordinate of a REC answer, its last two layers
+    attend 2-5x more to quadrant tokens than to global-view ones. With this loss a linear head
+    (discarded afterwards) reads each patch token's hidden state after LLM layer ``layer`` and
+    regresses the box ``x1, y1, x2, y2`` of the object under the patch centre (fractions of the
+    padded image, squared error), so the first layers learn to turn a token's view and in-view
+    position into a place in the image. Patches on background carry no target (NaN).
+
+    Args:
+        coco: COCO json with the boxes; ``file_name`` relative to ``images``.
+        images: the folder of the images (default: the json's); a training record's image is
+            matched by its resolved path, and an image the json does not have gets no targets.
+        image_size, n_views, grid: the model's input side, views and patch grid.
+    """
+
+    def __init__(self, coco, images, image_size: int, n_views: int, grid: int):
+        try:
+            data = json.loads(Path(coco).read_text())
+            files = {im["id"]: (Path(images, im["file_name"]).resolve(), (im["width"], im["height"]))
+                     for im in data["images"]}
+            annotations = data["annotations"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {e!r}") from None
+        boxes: dict = {i: [] for i in files}
+        for a in annotations:
+            if a.get("image_id") in boxes:
+                x, y, w, h = a["bbox"]
+                boxes[a["image_id"]].append((x, y, x + w, y + h))
+        self.by_path = {path: (boxes[i], wh) for i, (path, wh) in files.items()}
+        self.n_views, self.grid = n_views, grid
+        self.transform = PaddedResize(image_size)
+
+    def targets(self, image_path) -> torch.Tensor:
+        "(n_views * grid * grid, 4): each patch's object box, NaN on background or an unknown image."
+        from .warmup import patch_owners
+
+        out = torch.full((self.n_views * self.grid * self.grid, 4), float("nan"))
+        found = self.by_path.get(Path(image_path).resolve())
+        if found is None or not found[0]:
+            return out
+        boxes = self.transform.to_model_xyxy(found[0], found[1])
+        owner = patch_owners(boxes, self.n_views, self.grid).reshape(-1)
+        hit = torch.from_numpy(owner >= 0)
+        out[hit] = torch.from_numpy(boxes[owner[owner >= 0]]).float()
+        return out
+
+
+def patch_token_index(cfg: SphinxConfig) -> torch.Tensor:
+    "Sequence index (BOS at 0) of each patch token, view-major and row-major like TokenPlaces.targets."
+    v = cfg.vision
+    per = cfg.tokens_per_view  # start_img, Q-Former queries, cls, grid * grid patches, end_img
+    first = 1 + torch.arange(cfg.n_views)[:, None] * per + 1 + v.qf_queries + 1
+    return (first + torch.arange(v.grid * v.grid)[None]).reshape(-1)
 
 
 # -- model -------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None) -> torch.Tensor:
+def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None, position=None):
     """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
 
     With ``segments`` (packed independent turns) the positions and attention mask make each turn
     a one-turn conversation; without, the sequence is one causal conversation. ``token_weight``
     (vocabulary-sized) weights each target token by its id: the weighted mean.
+
+    ``position = (head, layer, places, weight)`` adds ``weight`` x the auxiliary loss of
+    :class:`TokenPlaces` and then returns ``(total, language loss, position loss)``.
     """
+    if position is not None:
+        head, layer, places, weight = position
+        seen = {}
+        hook = model.layers[layer].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))
+        try:
+            language = loss_fn(model, ids, labels, images, segments, token_weight)
+        finally:
+            hook.remove()
+        index = patch_token_index(model.cfg).to(ids.device)
+        if places.shape[1] != len(index):
+            raise SphinxToolsError(f"position targets for {places.shape[1]} patch tokens, the model has {len(index)}")
+        pred = head(seen["h"][:, index].float())
+        known = ~places[..., 0].isnan()
+        aux = F.mse_loss(pred[known], places[known]) if bool(known.any()) else pred.sum() * 0
+        return language + weight * aux, language, aux
     img = model.encode_image(images) if images is not None else None
     h = model.embed(ids, img)
     B, L, _ = h.shape
@@ -600,6 +721,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    head = places = None
+    if cfg.token_position:
+        tp = cfg.token_position
+        if tp["layer"] >= len(model.layers):
+            raise SphinxToolsError(f"token_position.layer {tp['layer']} is past the model's "
+                                   f"{len(model.layers)} layers")
+        places = TokenPlaces(tp["coco"], tp["images"], model.cfg.image_size, model.cfg.n_views,
+                             model.cfg.vision.grid)
+        head = torch.nn.Linear(model.cfg.dim, 4)
+        with torch.no_grad():  # the same start on every rank: the image centre, whatever the tokens
+            head.weight.zero_()
+            head.bias.fill_(0.5)
+        head = head.to(device)
+        if state is not None and state.get("position_head") is not None:
+            head.load_state_dict(state["position_head"])
+        params += list(head.parameters())
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # one kernel, not one per tensor
     step, epoch, pos = 0, 0, 0
     if state is not None:
@@ -609,7 +747,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-    data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed)
+    data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed, places)
     feed = batches(data, cfg.batch_size, epoch, pos, cfg.loader_workers, device.type == "cuda", dp, dpw)
     autocast = cfg.dtype == "bf16"
     token_weight = coordinate_weights(tok, cfg.coordinate_weight, device)
@@ -618,15 +756,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = aux_total = 0.0
         for _ in range(cfg.grad_accum):
             tensors, (epoch, pos) = next(feed)
-            ids, labels, images, segments = (None if t is None else t.to(device, non_blocking=True)
-                                             for t in tensors)
+            ids, labels, images, segments, batch_places = (
+                None if t is None else t.to(device, non_blocking=True) for t in tensors)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(model, ids, labels, images, segments, token_weight) / cfg.grad_accum
+                if head is not None and batch_places is not None:
+                    tp = cfg.token_position
+                    loss, language, aux = loss_fn(model, ids, labels, images, segments, token_weight,
+                                                  (head, tp["layer"], batch_places, tp["weight"]))
+                    aux_total += float(aux.detach()) / cfg.grad_accum
+                else:
+                    loss = language = loss_fn(model, ids, labels, images, segments, token_weight)
+                loss = loss / cfg.grad_accum
             loss.backward()
-            total += float(loss.detach())
+            total += float(language.detach()) / cfg.grad_accum
             tokens += int((labels != IGNORE).sum())
         _sync_grads(params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
@@ -639,6 +784,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             rec = dict(step=step, loss=total, lr=lr_at(step - 1, cfg), grad_norm=gnorm,
                        tok_s=tokens / (time.perf_counter() - t0), epoch=epoch,
                        trainable=n_train, dp=dpw)  # tok_s: this rank's
+            if head is not None:
+                rec["position_loss"] = aux_total
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rec['tok_s']:.0f}")
             if log:
                 log.write(json.dumps(rec) + "\n")
@@ -648,6 +795,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             model.eval()
             save(model, tok, last, dict(optimizer=opt.state_dict(), step=step, epoch=epoch,
                                         pos=pos, py_rng=random.getstate(),
+                                        position_head=None if head is None else head.state_dict(),
                                         torch_rng=torch.get_rng_state(), config=asdict(cfg),
                                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
             model.train()

@@ -15,6 +15,7 @@ from sphinx_tools.tokenizer import Tokenizer
 from sphinx_tools.train import (
     IGNORE,
     ConversationData,
+    TokenPlaces,
     TrainConfig,
     batches,
     collate,
@@ -24,6 +25,7 @@ from sphinx_tools.train import (
     loss_fn,
     packed_mask,
     packed_positions,
+    patch_token_index,
     tokenize_conversation,
     tokenize_independent,
     train,
@@ -173,7 +175,8 @@ def test_independent_turns_pack_one_turn_prompts(synth_data):
     other = tokenize_independent(tok, convs[0])
     batch = [{"ids": ids, "labels": labels, "segments": segments, "image": torch.rand(3, 448, 448)},
              {"ids": other[0], "labels": other[1], "segments": other[2], "image": torch.rand(3, 448, 448)}]
-    b_ids, _, images, b_seg = collate(batch)
+    b_ids, _, images, b_seg, places = collate(batch)
+    assert places is None
     assert b_seg is not None and (b_seg[1, len(other[0]):] == -1).all()  # padding
     with torch.no_grad():
         img = model.encode_image(images)
@@ -451,3 +454,87 @@ def test_training_with_encoder_warmup_runs_it_once(synth_data):
     assert [r.get("warmup_step") for r in log] == [3, None, None, None, None]
     assert [r["step"] for r in log[1:]] == [1, 2, 3, 4]
     assert SphinxModel.from_pretrained(first).transformer.cfg.dim > 0
+
+
+def test_token_places_give_every_view_s_patches_their_object_s_box_in_the_whole_image(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 224}]  # padded: 112 px above
+    coco = _coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (1, 9, [224, 112, 80, 40])])
+    places = TokenPlaces(coco, tmp_path, 448, n_views=5, grid=4)
+    t = places.targets(tmp_path / "a.png").view(5, 4, 4, 4)  # view, row, column, box
+    big = torch.tensor([0, 0.25, 0.5, 0.75])  # the padded square's fractions
+    small = torch.tensor([0.5, 0.5, 304 / 448, 264 / 448])
+    torch.testing.assert_close(t[0, 1, 0], big)  # global view
+    torch.testing.assert_close(t[0, 2, 1], big)
+    assert t[0, 0, 0].isnan().all()  # centre (.125, .125): in the padding
+    # the quadrants' patches name the same boxes in the same (whole-image) fractions, not their view's
+    torch.testing.assert_close(t[1, 3, 3], big)  # top-left quadrant, centre (.4375, .4375)
+    torch.testing.assert_close(t[4, 0, 0], small)  # bottom-right quadrant, centre (.5625, .5625)
+    torch.testing.assert_close(t[3, 0, 3], big)  # bottom-left quadrant, centre (.4375, .5625)
+    assert t[4, 3, 3].isnan().all()
+    assert places.targets(tmp_path / "other.png").isnan().all()  # an image the json does not have
+
+
+def test_patch_token_index_points_at_each_view_s_patch_tokens():
+    from sphinx_tools.warmup import patch_tokens
+
+    model = SphinxModel.from_config("tiny", device="cpu").transformer
+    images = torch.rand(2, 3, 448, 448)
+    with torch.no_grad():
+        seq = model.embed(torch.zeros(2, 3, dtype=torch.long), model.encode_image(images))
+        want = patch_tokens(model, images)  # (B, views, patches, dim)
+    index = patch_token_index(model.cfg)
+    assert index.shape == (model.cfg.n_views * model.cfg.vision.grid ** 2,)
+    torch.testing.assert_close(seq[:, index], want.flatten(1, 2))
+
+
+def test_token_position_loss_trains_the_first_layers_only(synth_data):
+    model, tok = init_model(TrainConfig.load(write_config(synth_data, "tp_grad")))
+    model.eval()  # no dropout: the two forwards below must agree
+    g = model.cfg.vision.grid
+    data = ConversationData([{"path": str(synth_data / "data" / "conversations.json"),
+                              "root": str(synth_data / "data")}], tok, 448, 512, 0,
+                            TokenPlaces(synth_data / "data" / "coco.json", synth_data / "data" / "images",
+                                        448, 5, g))
+    ids, labels, images, segments, places = collate([data.example(0, i) for i in range(2)])
+    assert places.shape == (2, 5 * g * g, 4) and (~places[..., 0].isnan()).any()
+    head = torch.nn.Linear(model.cfg.dim, 4)
+    total, language, aux = loss_fn(model, ids, labels, images, segments, position=(head, 0, places, 3.0))
+    torch.testing.assert_close(language, loss_fn(model, ids, labels, images, segments))
+    torch.testing.assert_close(total, language + 3 * aux)
+    aux.backward()
+    assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.layers[1].parameters())  # above the read-out layer
+
+
+def test_training_with_token_position_resumes_identically(synth_data):
+    tp = {"coco": "data/coco.json", "images": "data/images", "layer": 0, "weight": 5.0}
+    straight = train(TrainConfig.load(write_config(synth_data, "tp_straight", token_position=tp)),
+                     progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "tp_resumed", token_position=tp))
+    cfg.steps = 2
+    train(cfg, progress=False)
+    resumed = train(TrainConfig.load(write_config(synth_data, "tp_resumed", token_position=tp)), progress=False)
+    a = SphinxModel.from_pretrained(straight).state_dict()
+    b = SphinxModel.from_pretrained(resumed).state_dict()
+    assert a.keys() == SphinxModel.from_config("tiny", device="cpu").state_dict().keys()
+    for k in a:  # the head is not part of the checkpoint, and its state resumes with the rest
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    log = [json.loads(x) for x in (Path(cfg.out).parent / "tp_resumed_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["position_loss"] > 0 for r in log)
+
+
+def test_token_position_config_errors(synth_data, tmp_path):
+    from sphinx_tools.train import check_token_position
+
+    with pytest.raises(SphinxToolsError, match="token_position needs coco"):
+        check_token_position({"layer": 1}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="layer must be an int >= 0, got -1"):
+        check_token_position({"coco": "c.json", "layer": -1}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="weight must be positive, got 0"):
+        check_token_position({"coco": "c.json", "weight": 0}, tmp_path)
+    spec = check_token_position({"coco": "d/c.json"}, tmp_path)
+    assert spec == {"coco": str((tmp_path / "d/c.json").resolve()), "images": str((tmp_path / "d").resolve()),
+                    "layer": 1, "weight": 10.0}
+    cfg = TrainConfig.load(write_config(synth_data, "tp_deep", token_position={"coco": "data/coco.json", "layer": 9}))
+    with pytest.raises(SphinxToolsError, match="token_position.layer 9 is past the model's 2 layers"):
+        train(cfg, progress=False)
