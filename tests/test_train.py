@@ -500,6 +500,8 @@ def test_token_position_loss_trains_the_first_layers_only(synth_data):
     head = torch.nn.Linear(model.cfg.dim, 4)
     total, language, aux = loss_fn(model, ids, labels, images, segments, position=(head, 0, places, 3.0))
     torch.testing.assert_close(language, loss_fn(model, ids, labels, images, segments))
+    assert set(aux) == {"position"}
+    aux = aux["position"]
     torch.testing.assert_close(total, language + 3 * aux)
     aux.backward()
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
@@ -538,3 +540,89 @@ def test_token_position_config_errors(synth_data, tmp_path):
     cfg = TrainConfig.load(write_config(synth_data, "tp_deep", token_position={"coco": "data/coco.json", "layer": 9}))
     with pytest.raises(SphinxToolsError, match="token_position.layer 9 is past the model's 2 layers"):
         train(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def coord_tok(synth_data):
+    path = synth_data / "coord_tok.model"
+    if not path.is_file():
+        train_tokenizer(path, 512, corpus=[
+            conversation_text(c["conversations"])[0]
+            for c in json.loads((synth_data / "data" / "conversations.json").read_text())], coordinate_tokens=True)
+    return Tokenizer(path)
+
+
+def test_box_pieces_find_the_box_each_answer_starts_with(coord_tok):
+    from sphinx_tools.train import BoxPieces
+
+    conv = [{"from": "human", "value": "Where is the red circle?"}, {"from": "gpt", "value": "[0.10,0.20,0.50,0.60]"},
+            {"from": "human", "value": "Detect circles."}, {"from": "gpt", "value": "<p>circles</p> [0.05,0.10,0.30,0.40;0.60,0.60,0.90,0.80]"},
+            {"from": "human", "value": "Pose?"}, {"from": "gpt", "value": "[0.10,0.20,0.30,0.40,0.50]"},  # not a box
+            {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]
+    ids, labels, segments = tokenize_independent(coord_tok, conv)
+    found = BoxPieces(coord_tok).first_boxes(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([segments]))
+    assert [(b, segments[j]) for b, j, _ in found] == [(0, 1), (0, 2)]
+    torch.testing.assert_close(torch.tensor([box for _, _, box in found]),
+                               torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.05, 0.1, 0.3, 0.4]]))
+    assert all(coord_tok.sp.id_to_piece(ids[j]).endswith("[") for _, j, _ in found)
+    with pytest.raises(SphinxToolsError, match="needs a tokenizer with coordinate tokens"):
+        BoxPieces(Tokenizer(coord_tok.path.with_name("tok.model")))
+
+
+def test_box_attention_loss_is_the_attention_head_0_pays_to_the_box(coord_tok, monkeypatch):
+    import sphinx_tools.model as model_module
+    from sphinx_tools.train import BoxPieces, box_attention_loss
+    from sphinx_tools.warmup import patch_owners
+
+    cfg = TrainConfig(init={"preset": "tiny", "tokenizer": str(coord_tok.path), "seed": 0}, data=[], out="x")
+    model, tok = init_model(cfg)
+    model.eval()
+    conv = [{"from": "human", "value": "Where is the red circle?"}, {"from": "gpt", "value": "[0.10,0.20,0.50,0.60]"},
+            {"from": "human", "value": "Where is the blue square?"}, {"from": "gpt", "value": "[0.55,0.50,0.95,0.90]"}]
+    ids, labels, segments = (torch.tensor([x]) for x in tokenize_independent(tok, conv))
+    images = torch.rand(1, 3, 448, 448)
+    pieces = BoxPieces(tok)
+    recorded = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, *args, **kw):  # the model's own attention, written out
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # the LLM's packed mask only
+            s = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~attn_mask, float("-inf"))
+            recorded.append(s.softmax(-1))
+        return sdpa(q, k, v, attn_mask, *args, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    layer = 1
+    total, language, aux = loss_fn(model, ids, labels, images, segments, box_attention=(pieces, layer, 2.0))
+    monkeypatch.undo()
+    probs = recorded[layer][0, 0]  # layer 1 of the LLM (the encoders' attention has no bool mask), head 0
+    n_image = model.cfg.image_tokens
+    index = patch_token_index(model.cfg)
+    want = []
+    for _, j, box in pieces.first_boxes(ids, labels, segments):
+        on = index[torch.from_numpy(patch_owners([box], 5, model.cfg.vision.grid).reshape(-1) >= 0)]
+        want.append(-torch.log(probs[j + n_image, on].sum() + 1e-6))
+    assert len(want) == 2
+    torch.testing.assert_close(aux["box_attention"], torch.stack(want).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total, language + 2 * aux["box_attention"])
+    aux["box_attention"].backward()
+    assert model.layers[layer].attention.wq.weight.grad.abs().sum() > 0
+    assert model.layers[layer].attention.wv.weight.grad is None  # the scores only
+    assert all(p.grad is None for p in model.layers[layer + 1:].parameters())
+
+
+def test_training_with_box_attention_logs_it(synth_data, coord_tok):
+    init = {"preset": "tiny", "tokenizer": "coord_tok.model", "seed": 0}
+    data = [{"path": "data/conversations.json", "root": "data", "independent_turns": True}]
+    out = train(TrainConfig.load(write_config(synth_data, "box_att", init=init, data=data, steps=3,
+                                              box_attention={"layer": 1, "weight": 2.0})), progress=False)
+    log = [json.loads(x) for x in (out.parent.parent / "box_att_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["box_attention_loss"] > 0 for r in log if "box_attention_loss" in r)
+    assert any("box_attention_loss" in r for r in log)
+    from sphinx_tools.train import check_box_attention
+
+    with pytest.raises(SphinxToolsError, match="box_attention takes layer and weight"):
+        check_box_attention({"head": 1})
+    with pytest.raises(SphinxToolsError, match="box_attention.weight must be positive, got -1"):
+        check_box_attention({"weight": -1})
+    assert check_box_attention({}) == {"layer": 2, "weight": 1.0}
