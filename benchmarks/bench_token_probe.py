@@ -76,10 +76,10 @@ def tokens(model, scene) -> np.ndarray:
     return model.encode_images(model.preprocess(scene.image)[None])[0].float().cpu().numpy()
 
 
-def hidden_states(model, scene) -> np.ndarray:
-    "(layers, image_tokens, dim): the LLM's hidden state of each image token after each layer."
+def hidden_states(model, img: torch.Tensor) -> np.ndarray:
+    """(layers, image_tokens, dim): the LLM's hidden state of each image token after each layer,
+    from one image's ``encode_images`` tokens (1, image_tokens, dim)."""
     t = model.transformer
-    img = model.encode_images(model.preprocess(scene.image)[None])
     seen = []
     hooks = [layer.register_forward_hook(lambda m, args, out: seen.append(out[0, 1:1 + img.shape[1]]))
              for layer in t.layers]
@@ -158,8 +158,9 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
         if len(scene.objects) < 2:
             continue
         used += 1
-        t = tokens(model, scene)
-        hs = hidden_states(model, scene)
+        img = model.encode_images(model.preprocess(scene.image)[None])  # once for both
+        t = img[0].float().cpu().numpy()
+        hs = hidden_states(model, img)
         idx = patch_objects(scene, model.transform, g)
         boxes = np.asarray(model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size))
         for v in range(5):
