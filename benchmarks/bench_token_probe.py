@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from sphinx_tools import SphinxModel
 from sphinx_tools.synth import COLORS, SHAPES, generate_scene
+from sphinx_tools.train import patch_token_index
 from sphinx_tools.warmup import patch_owners
 
 
@@ -57,6 +58,8 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, n_train: int) -> torch.Tensor
     mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
     x = (x - mu) / sd
     lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    torch.nn.init.zeros_(lin.weight)  # a convex fit from a fixed start: the same answer every run
+    torch.nn.init.zeros_(lin.bias)
     opt = torch.optim.LBFGS(lin.parameters(), max_iter=300)
 
     def closure():
@@ -93,16 +96,20 @@ def hidden_states(model, img: torch.Tensor) -> np.ndarray:
     return torch.stack(seen).float().cpu().numpy()
 
 
+def view_patches(cfg) -> np.ndarray:
+    "(n_views, grid * grid): each view's patch tokens' indices among the image tokens (no BOS)."
+    return (patch_token_index(cfg) - 1).view(cfg.n_views, -1).numpy()
+
+
 def probe_what(model, seed: int, scenes: int) -> dict:
     cfg = model.transformer.cfg
-    g, per = cfg.vision.grid, cfg.tokens_per_view
-    first = per - 1 - g * g  # a view: start, Q-Former queries, class token, patches, end
+    g, views = cfg.vision.grid, view_patches(cfg)
     feats, labels = [], []
     for k in range(scenes):
         scene = generate_scene("shapes", seed * 1000 + k)
         t = tokens(model, scene)
         for q in range(4):  # view 0 is the global view, 1..4 the quadrants
-            feats.append(t[(q + 1) * per + first:(q + 1) * per + first + g * g])
+            feats.append(t[views[q + 1]])
         labels.append(patch_labels(scene, model.transform, g).reshape(-1, 2))
     x = torch.tensor(np.concatenate(feats))
     y = np.concatenate(labels)
@@ -146,8 +153,7 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
     the named object's tokens can copy its place from them only if this is small; next to it the
     error of a regression from the patch's own grid place (what a token could say about itself)."""
     cfg = model.transformer.cfg
-    g, per = cfg.vision.grid, cfg.tokens_per_view
-    first = per - 1 - g * g
+    g, views = cfg.vision.grid, view_patches(cfg)
     rows = {"global": ([], [], []), "quadrants": ([], [], [])}  # features, corners, grid places
     llm = [{"global": [], "quadrants": []} for _ in range(cfg.n_layers)]  # hidden states
     k = used = 0
@@ -167,7 +173,7 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
             on = idx[v] >= 0
             name = "global" if v == 0 else "quadrants"
             feats, corners, places = rows[name]
-            patches = slice(v * per + first, v * per + first + g * g)
+            patches = views[v]
             feats.append(t[patches][on])
             corners.append(boxes[idx[v][on], :2])
             places.append(cells[on])

@@ -446,15 +446,13 @@ class TokenPlaces:
     """
 
     def __init__(self, coco, images, image_size: int, n_views: int, grid: int):
-        try:
-            data = json.loads(Path(coco).read_text())
-            files = {im["id"]: (Path(images, im["file_name"]).resolve(), (im["width"], im["height"]))
-                     for im in data["images"]}
-            annotations = data["annotations"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {e!r}") from None
+        from .warmup import read_coco
+
+        data = read_coco(coco)
+        files = {im["id"]: (Path(images, im["file_name"]).resolve(), (im["width"], im["height"]))
+                 for im in data.images}
         boxes: dict = {i: [] for i in files}
-        for a in annotations:
+        for a in data.annotations:
             if a.get("image_id") in boxes:
                 x, y, w, h = a["bbox"]
                 boxes[a["image_id"]].append((x, y, x + w, y + h))
@@ -837,6 +835,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model, tok = init_model(cfg_resume, device)
     else:
         model, tok = init_model(cfg, device)
+    for name in ("token_position", "box_attention"):  # before the warm-up, not after it
+        aux = getattr(cfg, name)
+        if aux and aux["layer"] >= len(model.layers):
+            raise SphinxToolsError(f"{name}.layer {aux['layer']} is past the model's {len(model.layers)} layers")
+    if cfg.box_attention and dist.mp_world_size() > 1:
+        raise SphinxToolsError("box_attention supervises head 0, which one model-parallel rank holds; "
+                               "train with model_parallel 1")
+    places = None  # the data, boxes and pieces first: a bad file fails before the warm-up
+    if cfg.token_position:
+        tp = cfg.token_position
+        places = TokenPlaces(tp["coco"], tp["images"], model.cfg.image_size, model.cfg.n_views,
+                             model.cfg.vision.grid)
+    pieces = BoxPieces(tok) if cfg.box_attention else None
+    data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed, places)
     out.mkdir(parents=True, exist_ok=True)
     dp, dpw = dist.dp_rank(), dist.dp_world_size()
     log = open(out.parent / f"{out.name}_log.jsonl", "a") if dp == 0 else None
@@ -851,14 +863,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    head = places = None
+    head = None
     if cfg.token_position:
-        tp = cfg.token_position
-        if tp["layer"] >= len(model.layers):
-            raise SphinxToolsError(f"token_position.layer {tp['layer']} is past the model's "
-                                   f"{len(model.layers)} layers")
-        places = TokenPlaces(tp["coco"], tp["images"], model.cfg.image_size, model.cfg.n_views,
-                             model.cfg.vision.grid)
         head = torch.nn.Linear(model.cfg.dim, 4)
         with torch.no_grad():  # the same start on every rank: the image centre, whatever the tokens
             head.weight.zero_()
@@ -877,16 +883,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-    pieces = None
-    if cfg.box_attention:
-        if cfg.box_attention["layer"] >= len(model.layers):
-            raise SphinxToolsError(f"box_attention.layer {cfg.box_attention['layer']} is past the model's "
-                                   f"{len(model.layers)} layers")
-        if dist.mp_world_size() > 1:
-            raise SphinxToolsError("box_attention supervises head 0, which one model-parallel rank holds; "
-                                   "train with model_parallel 1")
-        pieces = BoxPieces(tok)
-    data = ConversationData(cfg.data, tok, model.cfg.image_size, cfg.max_len, cfg.seed, places)
     feed = batches(data, cfg.batch_size, epoch, pos, cfg.loader_workers, device.type == "cuda", dp, dpw)
     autocast = cfg.dtype == "bf16"
     token_weight = coordinate_weights(tok, cfg.coordinate_weight, device)

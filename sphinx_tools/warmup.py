@@ -80,6 +80,25 @@ def check_config(spec: dict, base: Path) -> dict:
     return out
 
 
+def read_coco(coco, categories: bool = False) -> SimpleNamespace:
+    """The ``images`` (each with ``id``, ``file_name``, ``width``, ``height``) and ``annotations``
+    of the COCO json at ``coco``, and its ``categories`` (each with ``id``) when asked; a file that
+    cannot be read or lacks one of these raises an error naming it."""
+    try:
+        data = json.loads(Path(coco).read_text())
+        images, annotations = list(data["images"]), list(data["annotations"])
+        cats = list(data["categories"]) if categories else None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {e!r}") from None
+    for kind, items, keys in (("image", images, ("id", "file_name", "width", "height")),
+                              ("category", cats or [], ("id",))):
+        for item in items:
+            if not isinstance(item, dict) or any(k not in item for k in keys):
+                raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {kind} {item!r} "
+                                       f"needs {', '.join(keys)}")
+    return SimpleNamespace(images=images, annotations=annotations, categories=cats)
+
+
 def view_squares(n_views: int) -> list[tuple[float, float, float]]:
     "``(left, top, side)`` of each view in fractions of the padded image, in ``Transformer.views`` order."
     full = [(0.0, 0.0, 1.0)]
@@ -118,17 +137,13 @@ class DenseTargets:
 
     def __init__(self, coco, images, image_size: int, n_views: int, grid: int, sub: int,
                  categories: list[str] | None = None, position: bool = False):
-        try:
-            data = json.loads(Path(coco).read_text())
-            self.images = list(data["images"])
-            category_ids = [c["id"] for c in data["categories"]]
-            annotations = data["annotations"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SphinxToolsError(f"cannot read COCO boxes from {coco}: {e!r}") from None
+        data = read_coco(coco, categories=True)
+        self.images, annotations = data.images, data.annotations
+        category_ids = [c["id"] for c in data.categories]
         if not self.images:
             raise SphinxToolsError(f"{coco} has no images")
         if categories is not None:
-            names = {c.get("name"): c["id"] for c in data["categories"]}
+            names = {c.get("name"): c["id"] for c in data.categories}
             unknown = sorted(set(categories) - set(names))
             if unknown:
                 raise SphinxToolsError(f"encoder_warmup.categories {unknown} are not in {coco}; "

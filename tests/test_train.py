@@ -404,6 +404,25 @@ def test_dense_targets_keep_the_images_of_chosen_categories(tmp_path):
         DenseTargets(coco, tmp_path, 448, 5, 4, 4, categories=["dog", "thing"])
 
 
+def test_coco_readers_name_the_bad_file_and_entry(tmp_path):
+    from sphinx_tools.train import TokenPlaces
+    from sphinx_tools.warmup import DenseTargets, read_coco
+
+    with pytest.raises(SphinxToolsError, match="cannot read COCO boxes from .*none.json"):
+        read_coco(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    with pytest.raises(SphinxToolsError, match=r"bad.json: KeyError\('annotations'\)"):
+        TokenPlaces(bad, tmp_path, 448, 5, 4)
+    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}))
+    with pytest.raises(SphinxToolsError, match="image .*'a.png'.* needs id, file_name, width, height"):
+        DenseTargets(bad, tmp_path, 448, 5, 4, 4)
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"name": "x"}]}))
+    assert read_coco(bad).categories is None  # categories only read when asked
+    with pytest.raises(SphinxToolsError, match="category {'name': 'x'} needs id"):
+        read_coco(bad, categories=True)
+
+
 def test_encoder_warmup_config_errors(tmp_path):
     from sphinx_tools.warmup import check_config
 
@@ -537,8 +556,20 @@ def test_token_position_config_errors(synth_data, tmp_path):
     spec = check_token_position({"coco": "d/c.json"}, tmp_path)
     assert spec == {"coco": str((tmp_path / "d/c.json").resolve()), "images": str((tmp_path / "d").resolve()),
                     "layer": 1, "weight": 10.0}
-    cfg = TrainConfig.load(write_config(synth_data, "tp_deep", token_position={"coco": "data/coco.json", "layer": 9}))
+    # the layer is checked before the encoder warm-up (whose missing COCO file would fail first otherwise)
+    warm = {"coco": "missing.json", "steps": 1}
+    cfg = TrainConfig.load(write_config(synth_data, "tp_deep", token_position={"coco": "data/coco.json", "layer": 9},
+                                        encoder_warmup=warm))
     with pytest.raises(SphinxToolsError, match="token_position.layer 9 is past the model's 2 layers"):
+        train(cfg, progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "ba_deep", box_attention={"layer": 2}, encoder_warmup=warm))
+    with pytest.raises(SphinxToolsError, match="box_attention.layer 2 is past the model's 2 layers"):
+        train(cfg, progress=False)
+    with pytest.raises(SphinxToolsError, match="cannot read COCO boxes from .*missing.json"):
+        train(TrainConfig.load(write_config(synth_data, "warm_missing", encoder_warmup=warm)), progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "data_missing", data=[{"path": "none.json"}],
+                                        encoder_warmup=warm))
+    with pytest.raises(SphinxToolsError, match="none.json"):  # the data too
         train(cfg, progress=False)
 
 
