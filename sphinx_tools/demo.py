@@ -9,7 +9,8 @@ tokenizer on its conversations, writes the training config and runs the finetuni
 (``sphinx_tools.train`` in ``RECIPE["procs"]`` data-parallel processes; each scene's questions
 are packed as one-turn prompts that share the image, ``independent_turns``); a recipe with a
 ``stage2`` entry continues on fresh scenes. The final checkpoint and the training configs are
-copied into ``sphinx_tools/demo_model``.
+copied into ``sphinx_tools/demo_model``. ``--scale K --dest DIR`` trains the same model on K x the
+scenes and K x the images per step (:func:`scaled_recipe`), for a machine with more compute.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SphinxToolsError
 from .synth import SHAPES
 
 DEMO_NAME = "demo"
@@ -112,6 +113,10 @@ def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int
     data = work / data_dir
     if not (data / "conversations.json").is_file():
         write_dataset(data, scenes, seed=seed, turns=recipe["turns"], progress=progress, workers=workers)
+    have = len(json.loads((data / "coco.json").read_text())["images"])
+    if have != scenes:  # a resumed build must not train on another build's scenes
+        raise SphinxToolsError(f"{data} holds {have} scenes, this build wants {scenes}: "
+                               "use a fresh --work folder")
     cfg = {
         "init": init,
         "data": [{"path": f"{data_dir}/conversations.json", "root": data_dir, "ratio": 1.0,
@@ -122,6 +127,34 @@ def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int
     path = work / config
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def scaled_recipe(scale: int, procs: int, recipe: dict = RECIPE) -> dict:
+    """The recipe with ``scale`` x the scenes and the images per step (finetuning and encoder
+    warm-up), the same steps and learning rates, run by ``procs`` processes: ``scale`` x the
+    images seen, for a machine with the compute (a GPU takes a bigger batch in about the time of a
+    small one). The global batch is kept whatever ``procs`` is; no ``max_minutes`` guard unless
+    ``scale`` is 1 and ``procs`` the recipe's."""
+    import copy
+
+    if not isinstance(scale, int) or scale < 1:
+        raise SphinxToolsError(f"scale must be a positive integer, got {scale!r}")
+    out = copy.deepcopy(recipe)
+    base = recipe.get("procs", 1)
+    if scale == 1 and procs == base:
+        return out
+    train = out["train"]
+    for spec, n in ((train, base), (train.get("encoder_warmup") or {}, base)):
+        if "batch_size" in spec:
+            total = spec["batch_size"] * n * scale
+            if total % procs:
+                raise SphinxToolsError(f"{procs} processes cannot share a global batch of {total} "
+                                       f"(scale {scale}); use a divisor of it")
+            spec["batch_size"] = total // procs
+    out["scenes"] = recipe["scenes"] * scale
+    out["procs"] = procs
+    train["max_minutes"] = None
+    return out
 
 
 def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True, workers: int = 1) -> Path:
@@ -170,17 +203,39 @@ def cli():
 @click.option("--dest", default=str(DEMO_DIR), show_default=True, type=click.Path(path_type=Path))
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
               help="CPU cores to use (shared by the recipe's training processes)")
-def build(work, dest, threads):
+@click.option("--scale", default=1, show_default=True, type=click.IntRange(1),
+              help="train on SCALE x the scenes with SCALE x the images per step (same steps); "
+                   "not the shipped recipe unless 1, so it needs --dest")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPUs where CUDA is, else the CPU), cpu or cuda; the recipe is a CPU one")
+@click.option("--procs", default=None, type=click.IntRange(1),
+              help="training processes  [default: one per GPU on CUDA, else the recipe's]")
+@click.option("--loader-workers", default=0, show_default=True, type=click.IntRange(0),
+              help="processes preparing batches (GPU runs: 4-16; the batches are the same)")
+def build(work, dest, threads, device, scale, procs, loader_workers):
     "Generate data, train the tokenizer and the model, install the result."
-    from .train import TrainConfig, train_local
+    import torch
 
-    procs = RECIPE.get("procs", 1)
-    stages = [write_training_files] + ([write_stage2_files] if "stage2" in RECIPE else [])
+    from .train import TrainConfig, train_device, train_local
+
+    try:
+        cuda = train_device(device).type == "cuda"
+    except SphinxToolsError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    if procs is None:
+        procs = torch.cuda.device_count() if cuda else RECIPE.get("procs", 1)
+    recipe = scaled_recipe(scale, procs, RECIPE)
+    if recipe != RECIPE and Path(dest).resolve() == DEMO_DIR.resolve():
+        raise click.UsageError("a build with another --scale or --procs than the recipe's is not the shipped "
+                               "model: give it its own --dest")
+    stages = [write_training_files] + ([write_stage2_files] if "stage2" in recipe else [])
     configs = []
     for write in stages:  # each stage resumes if interrupted
-        configs.append(write(work, workers=threads))
+        configs.append(write(work, recipe, workers=threads))
         cfg = TrainConfig.load(configs[-1])
         cfg.num_threads = max(1, threads // procs)
+        cfg.loader_workers = loader_workers
+        cfg.device = device
         ckpt = train_local(cfg, procs)
     install(ckpt, dest)
     for stale in dest.glob("train*.yaml"):

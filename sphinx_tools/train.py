@@ -855,7 +855,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if state is None and cfg.encoder_warmup:  # a fresh start; a resumed run has warm encoders
         from .warmup import check_config, warmup_encoders
 
-        warmup_encoders(model, check_config(cfg.encoder_warmup, Path(".")), device, log, progress)
+        warmup_encoders(model, check_config(cfg.encoder_warmup, Path(".")), device, log, progress,
+                        workers=cfg.loader_workers)
     torch.manual_seed(cfg.seed + dist.dp_rank())
     n_train = set_trainable(model, cfg.train)
     model.train()

@@ -211,6 +211,9 @@ class DenseTargets:
             out.append((chosen - [left, top, left, top]) / span)
         return torch.from_numpy(np.stack(out)).float()
 
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.example(index)
+
     def example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         "``(image (3, S, S), targets (n_views, grid * grid, width))`` of one COCO image."
         from PIL import Image
@@ -257,10 +260,15 @@ def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int) -> torch.T
     return coverage + classes
 
 
-def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) -> list[float]:
+def _stack(examples):
+    return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
+
+
+def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, workers: int = 0) -> list[float]:
     """Train the encoders and the visual projection on :class:`DenseTargets` (see the module
     docstring); data parallel like finetuning (each rank its share of every batch, gradients
-    averaged). Writes ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
+    averaged). ``workers`` processes read the images ahead (the batches are the same). Writes
+    ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
     from tqdm.auto import tqdm
 
     from .train import _sync_grads, lr_at
@@ -286,22 +294,28 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True) 
     dp, dpw = dist.dp_rank(), dist.dp_world_size()
     rng = random.Random(int(spec["seed"]))
     order: list[int] = []
-    losses = []
-    bar = tqdm(total=spec["steps"], disable=not progress or dp > 0 or dist.mp_rank() > 0,
-               desc="encoder warm-up", unit="step")
-    t0 = time.perf_counter()
-    model.train()
+    plan = []  # this rank's examples of each step, drawn up front so that loader workers can read ahead
     for step in range(spec["steps"]):
-        batch = []
+        mine = []
         for k in range(spec["batch_size"] * dpw):  # the global batch; this rank keeps its share
             if not order:
                 order = list(range(len(data)))
                 rng.shuffle(order)
             i = order.pop()
             if k % dpw == dp:
-                batch.append(data.example(i))
-        images = torch.stack([b[0] for b in batch]).to(device)
-        targets = torch.stack([b[1] for b in batch]).to(device)
+                mine.append(i)
+        plan.append(mine)
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=plan, collate_fn=_stack, num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers else None,
+        generator=torch.Generator())  # its own: the loader's seed draw leaves the training RNG alone
+    losses = []
+    bar = tqdm(total=spec["steps"], disable=not progress or dp > 0 or dist.mp_rank() > 0,
+               desc="encoder warm-up", unit="step")
+    t0 = time.perf_counter()
+    model.train()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed)
         opt.zero_grad(set_to_none=True)
         loss.backward()

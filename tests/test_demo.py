@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from sphinx_tools import demo
-from sphinx_tools.errors import CheckpointError
+from sphinx_tools.errors import CheckpointError, SphinxToolsError
 
 
 def test_demo_name_is_not_shadowed_by_a_folder_without_shards(tmp_path, monkeypatch):
@@ -33,3 +34,52 @@ def test_the_shipped_model_was_trained_by_the_recipe_in_the_repo():
     assert {k: shipped[k] for k in demo.RECIPE["train"]} == demo.RECIPE["train"]
     assert shipped["init"] == {**demo.RECIPE["model"], "tokenizer": "tokenizer.model"}
     assert shipped["data"][0]["independent_turns"] == demo.RECIPE["independent_turns"]
+
+
+TINY_RECIPE = {
+    "scenes": 4, "data_seed": 0, "turns": 32, "independent_turns": True, "vocab_size": 512,
+    "coordinate_tokens": True, "model": {"preset": "tiny", "seed": 0},
+    "train": {"encoder_warmup": {"coco": "data/coco.json", "images": "data/images", "steps": 1, "batch_size": 1},
+              "train": ["llm", "proj", "tokens"], "steps": 2, "batch_size": 1, "lr": 1e-3, "warmup": 1,
+              "save_every": 2, "log_every": 1, "seed": 0, "max_minutes": 30},
+    "procs": 1,
+}
+
+
+def test_scaled_recipe_multiplies_scenes_and_images_per_step():
+    r = demo.scaled_recipe(4, 1, demo.RECIPE)
+    base = demo.RECIPE
+    assert r["scenes"] == 4 * base["scenes"] and r["train"]["steps"] == base["train"]["steps"]
+    assert r["train"]["batch_size"] == 4 * base["train"]["batch_size"] * base["procs"]  # one process: the global batch
+    assert r["train"]["encoder_warmup"]["batch_size"] == 4 * base["train"]["encoder_warmup"]["batch_size"] * base["procs"]
+    assert r["train"]["lr"] == base["train"]["lr"] and r["train"]["max_minutes"] is None
+    assert demo.scaled_recipe(1, base["procs"], base) == base
+    with pytest.raises(SphinxToolsError, match="3 processes cannot share a global batch of 4"):
+        demo.scaled_recipe(1, 3, base)
+    assert demo.RECIPE == base  # the recipe itself is untouched
+
+
+def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sphinx_tools import SphinxModel
+
+    monkeypatch.setattr(demo, "RECIPE", TINY_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(demo.cli, ["build", "--work", "w", "--dest", "m", "--scale", "2", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    assert len(json.loads((tmp_path / "w" / "data" / "coco.json").read_text())["images"]) == 8
+    cfg = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
+    assert cfg["batch_size"] == 2 and cfg["encoder_warmup"]["batch_size"] == 2 and cfg["max_minutes"] is None
+    assert SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg.dim > 0
+    again = CliRunner().invoke(demo.cli, ["build", "--work", "w", "--dest", "m", "--scale", "3"])
+    assert again.exit_code != 0 and "holds 8 scenes, this build wants 12" in str(again.exception)
+    shipped = CliRunner().invoke(demo.cli, ["build", "--work", "w2", "--scale", "2"])
+    assert shipped.exit_code != 0 and "give it its own --dest" in shipped.output
+    assert not (tmp_path / "w2").exists()  # refused before any work
+    if not torch.cuda.is_available():
+        no_gpu = CliRunner().invoke(demo.cli, ["build", "--work", "w3", "--dest", "m3", "--device", "cuda"])
+        assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output

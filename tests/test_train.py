@@ -461,6 +461,21 @@ def test_encoder_warmup_trains_the_encoders_on_boxes(synth_data):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_encoder_warmup_reads_the_same_batches_with_loader_workers(synth_data):
+    from sphinx_tools.warmup import check_config, warmup_encoders
+
+    spec = check_config({"coco": "data/coco.json", "images": "data/images", "steps": 3, "batch_size": 3},
+                        synth_data)
+    states = []
+    for workers in (0, 2):
+        model, _ = init_model(TrainConfig.load(write_config(synth_data, "warm_workers")))
+        losses = warmup_encoders(model, spec, "cpu", progress=False, workers=workers)
+        states.append((losses, model.state_dict()))
+    assert states[0][0] == states[1][0]
+    for k, v in states[0][1].items():
+        torch.testing.assert_close(v, states[1][1][k], msg=k)
+
+
 def test_training_with_encoder_warmup_runs_it_once(synth_data):
     warm = {"coco": "data/coco.json", "images": "data/images", "steps": 3, "batch_size": 1}
     cfg = TrainConfig.load(write_config(synth_data, "warm", steps=2, train=["llm", "proj", "tokens"],
