@@ -144,9 +144,9 @@ def scaled_recipe(scale: int, procs: int, recipe: dict = RECIPE) -> dict:
     if scale == 1 and procs == base:
         return out
     train = out["train"]
-    for spec, n in ((train, base), (train.get("encoder_warmup") or {}, base)):
+    for spec in (train, train.get("encoder_warmup") or {}):
         if "batch_size" in spec:
-            total = spec["batch_size"] * n * scale
+            total = spec["batch_size"] * base * scale
             if total % procs:
                 raise SphinxToolsError(f"{procs} processes cannot share a global batch of {total} "
                                        f"(scale {scale}); use a divisor of it")
