@@ -7,13 +7,34 @@ folder, its ``images/`` subfolder or ``image_root``) or a RefCOCO-style json lis
 
 Items come out in a deterministic order and are never all held in memory: folders are walked
 directory by directory, sorted.
+
+:func:`open_source` checks every entry of a file list, COCO json or RefCOCO json before it
+returns, so a malformed entry fails before any model is loaded. It raises :class:`SourceError`
+(a ``ValueError``) naming the entry (line number, ``images[k]`` with its id, or ``record k``) and
+what is wrong with it: a NUL byte, a missing or non-string file name, an id that is not an
+integer (``"3"``, ``3.0``, ``true`` and ``null`` are refused), a duplicate image, category or
+question id, a category without an integer id and a string name, or JSON that cannot be parsed.
+Folders are not listed up front.
+
+File names in a COCO or RefCOCO json are relative to the image root. A name that is absolute, or
+that climbs out of the root with ``..`` (checked on the text of the name, after normalization),
+is refused unless ``allow_outside_root=True`` (``--allow-outside-root``). A text file list names
+its images explicitly and documents absolute paths as a way to do so, so its entries may point
+anywhere, ``..`` included; its ``file_name`` is then the path as written relative to the list's
+folder (``../x.png``) or the absolute path. Symbolic links are followed as the OS does.
+
+File names need not be valid UTF-8: folder and list entries keep undecodable bytes as lone
+surrogates (:func:`os.fsdecode`, ``surrogateescape``), so ``file_name`` is a ``str`` and ``path``
+opens the original file.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import posixpath
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +43,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from sphinx_tools.errors import SphinxToolsError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+_MISSING = object()
 
 
 @dataclass
@@ -33,7 +57,8 @@ class ImageItem:
     Attributes:
         index: position in the source's global order (0-based; shards split on it).
         path: where the file is.
-        file_name: the name written to COCO ``images[].file_name`` (relative to the source root).
+        file_name: the name written to COCO ``images[].file_name`` (relative to the source root;
+            undecodable bytes of the OS name appear as lone surrogates).
         image_id: the COCO id (the source's own for a COCO json, else ``index + 1``).
         expressions: referring expressions to ground (RefCOCO-style sources), as
             ``(question_id, expression)``.
@@ -50,11 +75,16 @@ class ImageError(Exception):
     "An image that cannot be labeled; the message is the reason recorded for it."
 
 
+class SourceError(SphinxToolsError, ValueError):
+    "A source, or one of its entries, that cannot be read; the message names the entry."
+
+
 @dataclass
 class Source:
     """A labeling source: where it is, what kind, its root and (COCO) categories.
 
-    Use :func:`open_source` to make one; iterate :meth:`items` (lazily) as often as needed.
+    Use :func:`open_source` to make one (it checks every entry); iterate :meth:`items` (lazily)
+    as often as needed.
     """
 
     location: Path
@@ -62,9 +92,17 @@ class Source:
     root: Path
     categories: list = field(default_factory=list)
     image_root: Path | None = None
+    allow_outside_root: bool = False
+    # checked json entries: coco [(id, file_name)], refcoco {file_name: [(qid, question)]}
+    _entries: list | dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def items(self) -> Iterator[ImageItem]:
-        "Every image of the source, in its deterministic global order."
+        """Every image of the source, in its deterministic global order.
+
+        Raises:
+            SourceError: for a malformed entry (only in a file list changed after it was opened,
+                or in a ``Source`` made without :func:`open_source`).
+        """
         if self.kind == "folder":
             yield from self._folder_items()
         elif self.kind == "list":
@@ -85,65 +123,71 @@ class Source:
             index += 1
 
     def _list_items(self):
-        with open(self.location, encoding="utf-8") as f:
-            index = 0
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                path = Path(line) if Path(line).is_absolute() else self.root / line
-                yield ImageItem(index, path, _relative(path, self.root), index + 1)
-                index += 1
+        for index, (_, line) in enumerate(_list_entries(self.location)):
+            path = Path(line) if Path(line).is_absolute() else self.root / line
+            yield ImageItem(index, path, _relative(path, self.root), index + 1)
 
     def _coco_items(self):
-        images = json.loads(self.location.read_text(encoding="utf-8")).get("images", [])
-        for index, image in enumerate(sorted(images, key=lambda im: im["id"])):
-            name = image["file_name"]
-            yield ImageItem(index, self._resolve(name), name, int(image["id"]))
+        if self._entries is None:
+            self._entries = _coco_entries(self.location, _read_json(self.location),
+                                          self.root, self.allow_outside_root)
+        for index, (image_id, name) in enumerate(self._entries):
+            yield ImageItem(index, self._resolve(name), name, image_id)
 
     def _refcoco_items(self):
-        records = json.loads(self.location.read_text(encoding="utf-8"))
-        by_image: dict[str, list] = {}
-        for k, rec in enumerate(records):
-            key = rec.get("question_id", k)
-            by_image.setdefault(rec["image"], []).append((str(key), rec["question"]))
-        for index, name in enumerate(by_image):
-            yield ImageItem(index, self._resolve(name), name, index + 1, by_image[name])
+        if self._entries is None:
+            self._entries = _refcoco_entries(self.location, _read_json(self.location),
+                                             self.root, self.allow_outside_root)
+        for index, (name, expressions) in enumerate(self._entries.items()):
+            yield ImageItem(index, self._resolve(name), name, index + 1, list(expressions))
 
     def _resolve(self, name: str) -> Path:
         roots = [self.image_root] if self.image_root else [self.root, self.root / "images"]
         for root in roots:
-            if (root / name).exists():
-                return root / name
+            try:
+                if (root / name).exists():
+                    return root / name
+            except (OSError, ValueError):  # a name too long for the OS: read_bytes reports it
+                pass
         return roots[0] / name
 
 
-def open_source(src, image_root=None) -> Source:
-    """Recognize a source by what it is.
+def open_source(src, image_root=None, *, allow_outside_root: bool = False) -> Source:
+    """Recognize a source by what it is, and check every entry of a list or json source.
 
     Args:
         src: a folder, a ``.txt``/``.lst`` file of paths, a COCO json or a RefCOCO-style json list.
         image_root: folder that COCO / RefCOCO file names are relative to (default: the json's
             folder, or its ``images/`` subfolder when the file is there).
+        allow_outside_root: accept COCO / RefCOCO file names that are absolute or climb out of
+            the image root with ``..`` (refused by default).
 
     Raises:
-        ValueError: naming the source when it does not exist or is of no known kind.
+        SourceError: a ``ValueError`` naming the source when it does not exist, is of no known
+            kind or cannot be parsed, or naming its first malformed entry.
     """
     src = Path(src).expanduser()
     root = Path(image_root) if image_root else None
     if src.is_dir():
         return Source(src, "folder", src)
     if not src.is_file():
-        raise ValueError(f"source {str(src)!r} does not exist")
+        raise SourceError(f"source {str(src)!r} does not exist")
     if src.suffix.lower() != ".json":
+        for _ in _list_entries(src):  # reads the list once, line by line, to check it
+            pass
         return Source(src, "list", src.parent)
-    data = json.loads(src.read_text(encoding="utf-8"))
+    data = _read_json(src)
     if isinstance(data, dict) and "images" in data:
-        return Source(src, "coco", root or src.parent, data.get("categories", []), root)
-    if isinstance(data, list) and all(isinstance(r, dict) and {"image", "question"} <= set(r)
-                                      for r in data[:100]):
-        return Source(src, "refcoco", root or src.parent, [], root)
-    raise ValueError(
+        source = Source(src, "coco", root or src.parent, _categories(src, data), root,
+                        allow_outside_root)
+        source._entries = _coco_entries(src, data, source.root, allow_outside_root)
+        return source
+    if isinstance(data, list) and (not data or any(
+            isinstance(r, dict) and {"image", "question"} <= set(r) for r in data[:100])):
+        source = Source(src, "refcoco", root or src.parent, [], root, allow_outside_root)
+        source._entries = _refcoco_entries(src, data, source.root, allow_outside_root)
+        return source
+    raise SourceError(
         f"source {str(src)!r} is a json file but neither COCO (a dict with 'images') nor "
         "RefCOCO-style (a list of {'image', 'question', ...})"
     )
@@ -165,6 +209,185 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+# -- checking list and json entries ------------------------------------------------------------
+def _list_entries(location: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, path)`` for each entry of a file list, read as bytes, one line at a time.
+
+    Blank lines and ``#`` comments are skipped, surrounding whitespace and a UTF-8 byte order
+    mark are removed, and bytes that are not valid UTF-8 are kept as lone surrogates.
+
+    Raises:
+        SourceError: naming the list when it cannot be read, or the line with a NUL byte.
+    """
+    where = f"file list {str(location)!r}"
+    try:
+        with open(location, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    line = os.fsdecode(raw).strip()
+                except UnicodeDecodeError as exc:  # only where the OS has no surrogateescape
+                    raise SourceError(f"{where}, line {number}: cannot decode the path: {exc}"
+                                      ) from None
+                if not line or line.startswith("#"):
+                    continue
+                if "\0" in line:
+                    raise SourceError(f"{where}, line {number}: the path contains a NUL byte "
+                                      "(expected a text file of image paths, one a line)")
+                yield number, line
+    except OSError as exc:
+        raise SourceError(f"{where} cannot be read: {exc.strerror or exc}") from None
+
+
+def _read_json(location: Path):
+    "The parsed json file; a :class:`SourceError` naming it when it cannot be read or parsed."
+    where = f"source {str(location)!r}"
+    try:
+        return json.loads(location.read_bytes())
+    except OSError as exc:
+        raise SourceError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise SourceError(f"{where} is not usable JSON: it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SourceError(f"{where} is not valid JSON: {exc}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    "A short description of a bad json value for a message, written as JSON."
+    if value is _MISSING:
+        return "nothing (missing)"
+    text = json.dumps(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return text if value is None else f"{text} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _check_name(name, key: str, entry: str, root: Path, allow_outside_root: bool) -> str:
+    "A json entry's image file name, checked; ``entry`` names it in the error."
+    if name is _MISSING:
+        raise SourceError(f"{entry}: {key!r} is missing")
+    if not isinstance(name, str):
+        raise SourceError(f"{entry}: {key!r} must be a string, got {_show(name)}")
+    if not name.strip():
+        raise SourceError(f"{entry}: {key!r} is empty")
+    if "\0" in name:
+        raise SourceError(f"{entry}: {key!r} {name!r} contains a NUL byte")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise SourceError(f"{entry}: {key!r} {name!r} is not a possible file name "
+                          "(it holds a lone surrogate)") from None
+    if not allow_outside_root:
+        how = None
+        if os.path.isabs(name) or posixpath.isabs(name):
+            how = "an absolute path"
+        elif os.path.normpath(name).replace(os.sep, "/").split("/")[0] == "..":
+            how = "it climbs out with '..'"
+        if how:
+            raise SourceError(f"{entry}: {key!r} {name!r} is outside the image root "
+                              f"{str(root)!r} ({how}); pass --allow-outside-root "
+                              "(allow_outside_root=True) to read it")
+    return name
+
+
+def _coco_entries(location: Path, data, root: Path,
+                  allow_outside_root: bool) -> list[tuple[int, str]]:
+    "``(image id, file name)`` of a COCO dict's images, checked, sorted by id."
+    where = f"COCO source {str(location)!r}"
+    if not isinstance(data, dict) or "images" not in data:
+        raise SourceError(f"{where} is not a COCO dict with 'images'")
+    images = data["images"]
+    if not isinstance(images, list):
+        raise SourceError(f"{where}: 'images' must be a list, got {_show(images)}")
+    seen: dict[int, int] = {}
+    entries = []
+    for k, image in enumerate(images):
+        entry = f"{where}: images[{k}]"
+        if not isinstance(image, dict):
+            raise SourceError(f"{entry} must be an object, got {_show(image)}")
+        image_id = image.get("id", _MISSING)
+        if not _is_int(image_id):
+            raise SourceError(f"{entry}: 'id' must be an integer, got {_show(image_id)}")
+        entry = f"{entry} (id {image_id})"
+        if image_id in seen:
+            raise SourceError(f"{entry}: duplicate image id, also used by images[{seen[image_id]}]")
+        seen[image_id] = k
+        name = _check_name(image.get("file_name", _MISSING), "file_name", entry, root,
+                           allow_outside_root)
+        entries.append((image_id, name))
+    entries.sort(key=lambda e: e[0])
+    return entries
+
+
+def _categories(location: Path, data: dict) -> list:
+    "A COCO dict's categories, checked: integer ids, unique; string names; list synonyms."
+    where = f"COCO source {str(location)!r}"
+    categories = data.get("categories")
+    if categories is None:
+        return []
+    if not isinstance(categories, list):
+        raise SourceError(f"{where}: 'categories' must be a list, got {_show(categories)}")
+    seen: dict[int, int] = {}
+    for k, category in enumerate(categories):
+        entry = f"{where}: categories[{k}]"
+        if not isinstance(category, dict):
+            raise SourceError(f"{entry} must be an object, got {_show(category)}")
+        cat_id = category.get("id", _MISSING)
+        if not _is_int(cat_id):
+            raise SourceError(f"{entry}: 'id' must be an integer, got {_show(cat_id)}")
+        entry = f"{entry} (id {cat_id})"
+        if cat_id in seen:
+            raise SourceError(f"{entry}: duplicate category id, also used by "
+                              f"categories[{seen[cat_id]}]")
+        seen[cat_id] = k
+        name = category.get("name", _MISSING)
+        if not isinstance(name, str) or not name.strip():
+            raise SourceError(f"{entry}: 'name' must be a non-empty string, got {_show(name)}")
+        synonyms = category.get("synonyms", [])
+        if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
+            raise SourceError(f"{entry}: 'synonyms' must be a list of strings, got "
+                              f"{_show(synonyms)}")
+    return categories
+
+
+def _refcoco_entries(location: Path, data, root: Path,
+                     allow_outside_root: bool) -> dict[str, list]:
+    "``{image file name: [(question id, expression), ...]}`` of a RefCOCO-style list, checked."
+    where = f"RefCOCO source {str(location)!r}"
+    if not isinstance(data, list):
+        raise SourceError(f"{where} must be a json list of records, got {_show(data)}")
+    by_image: dict[str, list] = {}
+    seen: dict[str, int] = {}
+    for k, record in enumerate(data):
+        entry = f"{where}: record {k}"
+        if not isinstance(record, dict):
+            raise SourceError(f"{entry} must be an object, got {_show(record)}")
+        qid = record.get("question_id", k)
+        if not (_is_int(qid) or isinstance(qid, str)):
+            raise SourceError(f"{entry}: 'question_id' must be a string or an integer, got "
+                              f"{_show(qid)}")
+        key = str(qid)
+        if "question_id" in record:
+            entry = f"{entry} (question_id {qid!r})"
+        if key in seen:
+            raise SourceError(f"{entry}: duplicate question id {key!r}, also used by record "
+                              f"{seen[key]}")
+        seen[key] = k
+        name = _check_name(record.get("image", _MISSING), "image", entry, root,
+                           allow_outside_root)
+        question = record.get("question", _MISSING)
+        if not isinstance(question, str):
+            raise SourceError(f"{entry}: 'question' must be a string, got {_show(question)}")
+        by_image.setdefault(name, []).append((key, question))
+    return by_image
+
+
 # -- loading -----------------------------------------------------------------------------------
 def read_bytes(path: Path) -> bytes:
     """The file's bytes.
@@ -176,6 +399,8 @@ def read_bytes(path: Path) -> bytes:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte or a lone surrogate the OS cannot take in a path
+        raise ImageError(f"cannot read file: {exc}") from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
