@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,7 +437,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise ImageError(f"cannot decode image: {exc}") from None
+        # PIL names the in-memory file by its repr (an address): keep the reason stable
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(exc))
+        raise ImageError(f"cannot decode image: {reason}") from None
     if image.width < 1 or image.height < 1:
         raise ImageError(f"empty image ({image.width}x{image.height})")
     return to_rgb(_exif_transpose(image))

@@ -366,3 +366,14 @@ def test_worklog_append_read_and_torn_lines(tmp_path):
     entries = list(log.entries())
     assert [log.read(n, o)["key"] for n, o, _ in entries] == ["a", "b", "e", "c"]
     log.close()
+
+
+def test_an_undecodable_image_gets_the_same_reason_every_time():
+    from sphinx_tools.pipelines.autolabel.sources import ImageError, decode_image
+
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(ImageError) as info:
+            decode_image(b"not an image at all", 10**8)
+        reasons.add(str(info.value))
+    assert len(reasons) == 1 and "0x" not in reasons.pop()
