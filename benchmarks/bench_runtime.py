@@ -112,8 +112,10 @@ def bench_load(tmp: Path) -> dict:
 ENCODE_SNIPPET = r"""
 import json, os, sys, time, statistics, torch
 from sphinx_tools import SphinxModel
+from sphinx_tools.dist import init_local_world
 torch.set_num_threads(1)
-m = SphinxModel.from_pretrained(sys.argv[1])  # joins the MP world torchrun-style (RANK, WORLD_SIZE)
+init_local_world(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[3])
+m = SphinxModel.from_pretrained(sys.argv[1])  # one model-parallel rank per process of the world
 images = torch.randn(int(sys.argv[2]), 3, m.cfg.image_size, m.cfg.image_size)
 times = []
 for _ in range(6):
@@ -128,16 +130,15 @@ if int(os.environ["RANK"]) == 0:
 def bench_encode_mp(tmp: Path, images: int = 4) -> dict:
     """Image encoding (SPHINX-1k's 5 views per image) with 1 and 2 model-parallel processes of one
     thread each: the encoders are replicated, and each rank encodes its share of the views."""
-    from sphinx_tools.dist import _free_port
-
     ckpt = make_tiny_checkpoint(tmp / "enc", variant="sphinx-1k")
     out = {"images": images, "views": images * 5}
     for mp in (1, 2):
-        port = _free_port()
+        store = tmp / f"store-mp{mp}"  # the processes meet in this file: no port
         env = lambda r: {**os.environ, "RANK": str(r), "WORLD_SIZE": str(mp), "LOCAL_RANK": str(r),
-                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-c", ENCODE_SNIPPET, str(ckpt), str(images)],
-                                  env=env(r), stdout=subprocess.PIPE, text=True) for r in range(mp)]
+                         "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", ENCODE_SNIPPET, str(ckpt), str(images),
+                                   str(store)], env=env(r), stdout=subprocess.PIPE, text=True)
+                 for r in range(mp)]
         outs = [p.communicate()[0] for p in procs]
         out[f"encode_ms_mp{mp}"] = json.loads(outs[0].strip().splitlines()[-1])["encode_ms"]
     out["mp2_speedup"] = out["encode_ms_mp1"] / out["encode_ms_mp2"]

@@ -9,7 +9,7 @@ Two levels:
   grounded_caption, relation, pose) and segments what it found.
 
 Weights are loaded by the caller; :func:`load_sam` is a thin, checked wrapper around
-``segment_anything.sam_model_registry``::
+``segment_anything.sam_model_registry`` that reads the weights with ``weights_only=True``::
 
     sphinx = SphinxModel.from_pretrained("/ckpt/sphinx-1k")
     sam = load_sam("/ckpt/sam_vit_h_4b8939.pth", device="cuda")
@@ -29,6 +29,7 @@ import supervision as sv
 import torch
 
 from sphinx_tools.annotations import CLASS_NAME_FIELD, GroundedCaption, SceneGraph
+from sphinx_tools.errors import CheckpointError
 from sphinx_tools.registry import get_task
 from sphinx_tools.tasks import Task, image_size_of, run_task
 
@@ -44,6 +45,10 @@ _IMAGE_KEY = "_sphinx_tools_image_key"  # attribute set on the predictor: which 
 def load_sam(checkpoint, model_type: str = "vit_h", device="cpu"):
     """Build a ``SamPredictor`` from a local SAM checkpoint (never downloads).
 
+    The checkpoint is read with ``torch.load(weights_only=True)``: tensors only, so a planted file
+    cannot run code. The model is built without a checkpoint and gets the state dict afterwards
+    (``segment_anything``'s own builders would unpickle the file with torch's defaults).
+
     Args:
         checkpoint: path of the ``.pth`` file (e.g. ``sam_vit_h_4b8939.pth``).
         model_type: a key of ``segment_anything.sam_model_registry`` (``vit_h``, ``vit_l``,
@@ -56,6 +61,8 @@ def load_sam(checkpoint, model_type: str = "vit_h", device="cpu"):
     Raises:
         FileNotFoundError: if ``checkpoint`` is not a file.
         ValueError: if ``model_type`` is unknown.
+        CheckpointError: if the file holds anything but a state dict of tensors, cannot be read,
+            or does not fit ``model_type``.
     """
     from segment_anything import SamPredictor, sam_model_registry
 
@@ -67,8 +74,45 @@ def load_sam(checkpoint, model_type: str = "vit_h", device="cpu"):
             f"unknown SAM `model_type` {model_type!r}; expected one of "
             f"{', '.join(sorted(sam_model_registry))}"
         )
-    sam = sam_model_registry[model_type](checkpoint=str(path))
+    state = read_sam_state(path)
+    sam = sam_model_registry[model_type]()  # no checkpoint: random weights, replaced below
+    want = sam.state_dict()
+    problems = []
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(t.shape)})" for k, t in want.items()
+             if k in state and state[k].shape != t.shape]
+    for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("wrong shapes", wrong)):
+        if names:
+            problems.append(f"{what} ({len(names)}): {', '.join(names[:5])}")
+    if problems:
+        raise CheckpointError(
+            f"SAM checkpoint {path} does not fit model_type {model_type!r}: {'; '.join(problems)}"
+        )
+    sam.load_state_dict(state)
     return SamPredictor(sam.to(device).eval())
+
+
+def read_sam_state(path: Path) -> dict:
+    "A SAM checkpoint's state dict, read with ``weights_only=True``; errors name the file."
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"SAM checkpoint {path} holds something other than tensors (refused by weights-only "
+            f"loading): {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read SAM checkpoint {path} (corrupt or truncated?): {e}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()):
+        raise CheckpointError(f"SAM checkpoint {path} is not a state dict of tensors")
+    return state
 
 
 # -- images ----------------------------------------------------------------------------------------

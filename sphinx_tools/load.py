@@ -30,6 +30,7 @@ UNUSED_KEYS = re.compile(r"^(clip\.(token_embedding|positional_embedding|ln_fina
                          r"|dinov2_vitg14\.mask_token)")
 LLAMA_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
               "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
+INT_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
 
 
 def find_shards(path: Path) -> list[Path]:
@@ -55,34 +56,148 @@ def find_shards(path: Path) -> list[Path]:
     return [found[(i, mm)] for i in range(mm)]
 
 
-def read_config(path: Path, vocab_size: int, shard0: dict | None = None) -> SphinxConfig:
-    "SphinxConfig from config.json (LLaMA args), meta.json (llama_type) and the tokenizer's vocab."
+def read_config(path: Path, vocab_size: int,
+                shards: list[dict] | dict | None = None) -> SphinxConfig:
+    """SphinxConfig from config.json (LLaMA args), meta.json (llama_type) and the tokenizer's vocab.
+
+    With the checkpoint's (memory-mapped) ``shards``, the sizes in config.json are checked against
+    the tensors' shapes before anything is built or allocated: an error names the field and its
+    value.
+    """
+    if isinstance(shards, dict):
+        shards = [shards]
+    shards = shards or []
     cfg_file, meta_file = path / "config.json", path / "meta.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"missing config.json in {path}")
     try:
         args = json.loads(cfg_file.read_text())
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"cannot parse {cfg_file} / {meta_file}: {e}") from None
+    if not isinstance(args, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file} and {meta_file} must each hold a JSON object")
     llama_type = meta.get("llama_type", args.get("llama_type", "llama_ens5"))
     if llama_type not in LLAMA_TYPES:
         raise CheckpointError(
             f"unknown llama_type {llama_type!r} in {meta_file}; supported: {sorted(LLAMA_TYPES)}"
         )
-    kw = {k: args[k] for k in LLAMA_ARGS if k in args and args[k] is not None}
+    kw = {k: _whole(args[k]) if k in INT_ARGS else args[k]
+          for k in LLAMA_ARGS if k in args and args[k] is not None}
     kw["vocab_size"] = vocab_size  # as the reference: the tokenizer decides
     if "vision" in args:
+        if not isinstance(args["vision"], dict):
+            raise CheckpointError(
+                f"\"vision\" in {cfg_file} must be an object, got {args['vision']!r:.80}"
+            )
         try:
-            vision = VisionConfig(**args["vision"])
+            vision = VisionConfig(**{k: _whole(v) for k, v in args["vision"].items()})
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"invalid \"vision\" entry in {cfg_file}: {e}") from None
+        check_vision_blocks(vision, shards[0] if shards else {}, cfg_file)
     else:
-        vision = infer_vision(shard0 or {}, path)
+        vision = infer_vision(shards[0] if shards else {}, path)
     try:
-        return SphinxConfig(llama_type=llama_type, vision=vision, **kw)
+        cfg = SphinxConfig(llama_type=llama_type, vision=vision, **kw)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"invalid model args in {cfg_file}: {e}") from None
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    if shards:
+        check_llama_sizes(cfg, shards, cfg_file, set(kw))
+    return cfg
+
+
+def _whole(v):
+    "A JSON number written as a float but whole (``4096.0``, ``1e6``) as an int; else unchanged."
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+        return int(v)
+    if isinstance(v, list):
+        return [_whole(x) for x in v]
+    return v
+
+
+def _full_size(shards: list[dict], name: str, dim: int) -> int | None:
+    "Size of tensor ``name`` along ``dim`` over all shards (summed along its split dim)."
+    if name not in shards[0] or shards[0][name].ndim <= dim:
+        return None
+    if mp_split_dim(name) == dim:
+        return sum(sd[name].shape[dim] for sd in shards if name in sd)
+    return shards[0][name].shape[dim]
+
+
+def _block_indices(sd: dict, prefix: str) -> list[int]:
+    "The distinct block numbers N of keys ``{prefix}.N.*``, sorted."
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
+
+
+def _check_blocks(label: str, want: int, sd: dict, prefix: str, where: Path):
+    # More blocks than the checkpoint holds would be built (one module each) before the keys
+    # are compared, so that case fails here; fewer are reported by check_keys as unexpected keys.
+    have = _block_indices(sd, prefix)
+    if want > len(have):
+        held = f"{prefix}.{have[0]}-{have[-1]}" if have else f"no {prefix}.N tensors"
+        raise CheckpointError(f"{where}: {label} but the checkpoint holds {len(have)} ({held})")
+
+
+def check_llama_sizes(cfg: SphinxConfig, shards: list[dict], where: Path, given: set[str]):
+    """Compare the LLaMA sizes of ``cfg`` with the tensors of the checkpoint's ``shards``.
+
+    ``given`` are the fields config.json sets (the others are defaults, said so in the error).
+
+    Raises:
+        CheckpointError: naming the field, its value and what the tensors hold.
+    """
+    def name(field: str) -> str:
+        value = getattr(cfg, field)
+        return f"{field}={value}" + ("" if field in given else " (the default)")
+
+    _check_blocks(name("n_layers"), cfg.n_layers, shards[0], "layers", where)
+    width = _full_size(shards, "tok_embeddings.weight", 1)
+    if width is not None and width != cfg.dim:
+        raise CheckpointError(f"{where}: {name('dim')} but the checkpoint's tok_embeddings.weight "
+                              f"is {width} wide")
+    rows = _full_size(shards, "tok_embeddings.weight", 0)
+    if rows is not None and rows != cfg.vocab_size:
+        raise CheckpointError(f"{where.parent / 'tokenizer.model'} has {cfg.vocab_size} words but "
+                              f"the checkpoint's tok_embeddings.weight has {rows} rows")
+    kv = _full_size(shards, "layers.0.attention.wk.weight", 0)
+    if kv is not None and kv != cfg.n_kv_heads * cfg.head_dim:
+        raise CheckpointError(
+            f"{where}: {name('n_kv_heads')} heads of {cfg.head_dim} (dim {cfg.dim} / "
+            f"{name('n_heads')}) make {cfg.n_kv_heads * cfg.head_dim} key features, but the "
+            f"checkpoint's layers.0.attention.wk.weight has {kv} rows"
+        )
+    hidden = _full_size(shards, "layers.0.feed_forward.w1.weight", 0)
+    if hidden is not None and hidden != cfg.ffn_hidden:
+        raise CheckpointError(
+            f"{where}: {name('multiple_of')} and {name('ffn_dim_multiplier')} make a feed-forward "
+            f"width of {cfg.ffn_hidden}, but the checkpoint's layers.0.feed_forward.w1.weight has "
+            f"{hidden} rows"
+        )
+
+
+# Blocks of the visual encoders, per VisionConfig field: built one module each
+VISION_BLOCKS = {
+    "qf_vision_layers": "qformer.vision_model.encoder.layers",
+    "qf_layers": "qformer.qformer.encoder.layer",
+    "clip_layers": "clip.visual.transformer.resblocks",
+    "dino_layers": "dinov2_vitg14.blocks",
+}
+
+
+def check_vision_blocks(v: VisionConfig, sd: dict, where: Path):
+    "The encoder depths of a \"vision\" entry against the blocks present (see _check_blocks)."
+    if not sd:
+        return
+    for field, prefix in VISION_BLOCKS.items():
+        _check_blocks(f"vision.{field}={getattr(v, field)}", getattr(v, field), sd, prefix, where)
+    stages = _block_indices(sd, "openclip_convnext_xxl.stages")
+    if len(v.convnext_depths) > len(stages):
+        raise CheckpointError(f"{where}: vision.convnext_depths has {len(v.convnext_depths)} "
+                              f"stages but the checkpoint has {len(stages)}")
+    for s, depth in enumerate(v.convnext_depths):
+        _check_blocks(f"vision.convnext_depths[{s}]={depth}", depth, sd,
+                      f"openclip_convnext_xxl.stages.{s}.blocks", where)
 
 
 def _vision_signature(v: VisionConfig) -> dict:
@@ -197,9 +312,46 @@ def release(t: torch.Tensor):
         pass
 
 
+def check_shapes(model: Transformer, shards: list[dict], world: int, where: Path):
+    """Every parameter's tensor in the shards against the (meta) model's shape for this runtime
+    model-parallel size ``world``, before anything is allocated."""
+    ckpt_mp = len(shards)
+    for name, param in model.named_parameters():
+        if name not in shards[0]:  # an unused tensor the checkpoint left out
+            continue
+        d = mp_split_dim(name)
+        pieces = [sd[name] for sd in shards] if d >= 0 else [shards[0][name]]
+        shape = tuple(param.shape)
+        if d < 0 or (ckpt_mp == 1 and world == 1):
+            if tuple(pieces[0].shape) != shape:
+                raise CheckpointError(
+                    f"{where}: tensor {PREFIX}{name} has shape {tuple(pieces[0].shape)}, "
+                    f"the model expects {shape}"
+                )
+            continue
+        # every shard has the model's shape except along the split dim
+        others = shape[:d] + shape[d + 1:]
+        fits = all(p.ndim == len(shape) and p.shape[:d] + p.shape[d + 1:] == others for p in pieces)
+        if not fits:
+            raise CheckpointError(
+                f"{where}: tensor {PREFIX}{name} has shard shape {tuple(pieces[0].shape)}, "
+                f"the model expects {shape} per rank (split dim {d})"
+            )
+        full = sum(p.shape[d] for p in pieces)
+        if full != shape[d] * world:
+            raise CheckpointError(
+                f"{where}: tensor {PREFIX}{name} has {full} entries along its split dim {d} over "
+                f"{ckpt_mp} shard(s), the model expects {shape[d]} per rank x {world} ranks"
+            )
+
+
 def materialize(model: Transformer, shards: list[dict], device, dtype, rank: int, world: int,
                 where: Path):
-    "Replace every meta parameter with this rank's slice, read from the (mmapped) shards."
+    """Replace every meta parameter with this rank's slice, read from the (mmapped) shards.
+
+    All shapes are checked first (:func:`check_shapes`), so a checkpoint that does not fit fails
+    before any memory is allocated."""
+    check_shapes(model, shards, world, where)
     ckpt_mp = len(shards)
     for name, param in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
@@ -211,22 +363,8 @@ def materialize(model: Transformer, shards: list[dict], device, dtype, rank: int
             d = mp_split_dim(name)
             pieces = [sd[name] for sd in shards] if d >= 0 else [shards[0][name]]
             if d < 0 or (ckpt_mp == 1 and world == 1):
-                src = pieces[0]
-                if tuple(src.shape) != tuple(out.shape):
-                    raise CheckpointError(
-                        f"{where}: tensor {PREFIX}{name} has shape {tuple(src.shape)}, "
-                        f"the model expects {tuple(out.shape)}"
-                    )
-                out.copy_(src)
+                out.copy_(pieces[0])
             else:
-                want = list(out.shape)
-                got = list(pieces[0].shape)
-                want[d] = got[d] = 0
-                if want != got:
-                    raise CheckpointError(
-                        f"{where}: tensor {PREFIX}{name} has shard shape {tuple(pieces[0].shape)}, "
-                        f"the model expects {tuple(out.shape)} per rank (split dim {d})"
-                    )
                 rank_slice(pieces, d, rank, world, out)
             for p in pieces:
                 release(p)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,23 @@ from fairscale.nn.model_parallel.mappings import (
 LLAMA_TYPES = {"llama_ens": (224, 1), "llama_ens5": (448, 5)}  # llama_type -> (image_size, views)
 VIEW_SIZE = 224
 CONVNEXT_GRID = 8  # the ConvNeXt trunk's output grid on its 256x256 input (stride 32)
+MAX_SEQ_LEN_LIMIT = 1 << 20  # largest accepted max_seq_len (the released SPHINX: 4096)
+ROPE_TABLE_MIN = 4096  # positions of the first RoPE table; it grows by doubling when needed
+
+
+def check_positive_int(name: str, value) -> int:
+    "``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name`` and ``value``."
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value) -> float:
+    "``value`` if it is a finite number > 0 (not a bool), else a ValueError naming ``name``."
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
 
 
 @dataclass
@@ -67,8 +84,25 @@ class VisionConfig:
     qf_queries: int = 32  # Q-Former query tokens per view
 
     def __post_init__(self):
-        self.convnext_depths = tuple(self.convnext_depths)
-        self.convnext_dims = tuple(self.convnext_dims)
+        for name in ("convnext_depths", "convnext_dims"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"vision.{name} must be a non-empty list, got {value!r}")
+            for i, v in enumerate(value):
+                check_positive_int(f"vision.{name}[{i}]", v)
+            setattr(self, name, tuple(value))
+        if len(self.convnext_depths) != len(self.convnext_dims):
+            raise ValueError(f"vision.convnext_depths {list(self.convnext_depths)} and "
+                             f"vision.convnext_dims {list(self.convnext_dims)} differ in length")
+        for f in fields(self):  # the token grid's two fields have their own checks below
+            if f.name not in ("convnext_depths", "convnext_dims", "patch_size", "qf_queries"):
+                check_positive_int(f"vision.{f.name}", getattr(self, f.name))
+        for width, heads in (("qf_vision_width", "qf_vision_heads"), ("qf_width", "qf_heads"),
+                             ("clip_width", "clip_head_width"),
+                             ("clip_text_width", "clip_text_heads"), ("dino_width", "dino_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"vision.{width} {getattr(self, width)} must divide by "
+                                 f"vision.{heads} {getattr(self, heads)}")
         p = self.patch_size
         if not isinstance(p, int) or p < 1 or VIEW_SIZE % p:
             raise ValueError(f"patch_size {p!r} must be a positive divisor of the view size {VIEW_SIZE}")
@@ -141,11 +175,24 @@ class SphinxConfig:
             self.vision = VisionConfig(**self.vision)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                     "max_seq_len"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("norm_eps", "rope_theta"):
+            check_positive_number(name, getattr(self, name))
+        if self.ffn_dim_multiplier is not None:
+            check_positive_number("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        if self.max_seq_len > MAX_SEQ_LEN_LIMIT:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is larger than the supported "
+                             f"{MAX_SEQ_LEN_LIMIT}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"dim {self.dim} must divide by n_heads {self.n_heads}, "
                 f"and n_heads by n_kv_heads {self.n_kv_heads}"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} must "
+                             "be even (RoPE rotates pairs of features)")
 
     @property
     def image_size(self) -> int:
@@ -555,11 +602,21 @@ class Transformer(nn.Module):
 
     # -- rope ----------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
-        # positions: (B, T) long -> (B, T, hd/2) complex64
-        if self.freqs_cis is None or self.freqs_cis.device != positions.device:
-            self.freqs_cis = precompute_freqs_cis(
-                self.cfg.head_dim, self.cfg.max_seq_len * 2, self.cfg.rope_theta
-            ).to(positions.device)
+        # positions: (B, T) long -> (B, T, hd/2) complex64. The table covers the positions used so
+        # far (doubling as they grow), up to 2 x max_seq_len: never allocated for a large
+        # max_seq_len up front. Row p depends on p only, so its values do not depend on the size.
+        limit = 2 * self.cfg.max_seq_len
+        table = self.freqs_cis
+        if table is None or table.device != positions.device or table.shape[0] < limit:
+            need = int(positions.max()) + 1 if positions.numel() else 1
+            if need > limit:
+                raise ValueError(f"position {need - 1} is past the RoPE range of this model "
+                                 f"(2 x max_seq_len = {limit} positions)")
+            if table is None or table.device != positions.device or table.shape[0] < need:
+                size = min(limit, max(ROPE_TABLE_MIN, 1 << (need - 1).bit_length()))
+                self.freqs_cis = precompute_freqs_cis(
+                    self.cfg.head_dim, size, self.cfg.rope_theta
+                ).to(positions.device)
         return self.freqs_cis[positions]
 
     # -- image ---------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ class SphinxModel:
         keysets = {frozenset(sd) for sd in shards}
         if len(keysets) > 1:
             raise CheckpointError(f"the shards in {path} hold different tensor names")
-        cfg = read_config(path, tokenizer.n_words, shards[0])
+        cfg = read_config(path, tokenizer.n_words, shards)  # sizes checked against the shards
         if cfg.n_heads % mp or cfg.n_kv_heads % mp:
             raise CheckpointError(
                 f"n_heads {cfg.n_heads} (n_kv_heads {cfg.n_kv_heads}) of {path} is not divisible "

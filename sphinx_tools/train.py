@@ -18,7 +18,8 @@ autocast; which parts train is chosen per group (``llm``, ``proj``, ``tokens``, 
 runs on each process's GPU when there is one (``device: auto``; under torchrun the one of its
 ``LOCAL_RANK``, with NCCL) and on the CPU otherwise (gloo).
 Checkpoints are saved in the released consolidated format (loadable by ``from_pretrained``) with
-a ``train_state.pt`` beside them; a re-run resumes from it. Under ``torchrun`` (or
+a ``train_state.pt`` beside them (tensors and plain values only, read back with
+``weights_only=True``); a re-run resumes from it. Under ``torchrun`` (or
 ``train_local`` / ``sphinx-tools train --procs N`` on one machine) each ``model_parallel``
 processes form a model-parallel group of the runtime and the rest of the world is data parallel:
 every rank takes its share of each batch and the gradients are averaged, so N ranks of
@@ -755,7 +756,7 @@ def save(model: Transformer, tok: Tokenizer, out: Path, state: dict | None = Non
     if rank == 0:
         write_metadata(tmp, model.cfg, tok.path)
         if state is not None:
-            torch.save(state, tmp / "train_state.pt")
+            save_train_state(state, tmp / TRAIN_STATE)
     _mp_barrier()
     if rank == 0:
         if out.exists():
@@ -786,9 +787,12 @@ def _sync_grads(params: list[torch.nn.Parameter]):
         p.grad = avg.view_as(p) if n else None  # views of the one reduced buffer, no copies
 
 
-def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, progress: bool):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _spawned(rank: int, world: int, store_file: str, cfg: TrainConfig, progress: bool):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    device = train_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_local_world(rank, world, store_file, "nccl" if device.type == "cuda" else "gloo")
     train(cfg, progress=progress)
 
 
@@ -796,7 +800,9 @@ def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path
     """Run :func:`train` in ``procs`` processes on this machine, as ``torchrun --nproc_per_node
     procs`` would: data parallel, or model parallel by ``cfg.model_parallel``. Process ``k`` trains
     on GPU ``k`` (NCCL) when the device is ``auto`` or ``cuda`` and CUDA is there, else on the CPU
-    (gloo); on CPU give each process its share of the cores (``cfg.num_threads``)."""
+    (gloo); on CPU give each process its share of the cores (``cfg.num_threads``). The processes
+    meet in a file of a private temporary folder (:func:`dist.init_local_world`) and talk over
+    the loopback interface only: no port is opened to the network."""
     if procs < 1:
         raise SphinxToolsError(f"procs must be >= 1, got {procs}")
     device = train_device(cfg.device)  # fail here, not in every child
@@ -809,10 +815,85 @@ def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path
                                    "one process per GPU (or device: cpu)")
     if procs == 1:
         return train(cfg, progress=progress)
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(procs, dist._free_port(), cfg, progress), nprocs=procs)
+    with tempfile.TemporaryDirectory(prefix="sphinx-train-") as tmp:
+        store_file = str(Path(tmp) / "store")
+        mp.spawn(_spawned, args=(procs, store_file, cfg, progress), nprocs=procs)
     return Path(cfg.out) / "last"
+
+
+TRAIN_STATE = "train_state.pt"  # beside the checkpoint: what a re-run resumes from
+_STATE_KEYS = ("optimizer", "step", "epoch", "pos", "py_rng", "torch_rng")
+
+
+def plain_state(obj, where: str = "state"):
+    """``obj`` in the form ``torch.load(weights_only=True)`` reads back: tensors, dicts, lists,
+    tuples, str, int, float, bool and None. Paths become str, numpy arrays tensors and numpy
+    scalars Python numbers; anything else is refused (``where`` names its place).
+
+    Raises:
+        SphinxToolsError: for a value of another type.
+    """
+    import numpy as np
+
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    for kind in (bool, int, float, str):  # subclasses (enums...) as their plain base type
+        if isinstance(obj, kind):
+            return str.__str__(obj) if kind is str else kind(obj)
+    if isinstance(obj, dict):
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise SphinxToolsError(f"{where} is of type {type(obj).__name__}, which a weights-only "
+                           "training state cannot hold")
+
+
+def save_train_state(state: dict, path: Path):
+    "Write a training state as tensors and plain values only (see :func:`plain_state`)."
+    torch.save(plain_state(state, "train state"), path)
+
+
+def load_train_state(path: Path) -> dict:
+    """Read a training state written by :func:`save_train_state`, refusing anything but tensors
+    and plain values: a planted file cannot run code.
+
+    Raises:
+        SphinxToolsError: naming the file, when it holds other objects, is unreadable, or is not a
+            training state.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SphinxToolsError(
+            f"{path} holds something other than tensors and plain values (refused by weights-only "
+            f"loading; remove it to start the run over): {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise SphinxToolsError(f"cannot read the training state {path} (corrupt or truncated?): "
+                               f"{e}") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SphinxToolsError(f"{path} is not a training state: it lacks {', '.join(missing)}")
+    return state
+
+
+def _restore_py_rng(saved):
+    version, internal, gauss = saved
+    random.setstate((version, tuple(internal), gauss))
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -832,8 +913,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if not last.exists() and last.with_name("last.old").exists():  # crashed mid-swap
         os.replace(last.with_name("last.old"), last)
     state = None
-    if (last / "train_state.pt").is_file():
-        state = torch.load(last / "train_state.pt", weights_only=False, map_location="cpu")
+    if (last / TRAIN_STATE).is_file():
+        state = load_train_state(last / TRAIN_STATE)
         cfg_resume = TrainConfig(**{**asdict(cfg), "init": {"checkpoint": str(last)}})
         model, tok = init_model(cfg_resume, device)
     else:
@@ -883,7 +964,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
-        random.setstate(state["py_rng"])
+        _restore_py_rng(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)

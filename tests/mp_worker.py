@@ -1,7 +1,8 @@
-"Worker for the model-parallel tests: one process per rank on gloo; results go to files."
+"""Worker for the model-parallel tests: one process per rank on gloo; results go to files.
+
+The ranks meet in a file store in ``out`` (no port) and talk over the loopback interface only."""
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world: int, port: int, ckpt: str, out: str, golden_io: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def run(rank: int, world: int, ckpt: str, out: str, golden_io: str):
+    from sphinx_tools.dist import init_local_world
+
+    init_local_world(rank, world, Path(out) / "store", "gloo")
     result = {}
     try:
         from sphinx_tools import SphinxModel, build_prompt
@@ -46,5 +48,5 @@ def run(rank: int, world: int, port: int, ckpt: str, out: str, golden_io: str):
 
 
 if __name__ == "__main__":
-    rank, world, port = (int(a) for a in sys.argv[1:4])
-    run(rank, world, port, *sys.argv[4:7])
+    rank, world = (int(a) for a in sys.argv[1:3])
+    run(rank, world, *sys.argv[3:6])

@@ -157,3 +157,102 @@ def test_shard_shapes_split_as_manifest(golden_dir):
         assert ref.keys() == ours[r].keys()
         for k in ref:
             assert torch.equal(ref[k], ours[r][k]), k
+
+
+# -- config.json sizes against the tensors -------------------------------------------------------
+def with_config(golden_dir, tmp_path, **fields):
+    d = tmp_path / "c"
+    shutil.copytree(golden_dir, d, ignore=shutil.ignore_patterns("mp2"))
+    args = json.loads((d / "config.json").read_text())
+    args.update(fields)
+    (d / "config.json").write_text(json.dumps(args))
+    return d
+
+
+@pytest.fixture
+def never_built(monkeypatch):
+    "Fail the test if the model is built: a bad size must be refused before anything is allocated."
+    import sphinx_tools.sphinx_model
+
+    def build_meta(cfg):
+        raise AssertionError(f"the model was built for {cfg}")
+
+    monkeypatch.setattr(sphinx_tools.sphinx_model, "build_meta", build_meta)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_seq_len", 1e7, "max_seq_len=10000000 is larger than the supported 1048576"),
+    ("max_seq_len", 0, "max_seq_len must be a positive integer, got 0"),
+    ("n_layers", 1e6, r"n_layers=1000000 but the checkpoint holds 2 \(layers.0-1\)"),
+    ("n_layers", 3, r"n_layers=3 but the checkpoint holds 2 \(layers.0-1\)"),
+    ("n_layers", 2.5, "n_layers must be a positive integer, got 2.5"),
+    ("n_layers", "2", "n_layers must be a positive integer, got '2'"),
+    ("n_layers", True, "n_layers must be a positive integer, got True"),
+    ("n_heads", 0, "n_heads must be a positive integer, got 0"),
+    ("n_heads", 3, "dim 64 must divide by n_heads 3"),
+    ("n_heads", 64, r"dim / n_heads = 64 / 64 = 1 must be even"),
+    ("n_kv_heads", 2, r"n_kv_heads=2 heads of 16 \(dim 64 / n_heads=4\) make 32 key features, but "
+                      "the checkpoint's layers.0.attention.wk.weight has 64 rows"),
+    ("dim", 1e9, "dim=1000000000 but the checkpoint's tok_embeddings.weight is 64 wide"),
+    ("dim", -64, "dim must be a positive integer, got -64"),
+    ("multiple_of", 100, r"multiple_of=100 and ffn_dim_multiplier=None \(the default\) make a "
+                         "feed-forward width of 200, but the checkpoint's "
+                         "layers.0.feed_forward.w1.weight has 192 rows"),
+    ("norm_eps", -1, "norm_eps must be a positive finite number, got -1"),
+    ("rope_theta", float("nan"), "rope_theta must be a positive finite number, got nan"),
+])
+def test_config_sizes_are_checked_before_anything_is_built(golden_dir, tmp_path, never_built,
+                                                           field, value, message):
+    d = with_config(golden_dir, tmp_path, **{field: value})
+    with pytest.raises(CheckpointError, match=message) as e:
+        SphinxModel.from_pretrained(d)
+    assert str(e.value).startswith(f"{d / 'config.json'}: ")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("qf_vision_layers", 10**6, r"vision.qf_vision_layers=1000000 but the checkpoint holds 1 "
+                                r"\(qformer.vision_model.encoder.layers.0-0\)"),
+    ("dino_layers", 40, r"vision.dino_layers=40 but the checkpoint holds 2 "
+                        r"\(dinov2_vitg14.blocks.0-1\)"),
+    ("convnext_depths", [1, 1, 1, 30], r"vision.convnext_depths\[3\]=30 but the checkpoint holds 1"),
+    ("dino_heads", 0, "vision.dino_heads must be a positive integer, got 0"),
+    ("dino_heads", 5, "vision.dino_width 24 must divide by vision.dino_heads 5"),
+    ("clip_width", -32, "vision.clip_width must be a positive integer, got -32"),
+])
+def test_vision_sizes_are_checked_before_anything_is_built(golden_dir, tmp_path, never_built,
+                                                           field, value, message):
+    from sphinx_tools.model import SphinxConfig
+
+    vision = SphinxConfig.from_name("tiny").to_json()["vision"] | {field: value}
+    d = with_config(golden_dir, tmp_path, vision=vision)
+    with pytest.raises(CheckpointError, match=message):
+        SphinxModel.from_pretrained(d)
+
+
+def test_widths_that_do_not_fit_fail_before_any_weight_is_allocated(golden_dir, tmp_path):
+    # The model is built on the meta device; a width that would need 176 TB for one weight must be
+    # refused by the shape check, not by the allocator.
+    from sphinx_tools.model import SphinxConfig
+
+    vision = SphinxConfig.from_name("tiny").to_json()["vision"] | {"qf_vision_mlp": 2**40}
+    d = with_config(golden_dir, tmp_path, vision=vision)
+    with pytest.raises(CheckpointError, match=r"tensor llma.qformer.vision_model.encoder.layers.0.mlp"
+                                              r".fc1.weight has shape \(80, 40\), the model expects "
+                                              r"\(1099511627776, 40\)"):
+        SphinxModel.from_pretrained(d)
+
+
+def test_a_large_max_seq_len_builds_no_large_rope_table(golden_dir, golden_io, tmp_path):
+    d = with_config(golden_dir, tmp_path, max_seq_len=1 << 20)
+    m = SphinxModel.from_pretrained(d)
+    assert m.cfg.max_seq_len == 1 << 20
+    gen = m.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=16, stop=())[0]
+    assert gen.token_ids == golden_io["generated_token_ids"].tolist()  # the same RoPE rows
+    assert m.transformer.freqs_cis.shape[0] == 4096  # the positions used, not 2 x 1M
+
+
+def test_positions_past_the_rope_range_are_named(golden_dir, golden_io, tmp_path):
+    m = SphinxModel.from_pretrained(with_config(golden_dir, tmp_path, max_seq_len=64))
+    with pytest.raises(ValueError, match=r"position 1\d+ is past the RoPE range of this model "
+                                         r"\(2 x max_seq_len = 128 positions\)"):
+        m.logits(golden_io["prompt_token_ids"][None], golden_io["image"][None])

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,10 @@ from sphinx_tools import make_tiny_checkpoint
 WORKER = Path(__file__).parent / "mp_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_mp(world: int, ckpt: Path, out: Path, golden_io: Path) -> list[dict]:
-    port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(ckpt),
-                          str(out), str(golden_io)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(ckpt), str(out),
+                          str(golden_io)], env={**os.environ, "OMP_NUM_THREADS": "1"})
         for r in range(world)
     ]
     for p in procs:

@@ -96,7 +96,7 @@ def test_train_saves_loadable_checkpoint_and_resumes_identically(synth_data):
     cfg = TrainConfig.load(write_config(synth_data, "resumed"))
     cfg.steps = 2
     train(cfg, progress=False)
-    state = torch.load(Path(cfg.out) / "last" / "train_state.pt", weights_only=False)
+    state = torch.load(Path(cfg.out) / "last" / "train_state.pt", weights_only=True)
     assert state["step"] == 2
     resumed = train(TrainConfig.load(write_config(synth_data, "resumed")), progress=False)
     a = SphinxModel.from_pretrained(straight).state_dict()
@@ -257,7 +257,7 @@ def test_data_parallel_matches_gradient_accumulation(synth_data):
                                               grad_accum=2)), progress=False)
     solo = train(TrainConfig.load(write_config(synth_data, "solo", data=data, steps=1, batch_size=1)),
                  progress=False)
-    a, b, c = (torch.load(ck / "train_state.pt", weights_only=False)["optimizer"]["state"]
+    a, b, c = (torch.load(ck / "train_state.pt", weights_only=True)["optimizer"]["state"]
                for ck in (dp, acc, solo))
     assert a.keys() == b.keys() and len(a) > 20  # the unused encoders have no state in either
     for i in a:

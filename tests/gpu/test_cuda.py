@@ -67,7 +67,7 @@ def test_finetuning_on_cuda_saves_loadable_checkpoints_and_resumes(tmp_path, dty
     from sphinx_tools.train import train
 
     straight = train(_finetune_config(tmp_path, "straight", dtype=dtype), progress=False)
-    state = torch.load(straight / "train_state.pt", weights_only=False)
+    state = torch.load(straight / "train_state.pt", weights_only=True)
     assert state["step"] == 4 and state["cuda_rng"] is not None
     assert all(s["exp_avg"].is_cuda for s in state["optimizer"]["state"].values())
     train(_finetune_config(tmp_path, "resumed", dtype=dtype, steps=2), progress=False)

@@ -1,5 +1,7 @@
 """SphinxSamPipeline and segment_detections: scripted SPHINX answers, tiny SAM."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import supervision as sv
@@ -275,10 +277,11 @@ def test_load_sam_unknown_model_type_and_success(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'vit_x'"):
         load_sam(checkpoint, model_type="vit_x")
 
-    def build_tiny(checkpoint=None):
-        sam = tiny_sam(seed=2)
-        sam.load_state_dict(torch.load(checkpoint, weights_only=True))
-        return sam
+    built_with = []
+
+    def build_tiny(checkpoint=None):  # segment_anything's builders' signature
+        built_with.append(checkpoint)
+        return tiny_sam(seed=2)
 
     monkeypatch.setitem(segment_anything.sam_model_registry, "tiny", build_tiny)
     predictor = load_sam(checkpoint, model_type="tiny")
@@ -286,6 +289,62 @@ def test_load_sam_unknown_model_type_and_success(tmp_path, monkeypatch):
     expected = tiny_sam(seed=1).state_dict()
     for name, value in predictor.model.state_dict().items():
         torch.testing.assert_close(value, expected[name])
+    # the builder never sees the file: load_sam reads it (weights only) and loads the state dict
+    assert built_with == [None]
+
+
+class WritesMarker:
+    "Unpickling this runs code: it would create the marker file."
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["object", "pickle"])
+def test_load_sam_refuses_a_checkpoint_that_runs_code(tmp_path, monkeypatch, planted):
+    import pickle
+
+    import segment_anything
+
+    from sphinx_tools.errors import CheckpointError
+
+    from segment_anything.build_sam import _build_sam
+
+    # segment_anything's own builder at small widths: given the file, it would torch.load it itself
+    build = partial(_build_sam, 32, 1, 2, [0])
+    monkeypatch.setitem(segment_anything.sam_model_registry, "small", build)
+    marker = tmp_path / "ran"
+    checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
+    payload = {**build().state_dict(), "extra": WritesMarker(marker)}
+    if planted == "object":  # torch.save's zip format
+        torch.save(payload, checkpoint)
+    else:  # a bare pickle stream
+        checkpoint.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(CheckpointError, match="sam_vit_b_01ec64.pth holds something other than"):
+        load_sam(checkpoint, model_type="small")
+    assert not marker.exists()
+
+
+def test_load_sam_names_a_checkpoint_of_another_model(tmp_path, monkeypatch):
+    import segment_anything
+
+    from sphinx_tools.errors import CheckpointError
+
+    checkpoint = tmp_path / "other.pth"
+    state = tiny_sam().state_dict()
+    state["image_encoder.unknown"] = state.pop("image_encoder.pos_embed")
+    state["mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
+    torch.save(state, checkpoint)
+    monkeypatch.setitem(segment_anything.sam_model_registry, "tiny", partial(tiny_sam, seed=0))
+    with pytest.raises(CheckpointError) as e:
+        load_sam(checkpoint, model_type="tiny")
+    assert "other.pth does not fit model_type 'tiny'" in str(e.value)
+    assert "missing keys (1): image_encoder.pos_embed" in str(e.value)
+    assert "unexpected keys (1): image_encoder.unknown" in str(e.value)
+    assert "mask_decoder.iou_token.weight (1, 8) (expected (1, 32))" in str(e.value)
 
 
 # -- the real (tiny, random) SPHINX ------------------------------------------------------------
