@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -57,13 +58,8 @@ def _distributed(model_parallel: int):
 
 
 def _load_sam(checkpoint: Path, model_type: str, device: str):
-    try:
-        from sphinx_tools.pipelines.segment import load_sam
-    except ImportError:
-        from segment_anything import SamPredictor, sam_model_registry
+    from sphinx_tools.pipelines.segment import load_sam
 
-        sam = sam_model_registry[model_type](checkpoint=str(checkpoint)).to(device)
-        return SamPredictor(sam)
     return load_sam(checkpoint, model_type, device)
 
 
@@ -108,6 +104,12 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
               help="model-parallel size under torchrun (the rest of the world is data parallel)")
 @click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
               help="folder the file names of a COCO / RefCOCO source are relative to")
+@click.option("--allow-outside-root", is_flag=True,
+              help="read COCO / RefCOCO file names that are absolute or climb out of the image "
+                   "root with '..' (refused unless given)")
+@click.option("--allow-failures", is_flag=True,
+              help="exit 0 even when some images failed (by default any failed image, of this "
+                   "run or recorded in the work log, makes the exit status 1)")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
               help="image-reading threads")
 @click.option("--max-pixels", default=89_478_485, show_default=True, type=click.IntRange(1),
@@ -115,19 +117,24 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_option, formats,
                   sam, mask_format, sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit,
-                  dry_run, overwrite, device, dtype, model_parallel, image_root, workers,
-                  max_pixels, progress):
+                  dry_run, overwrite, device, dtype, model_parallel, image_root,
+                  allow_outside_root, allow_failures, workers, max_pixels, progress):
     """Auto-label images (a folder, a list of paths, or a COCO / RefCOCO json) into ONE COCO file.
 
     Resumable: results go to a durable work log first, and a re-run skips what is done.
     Multi-GPU: launch with torchrun (``--model-parallel N``); rank 0 merges.
+    One job at a time per --out: a second one is refused while the first holds <out>.lock.
+
+    Exit status: 0 when every image was labeled; 1 when any image failed (in this run or as
+    recorded in the work log; they are listed under 'failures' in the COCO file) unless
+    --allow-failures is given, when an export failed, or when no image could be labeled.
     """
     from .engine import Labeler, model_fingerprint
     from .ontology import Ontology
     from .sources import open_source
 
     try:
-        source = open_source(src, image_root)
+        source = open_source(src, image_root, allow_outside_root=allow_outside_root)
         onto = _ontology(ontology, drop_unmapped, source)
         names = _split_list(tasks, "--tasks")
         options = parse_task_options(task_option)
@@ -147,17 +154,70 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
         labeler = Labeler(None, names, **common)  # validates options before loading anything
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    rank, dp_rank, dp_world, writer, barrier = _distributed(model_parallel)
-    labeler.model = _load_model(checkpoint, device, dtype, model_parallel)
-    if sam is not None:
-        labeler.sam_predictor = _load_sam(sam, sam_type, device)
-    summary = _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world,
-                     writer, progress and writer, workers, max_pixels, barrier)
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        return
-    _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format)
+    lock = _claim_output(out)  # before the model loads: a busy or unwritable --out fails at once
+    try:
+        rank, dp_rank, dp_world, writer, barrier = _distributed(model_parallel)
+        labeler.model = _load_model(checkpoint, device, dtype, model_parallel)
+        if sam is not None:
+            labeler.sam_predictor = _load_sam(sam, sam_type, device)
+        try:
+            summary = _label(labeler, source, out, batch_size, limit, overwrite, dp_rank,
+                             dp_world, writer, progress and writer, workers, max_pixels, barrier)
+        except OSError as exc:
+            from .worklog import log_dir_for
+
+            raise click.ClickException(_write_error(
+                exc, f"the work log {str(log_dir_for(out))!r}", "the images finished before are "
+                "kept in it, and a re-run resumes from them")) from None
+        if barrier is not None:
+            barrier()
+        if rank != 0:
+            return
+        _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format,
+                allow_failures)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_output(out: Path):
+    """Check that ``out``'s folders can be written; on the first rank, take the output lock and
+    remove what killed merges left beside ``out``. Returns the lock (``None`` on other ranks).
+
+    Raises:
+        click.ClickException: naming the other job, or the folder that cannot be written.
+    """
+    from .coco import remove_debris
+    from .worklog import OutputBusy, OutputLock, check_writable
+
+    try:
+        check_writable(out)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None
+        lock = OutputLock(out).acquire()
+    except OutputBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(_write_error(exc, f"the output folder of {str(out)!r}",
+                                                "nothing was labeled")) from None
+    for path in remove_debris(out):
+        click.echo(f"removed {path.name}, left by an interrupted merge", err=True)
+    return lock
+
+
+def _write_error(exc: OSError, what: str, consequence: str) -> str:
+    "One clear line for an ``OSError`` met while writing ``what``."
+    where = f" ({_shown(os.fsdecode(exc.filename))})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full (no space left on device)"
+    else:
+        reason = exc.strerror or str(exc)
+    return f"cannot write {what}{where}: {reason}; {consequence}"
+
+
+def _shown(name: str) -> str:
+    "A file name for a message: undecodable bytes (lone surrogates) shown as ``\\xNN``."
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _ontology(spec, drop_unmapped: bool, source):
@@ -188,21 +248,52 @@ def _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world
                          barrier=barrier)
 
 
-def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format="rle") -> None:
-    "Rank 0: merge the logs into the COCO file, export, print the summary, set the exit code."
+def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format="rle",
+            allow_failures=False) -> None:
+    """Rank 0: merge the logs into the COCO file, export, print the summary, set the exit code.
+
+    Each export runs on its own: one that fails is reported in one line and the others still
+    run. The exit status is 1 when an export failed, when no image was labeled, or when any image
+    failed or is missing (unless ``allow_failures``).
+    """
     from .coco import write_coco
     from .export import export
 
-    merged = write_coco(out, source, labeler, limit=limit,
-                        metadata={"data_parallel": dp_world}, mask_format=mask_format)
+    try:
+        merged = write_coco(out, source, labeler, limit=limit,
+                            metadata={"data_parallel": dp_world}, mask_format=mask_format)
+    except OSError as exc:
+        raise click.ClickException(_write_error(
+            exc, str(out), f"the previous {out.name} (if any) is unchanged, and the labels are "
+            "kept in the work log: re-run to write it")) from None
+    failed_exports = []
     for fmt in formats:
-        if fmt != "coco":
+        if fmt == "coco":
+            continue
+        try:
             where = export(out, fmt, source.root)
-            click.echo(f"exported {fmt} to {where}", err=True)
+        except Exception as exc:  # one format must not cost the others (or the summary)
+            failed_exports.append(fmt)
+            click.echo(f"export {fmt} failed: {type(exc).__name__}: {exc}", err=True)
+            continue
+        click.echo(f"exported {fmt} to {where.path}"
+                   + (f" ({where.fallbacks} masks written as their boxes)"
+                      if where.fallbacks else ""), err=True)
     _print_summary(summary, merged, out)
-    if merged.counts.get("images", 0) == 0 and (merged.counts.get("failures", 0) or
-                                                 merged.missing):
-        sys.exit(1)
+    failures, missing = merged.counts.get("failures", 0), merged.missing
+    status = 0
+    if merged.counts.get("images", 0) == 0 and (failures or missing):
+        status = 1
+    elif (failures or missing or summary.failed) and not allow_failures:
+        click.echo(f"exit status 1: {failures} image(s) failed"
+                   + (f" and {missing} not labeled" if missing else "")
+                   + f" (see 'failures' in {out}); --allow-failures exits 0", err=True)
+        status = 1
+    if failed_exports:
+        click.echo(f"exit status 1: export failed: {', '.join(failed_exports)}", err=True)
+        status = 1
+    if status:
+        sys.exit(status)
 
 
 def _print_summary(summary, merged, out) -> None:
@@ -216,7 +307,7 @@ def _print_summary(summary, merged, out) -> None:
                f"{len(summary.failed)} failed in {summary.seconds:.1f}s "
                f"({summary.images_per_s:.2f} images/s)", err=True)
     for name, reason in summary.failed[:20]:
-        click.echo(f"  failed: {name}: {reason}", err=True)
+        click.echo(f"  failed: {_shown(name)}: {reason}", err=True)
     if len(summary.failed) > 20:
         click.echo(f"  ... and {len(summary.failed) - 20} more (see 'failures' in {out})",
                    err=True)
@@ -241,7 +332,7 @@ def _dry_run(labeler, source, out, limit, overwrite) -> None:
         for task in work.pending:
             todo[task] = todo.get(task, 0) + 1
         if work.pending and len(shown) < 20:
-            shown.append(f"  {item.file_name}: {', '.join(work.pending)}")
+            shown.append(f"  {_shown(item.file_name)}: {', '.join(work.pending)}")
     click.echo(f"{images} images in {source.location} ({source.kind}); "
                f"{unreadable} unreadable; tasks: {', '.join(labeler.names)}")
     for task in labeler.work_names:

@@ -15,13 +15,21 @@ Layout of the output (a superset of COCO detection / keypoints / captions)::
     vqa         {id, image_id, question, answer}
     relations   {image_id, subject_id, predicate, object_id}  (annotation ids)
     failures    {file_name, reason}
+
+The merge reads no image: it finds each source item's content hash in the work log (from the
+item's own result records, or from a ``seen`` record a run wrote when it skipped the item) and
+looks its results up by work key, so duplicated and renamed images get the results of their
+content. The temp folder of section files (``.<out name>.XXXXXXXX/*.part``) and the assembled temp
+file (``.<out name>.tmp-PID``) are removed when the merge fails; :func:`remove_debris` removes
+those that a killed process left behind. File names with lone surrogates (undecodable bytes) are
+written with JSON ``\\u`` escapes, so the file stays valid UTF-8 JSON.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,7 +42,7 @@ from sphinx_tools.parsing import normalize_label
 from .engine import SEGMENT, Labeler
 from .segmenting import rle_area, rle_to_polygons
 from .sources import Source
-from .worklog import WorkLog, log_dir_for
+from .worklog import WorkLog, json_text, log_dir_for
 
 COCO_KEYPOINT_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -100,12 +108,21 @@ class _ArrayFile:
         self.n = 0
 
     def add(self, item: dict) -> None:
-        self.f.write(("," if self.n else "") + json.dumps(item, ensure_ascii=False))
+        self.f.write(("," if self.n else "") + json_text(item))
         self.n += 1
 
     def close(self) -> None:
-        self.f.write("]")
-        self.f.close()
+        try:
+            self.f.write("]")
+        finally:
+            self.f.close()
+
+    def abort(self) -> None:
+        "Close without finishing (the folder is being removed); never raises."
+        try:
+            self.f.close()
+        except OSError:
+            pass
 
 
 class CocoBuilder:
@@ -274,9 +291,17 @@ class CocoBuilder:
                                             "predicate": predicate, "object_id": anns[o]["id"]})
 
     def close(self) -> dict:
-        for section in self.sections.values():
-            section.close()
+        try:
+            for section in self.sections.values():
+                section.close()
+        except BaseException:
+            self.abort()
+            raise
         return {name: s.n for name, s in self.sections.items()}
+
+    def abort(self) -> None:
+        for section in self.sections.values():
+            section.abort()
 
 
 def _match(annotations, xyxy):
@@ -304,31 +329,51 @@ def _person_box(person) -> list:
 
 
 # -- the merge -------------------------------------------------------------------------------------
-def index_log(log: WorkLog) -> dict:
-    "``{(file_name, task): [(key, hash, t, file number, offset)]}`` of every record."
-    index: dict = {}
+@dataclass
+class LogIndex:
+    """Where the work log's records are, read once.
+
+    Attributes:
+        results: work key -> ``(t, file number, offset)`` of its newest result record.
+        hashes: file name -> ``{content hash: t}``, the newest time each hash was logged for it
+            (by a result or a seen record).
+        failures: file name -> ``(t, file number, offset)`` of its newest failure record.
+    """
+
+    results: dict = field(default_factory=dict)
+    hashes: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
+
+
+def index_log(log: WorkLog) -> LogIndex:
+    "Index every complete record of every rank's log (see :class:`LogIndex`)."
+    index = LogIndex()
     for number, offset, r in log.entries():
-        task = r.get("task") if r.get("kind") == "result" else FAILURE
-        index.setdefault((r.get("file_name"), task), []).append(
-            (r["key"], r.get("hash"), r.get("t", 0.0), number, offset))
+        kind, t, name = r.get("kind"), r.get("t", 0.0), r.get("file_name")
+        if kind == "failure":
+            if name not in index.failures or t >= index.failures[name][0]:
+                index.failures[name] = (t, number, offset)
+            continue
+        if kind not in ("result", "seen"):
+            continue
+        digest = r.get("hash")
+        if name is not None and digest is not None:
+            known = index.hashes.setdefault(name, {})
+            known[digest] = max(t, known.get(digest, t))
+        if kind == "result" and (r["key"] not in index.results or t >= index.results[r["key"]][0]):
+            index.results[r["key"]] = (t, number, offset)
     return index
 
 
-def _pick(labeler: Labeler, index: dict, item, tasks) -> tuple[dict | None, float]:
-    "The newest complete set of records of ``item`` for one content hash: ``({task: (n, o)}, t)``."
-    entries = {task: index.get((item.file_name, task), []) for task in tasks}
-    hashes = sorted({(e[2], e[1]) for es in entries.values() for e in es}, reverse=True)
-    for t, digest in hashes:
+def _pick(labeler: Labeler, index: LogIndex, item, tasks) -> tuple[dict | None, float]:
+    """The results of ``item`` for its newest content hash that has every task done, by work key:
+    ``({task: (file number, offset)}, t)`` with ``t`` when that hash was last logged for it."""
+    known = index.hashes.get(item.file_name, {})
+    for digest, t in sorted(known.items(), key=lambda e: (e[1], e[0]), reverse=True):
         keys = labeler.keys(digest, item)
-        chosen = {}
-        for task in tasks:
-            valid = [e for e in entries[task] if e[1] == digest and e[0] == keys[task]]
-            if not valid:
-                break
-            best = max(valid, key=lambda e: e[2])
-            chosen[task] = (best[3], best[4])
-        else:
-            return chosen, t
+        found = {task: index.results.get(keys[task]) for task in tasks}
+        if all(found.values()):
+            return {task: (where[1], where[2]) for task, where in found.items()}, t
     return None, 0.0
 
 
@@ -337,8 +382,8 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
     """Merge every rank's work log into the COCO file ``out`` (atomically replaced).
 
     Images come in source order; an image is written when every task has a current record (its
-    key matches this configuration), as a failure when its newest record is one, and is counted
-    as missing otherwise.
+    key matches this configuration, whichever file name it was logged under), as a failure when
+    its newest record is one, and is counted as missing otherwise.
 
     Args:
         out: the output path.
@@ -351,6 +396,10 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
 
     Returns:
         A :class:`MergeSummary`.
+
+    Raises:
+        OSError: when the output cannot be written (a full disk, say); the previous ``out`` is
+            left as it was and no temp file or folder is left behind.
     """
     out = Path(out)
     log = WorkLog(log_dir_for(out), rank=0)
@@ -363,21 +412,25 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         builder = CocoBuilder(Path(tmp), categories, labeler.ontology,
                               labeler.options.get("vqa", {}).get("question"), mask_format)
-        items = source.items() if limit is None else itertools.islice(source.items(), limit)
-        for item in items:
-            chosen, t = _pick(labeler, index, item, tasks)
-            failures = index.get((item.file_name, FAILURE), [])
-            newest_failure = max(failures, key=lambda e: e[2]) if failures else None
-            if newest_failure is not None and newest_failure[2] > t:
-                builder.add_failure(item, log.read(newest_failure[3], newest_failure[4])["reason"])
-            elif chosen is not None:
-                records = {task: log.read(*where) for task, where in chosen.items()}
-                wh = next(iter(records.values()))["wh"]
-                builder.add_image(item, wh, {task: r["result"] for task, r in records.items()})
-            else:
-                summary.missing += 1
+        try:
+            items = source.items() if limit is None else itertools.islice(source.items(), limit)
+            for item in items:
+                chosen, t = _pick(labeler, index, item, tasks)
+                failure = index.failures.get(item.file_name)
+                if failure is not None and failure[0] > t:
+                    builder.add_failure(item, log.read(failure[1], failure[2])["reason"])
+                elif chosen is not None:
+                    records = {task: log.read(*where) for task, where in chosen.items()}
+                    wh = next(iter(records.values()))["wh"]
+                    builder.add_image(item, wh, {task: r["result"] for task, r in records.items()})
+                else:
+                    summary.missing += 1
+        except BaseException:
+            builder.abort()
+            raise
+        finally:
+            log.close()
         summary.counts = builder.close()
-        log.close()
         head = {"info": _info(labeler, source, metadata), "licenses": [],
                 "categories": categories.items}
         _assemble(out, Path(tmp), head)
@@ -392,18 +445,66 @@ def _ontology_categories(ontology) -> list:
 
 
 def _assemble(out: Path, folder: Path, head: dict) -> None:
-    "Write ``head`` plus the section files as one JSON object to a temp file, fsync, rename."
+    """Write ``head`` plus the section files as one JSON object to a temp file, fsync, rename.
+
+    On any error (a full disk, say) the temp file is removed and ``out`` is left as it was.
+    """
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(head, ensure_ascii=False)[:-1])
-        for name in SECTIONS:
-            f.write(f', "{name}": ')
-            with open(folder / f"{name}.part", encoding="utf-8") as part:
-                shutil.copyfileobj(part, f)
-        f.write("}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json_text(head)[:-1])
+            for name in SECTIONS:
+                f.write(f', "{name}": ')
+                with open(folder / f"{name}.part", encoding="utf-8") as part:
+                    shutil.copyfileobj(part, f)
+            f.write("}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+# ``tempfile`` names its folders with 8 characters of this alphabet after the prefix.
+_TEMP_DIR = re.compile(r"[a-z0-9_]{8}")
+_TEMP_FILE = re.compile(r"tmp-[0-9]+")
+
+
+def remove_debris(out) -> list[Path]:
+    """Remove what a killed merge of ``out`` left beside it; returns what was removed.
+
+    That is ``.<out name>.tmp-PID`` files and ``.<out name>.XXXXXXXX/`` folders that hold only
+    ``*.part`` section files; nothing else is touched. Call it only while no other process can be
+    merging into ``out`` (the ``label`` command holds the output lock).
+    """
+    out = Path(out)
+    prefix = f".{out.name}."
+    removed = []
+    try:
+        candidates = sorted(out.parent.iterdir())
+    except OSError:
+        return removed
+    for path in candidates:
+        name = path.name
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        try:
+            if _TEMP_FILE.fullmatch(rest) and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+            elif _TEMP_DIR.fullmatch(rest) and path.is_dir() and not path.is_symlink() and all(
+                    p.suffix == ".part" and p.is_file() and not p.is_symlink()
+                    for p in path.iterdir()):
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue  # vanished meanwhile, or not ours to remove: leave it
+    return removed
 
 
 def _info(labeler: Labeler, source: Source, metadata: dict | None) -> dict:

@@ -6,6 +6,10 @@ prefilled once, and all questions decode as one batch. Tasks that need detection
 person boxes; REG: every box) run as a second, equally batched stage. SAM masks, when a SAM
 predictor is given, are a third stage. The result of each (image, task) becomes a work-log record
 (``records.py``), keyed by :meth:`Labeler.task_key`.
+
+Images are held small: :meth:`Labeler.hold` keeps, per decoded image, only what the stages need:
+the model's input (its preprocessed tensor, or a copy no larger than twice the model's input side)
+and, for SAM, a copy no larger than SAM's input; the original size is kept for coordinates.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-import supervision as sv
 
 import sphinx_tools
 from sphinx_tools.conversation import build_prompt
@@ -34,6 +37,9 @@ DEFAULT_TASK_OPTIONS = {"relation": {"variant": "triplets"}}
 MASKED_TASKS = ("detection", "rec", "layout", "relation", "grounded_caption")
 SEGMENT = "segment"  # the pseudo-task of SAM masks
 PERSON = "person"
+DEFAULT_INPUT_SIDE = 448  # SPHINX-1k's input, for models that do not say theirs
+DEFAULT_SAM_SIDE = 1024  # SAM's input (ResizeLongestSide), for predictors that do not say theirs
+HOLD_FACTOR = 2  # images without a model tensor are held up to this many input sides
 
 
 @dataclass
@@ -42,11 +48,17 @@ class Work:
 
     Attributes:
         item: the source item.
-        image: the RGB image (``None`` when it failed to load).
+        image: what the model is given: an RGB image or the model's preprocessed tensor (see
+            :meth:`Labeler.hold`; ``None`` when the image failed to load).
         hash: the content hash.
         keys: ``{task: work key}`` of every task (and ``"segment"``) for this image.
         pending: the tasks (and ``"segment"``) to run.
         error: why the image failed, or ``None``.
+        size: ``(width, height)`` of the decoded image, which every coordinate refers to
+            (``None``: ``image.size``).
+        sam_image: the RGB image SAM is given (``None``: ``image``).
+        logged: ``{task: work-log record}`` of finished box tasks whose boxes the mask stage
+            needs.
     """
 
     item: ImageItem
@@ -55,10 +67,14 @@ class Work:
     keys: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)
     error: str | None = None
+    size: tuple | None = None
+    sam_image: object = None
+    logged: dict = field(default_factory=dict)
 
     @property
     def wh(self) -> tuple[int, int]:
-        return self.image.size
+        "The original ``(width, height)``: parsed coordinates and masks are in its pixels."
+        return tuple(self.size) if self.size is not None else self.image.size
 
 
 class Timer:
@@ -211,6 +227,56 @@ class Labeler:
     def uses_sam(self) -> bool:
         return self.sam_predictor is not None and any(n in MASKED_TASKS for n in self.names)
 
+    def mask_inputs(self, pending) -> list[str]:
+        "The finished box tasks whose logged boxes the mask stage needs, given the pending work."
+        if SEGMENT not in pending:
+            return []
+        return [n for n in self.names if n in MASKED_TASKS and n not in pending]
+
+    # -- held images -------------------------------------------------------------------------
+    @property
+    def input_side(self) -> int:
+        "The side of the model's square input (the largest size its image transform makes)."
+        side = getattr(getattr(self.model, "transform", None), "target_size", None)
+        return int(side) if side else DEFAULT_INPUT_SIDE
+
+    @property
+    def sam_side(self) -> int:
+        "The longest side of SAM's input."
+        side = getattr(getattr(self.sam_predictor, "transform", None), "target_length", None)
+        return int(side) if side else DEFAULT_SAM_SIDE
+
+    def hold(self, work: Work, image) -> None:
+        """Keep on ``work`` only what labeling needs of the decoded RGB ``image``.
+
+        - ``work.size``: the original size (every coordinate is in its pixels);
+        - ``work.image``: the model's preprocessed tensor when the model has ``preprocess``
+          (exactly what it would make of the full image), else the image, downscaled (bicubic)
+          to a longest side of ``HOLD_FACTOR`` input sides when larger;
+        - ``work.sam_image`` (with SAM): the image as SAM's own transform resizes it when its
+          longest side is above SAM's input, else the image; masks still come out at the
+          original size (see :func:`segmenting.masks_for_boxes`).
+
+        The full image is dropped when this returns, so a batch holds a bounded number of pixels
+        per image whatever the image size.
+        """
+        from PIL import Image
+
+        work.size = image.size
+        preprocess = getattr(self.model, "preprocess", None)
+        if callable(preprocess):
+            work.image = preprocess(image)
+        else:
+            work.image = _shrink(image, HOLD_FACTOR * self.input_side)
+        if self.uses_sam:
+            transform = getattr(self.sam_predictor, "transform", None)
+            if max(image.size) <= self.sam_side:
+                work.sam_image = image
+            elif transform is not None and hasattr(transform, "apply_image"):
+                work.sam_image = Image.fromarray(transform.apply_image(np.asarray(image)))
+            else:
+                work.sam_image = _shrink(image, self.sam_side, Image.BILINEAR)
+
     # -- questions ---------------------------------------------------------------------------
     def _split(self, name: str, wh, item: ImageItem | None, boxes) -> list[dict]:
         "The option sets of ``name``'s questions on an image of size ``wh``."
@@ -342,10 +408,27 @@ class Labeler:
                     failed[i] = f"SAM failed: {exc!r}"
 
     def _masks(self, work: Work, results: dict) -> dict:
+        """Masks of every box of the masked tasks, in the order of their records.
+
+        A finished task's boxes come from its logged record (``work.logged``), so the masks match
+        the boxes the merge reads, even when that task was run again for a second stage; a task
+        run now gives its new record's boxes.
+        """
+        from .records import record_boxes
         from .segmenting import masks_for_boxes
 
-        boxes = {n: _boxes_of(results[n]) for n in self.names if n in MASKED_TASKS and n in results}
-        return masks_for_boxes(self.sam_predictor, work.image, boxes)
+        boxes = {}
+        for name in (n for n in self.names if n in MASKED_TASKS):
+            if name in work.logged:
+                record = work.logged[name]
+            elif name in results:
+                record = _task_record(name, results[name])
+            else:
+                raise ValueError(f"no boxes of task {name!r} to segment: it was not run and no "
+                                 "logged result was given")
+            boxes[name] = record_boxes(record)
+        image = work.sam_image if work.sam_image is not None else work.image
+        return masks_for_boxes(self.sam_predictor, image, boxes, size=work.wh)
 
     # -- records -----------------------------------------------------------------------------
     def _records(self, batch, results, failed) -> list[dict]:
@@ -359,8 +442,7 @@ class Labeler:
             head["wh"] = list(work.wh)
             for name in work.pending:
                 value = results[i][name]
-                record = _rec_record(value) if name == "rec" else (
-                    value if name == SEGMENT else to_record(value))
+                record = value if name == SEGMENT else _task_record(name, value)
                 out.append({**head, "kind": "result", "task": name, "key": work.keys[name],
                             "result": record})
         return out
@@ -375,6 +457,9 @@ class SequentialModel:
 
     def __init__(self, model):
         self.model = model
+        # the wrapped model's image input, so that images are held as for the model itself
+        self.transform = getattr(model, "transform", None)
+        self.preprocess = getattr(model, "preprocess", None)
 
     def generate_multi(self, images, questions, max_gen_len=512, **sampling):
         if isinstance(max_gen_len, int):
@@ -393,6 +478,11 @@ def failure_record(item: ImageItem, reason: str, content_hash: str | None = None
             "hash": content_hash, "reason": reason}
 
 
+def _task_record(name: str, value) -> dict:
+    "A task's result as its work-log record (``records.py``)."
+    return _rec_record(value) if name == "rec" else to_record(value)
+
+
 def _rec_record(items) -> dict:
     from .records import detections_to_json
 
@@ -400,13 +490,16 @@ def _rec_record(items) -> dict:
                                       **detections_to_json(d)} for qid, expr, d in items]}
 
 
-def _boxes_of(result) -> np.ndarray:
-    "Pixel boxes (n, 4) of a box-carrying result, in the order the record lists them."
-    if isinstance(result, list):  # rec: one Detections per expression
-        parts = [d.xyxy for _, _, d in result]
-        return np.concatenate(parts) if parts else np.empty((0, 4))
-    detections = result if isinstance(result, sv.Detections) else result.detections
-    return detections.xyxy
+def _shrink(image, side: int, resample=None):
+    "``image`` resized (aspect kept) to a longest side of ``side`` when larger, else itself."
+    from PIL import Image
+
+    w, h = image.size
+    if max(w, h) <= side:
+        return image
+    scale = side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image.resize(size, Image.BICUBIC if resample is None else resample)
 
 
 def model_fingerprint(checkpoint) -> str:

@@ -88,3 +88,23 @@ def keypoints_to_json(k: sv.KeyPoints) -> list[dict]:
 def _num(value, digits: int):
     value = float(value)
     return None if math.isnan(value) else round(value, digits)
+
+
+def record_boxes(record: dict) -> np.ndarray:
+    """Pixel boxes (n, 4) ``[x1, y1, x2, y2]`` of a box-carrying record, in the order the COCO
+    merge reads them: a detections record's boxes, a scene graph's or grounded caption's
+    detections, or a REC record's boxes expression by expression.
+
+    Raises:
+        ValueError: naming a record type without boxes.
+    """
+    kind = record.get("type")
+    if kind == "detections":
+        boxes = record["boxes"]
+    elif kind in ("scene_graph", "grounded_caption"):
+        boxes = record["detections"]["boxes"]
+    elif kind == "rec":
+        boxes = [box for item in record["items"] for box in item["boxes"]]
+    else:
+        raise ValueError(f"a {kind!r} record has no boxes to segment")
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

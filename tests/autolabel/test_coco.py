@@ -238,3 +238,84 @@ def test_sam_masks_as_polygons(synth_dir, tmp_path, box_sam):
     for r in polys:
         assert r["parentID"].startswith("a") and r["value"]["polygonlabels"]
         assert all(0 <= v <= 100 for pt in r["value"]["points"] for v in pt)
+
+
+# -- results are found by content, whatever the file is called --------------------------------
+def _image(path, size, color) -> None:
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+
+
+def _by_name(coco) -> dict:
+    "file name -> (width, height, its annotations without ids)."
+    out = {}
+    for im in coco["images"]:
+        anns = [{k: v for k, v in a.items() if k not in ("id", "image_id")}
+                for a in coco["annotations"] if a["image_id"] == im["id"]]
+        out[im["file_name"]] = (im["width"], im["height"], anns)
+    return out
+
+
+def _log_lines(out) -> int:
+    return sum(1 for p in log_dir_for(out).glob("*.jsonl") for _ in p.open())
+
+
+def test_duplicates_and_renames_get_their_labels_on_a_rerun(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "o.json"
+    src.mkdir()
+    _image(src / "a.png", (64, 48), (200, 0, 0))
+    _image(src / "c.png", (50, 40), (0, 200, 0))
+    _, merged, first = run(ScriptedModel(), src, out, tasks=["detection", "caption"])
+    assert merged.missing == 0 and len(first["images"]) == 2
+    shutil.copy(src / "a.png", src / "b.png")  # a duplicate of labeled content
+    (src / "c.png").rename(src / "z.png")  # a rename
+    model = ScriptedModel()
+    summary, merged, coco = run(model, src, out, tasks=["detection", "caption"])
+    assert model.calls == [] and summary.skipped == 3 and merged.missing == 0
+    names = _by_name(coco)
+    assert sorted(names) == ["a.png", "b.png", "z.png"]
+    assert names["b.png"] == names["a.png"] and names["b.png"][2]
+    assert names["z.png"] == _by_name(first)["c.png"]
+    lines = _log_lines(out)
+    run(ScriptedModel(), src, out, tasks=["detection", "caption"])
+    assert _log_lines(out) == lines  # a finished job re-run adds nothing to the log
+
+
+def test_duplicates_split_by_a_crash_or_in_one_batch_all_get_labels(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.png", (64, 48), (200, 0, 0))
+    for name in ("b.png", "c.png", "d.png"):
+        shutil.copy(src / "a.png", src / name)
+    _image(src / "e.png", (30, 20), (0, 0, 200))
+    # in one batch: every duplicate is labeled
+    _, merged, coco = run(ScriptedModel(), src, tmp_path / "one.json", tasks=["caption"])
+    assert merged.missing == 0 and len(coco["images"]) == 5
+    # a crash after the first image: the re-run finds the duplicates' results by content
+    out = tmp_path / "crash.json"
+    labeler = Labeler(ScriptedModel(), ["caption"], model_id="scripted")
+    label_dataset(labeler, open_source(src), out, progress=False, limit=1)
+    _, merged, resumed = run(ScriptedModel(), src, out, tasks=["caption"])
+    assert merged.missing == 0 and resumed["images"] == coco["images"]
+    assert resumed["captions"] == coco["captions"]
+
+
+def test_the_newest_content_of_a_file_name_wins(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "o.json"
+    src.mkdir()
+    _image(src / "a.png", (64, 48), (200, 0, 0))
+    old = (src / "a.png").read_bytes()
+    _image(src / "b.png", (30, 20), (0, 0, 200))
+    (src / "c.png").write_bytes(b"not an image")
+    run(ScriptedModel(), src, out, tasks=["caption"])
+    _image(src / "a.png", (80, 60), (0, 200, 0))  # new content, labeled
+    _, _, coco = run(ScriptedModel(), src, out, tasks=["caption"])
+    assert _by_name(coco)["a.png"][:2] == (80, 60)
+    (src / "a.png").write_bytes(old)  # back to the first content: its results, not relabeled
+    shutil.copy(src / "b.png", src / "c.png")  # a failed name now holds labeled content
+    model = ScriptedModel()
+    _, merged, coco = run(model, src, out, tasks=["caption"])
+    assert model.calls == [] and merged.missing == 0 and coco["failures"] == []
+    names = _by_name(coco)
+    assert names["a.png"][:2] == (64, 48) and names["c.png"] == names["b.png"]

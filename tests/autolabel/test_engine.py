@@ -131,3 +131,98 @@ def test_rec_questions_come_from_the_item(scripted):
     assert [(i["question_id"], i["expression"]) for i in items] == [("q1", "the person"),
                                                                      ("q2", "the dog")]
     assert items[0]["boxes"] == [[10.0, 10.0, 40.0, 90.0]]
+
+
+# -- held images ---------------------------------------------------------------------------------
+def big_image(tmp_path, size=(3000, 2000), name="big.png"):
+    "A PNG with some structure (a gradient and a rectangle), and its item."
+    w, h = size
+    array = np.zeros((h, w, 3), np.uint8)
+    array[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+    array[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    array[h // 4: h // 2, w // 3: w // 2] = 255
+    path = tmp_path / name
+    Image.fromarray(array).save(path)
+    return Image.fromarray(array), ImageItem(0, path, name, 1)
+
+
+def test_held_image_is_bounded_and_coordinates_stay_original(scripted, tmp_path):
+    from sphinx_tools.pipelines.autolabel.run import load_work
+
+    full, item = big_image(tmp_path)
+    labeler = Labeler(scripted, ["detection", "pose"])
+    work = load_work(item, labeler, set())
+    assert work.wh == (3000, 2000) and max(work.image.size) == 2 * labeler.input_side
+    assert work.image.size == (896, 597) and work.sam_image is None
+    held = labeler.label([work])
+    # the same labels as from the full image
+    whole = Work(item, full, work.hash, work.keys, list(work.pending))
+    assert [r["result"] for r in held] == [r["result"] for r in labeler.label([whole])]
+    assert all(r["wh"] == [3000, 2000] for r in held)
+    boxes = by_task(held)[(1, "detection")]["boxes"]
+    np.testing.assert_allclose(boxes[0], [300, 0, 1200, 2000], atol=0.5)  # pixels of 3000x2000
+
+
+def test_model_with_preprocess_gets_its_tensor(tiny_model, tmp_path):
+    from sphinx_tools.pipelines.autolabel.run import load_work
+
+    full, item = big_image(tmp_path, (1200, 700))
+    labeler = Labeler(tiny_model, ["caption"])
+    work = load_work(item, labeler, set())
+    s = tiny_model.cfg.image_size
+    assert tuple(work.image.shape) == (3, s, s) and work.wh == (1200, 700)
+    assert np.array_equal(work.image.numpy(), tiny_model.preprocess(full).numpy())
+
+
+def test_sam_on_the_held_image_gives_the_masks_of_the_full_image(tmp_path):
+    from segment_anything import SamPredictor
+    from tiny_sam import tiny_sam
+
+    from sphinx_tools.pipelines.autolabel.run import load_work
+    from sphinx_tools.pipelines.autolabel.segmenting import decode_rle, masks_for_boxes
+
+    full, item = big_image(tmp_path, (300, 200))
+    predictor = SamPredictor(tiny_sam())
+    labeler = Labeler(ScriptedModel(), ["detection"], sam_predictor=predictor, sam_id="t")
+    work = load_work(item, labeler, set())
+    assert max(work.sam_image.size) == labeler.sam_side < 300
+    boxes = {"detection": np.array([[10.5, 20, 200, 150], [0, 0, 300, 200], [150, 50, 160, 60]])}
+    held = masks_for_boxes(predictor, work.sam_image, boxes, size=work.wh)
+    predictor.reset_image()
+    predictor.set_image(np.asarray(full))  # SAM as it runs on the original image
+    want = []
+    for box in boxes["detection"]:
+        masks, scores, _ = predictor.predict(box=box, multimask_output=True)
+        want.append(masks[scores.argmax()])
+    got = [decode_rle(r) if r is not None else np.zeros((200, 300), bool)
+           for r in held["masks"]["detection"]]
+    assert all(g.shape == (200, 300) for g in got)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_pixel_budget_bounds_the_pixels_decoded_at_once(scripted, tmp_path):
+    import threading
+
+    from sphinx_tools.pipelines.autolabel.run import PixelBudget, load_work
+
+    budget = PixelBudget(100)
+    seen, lock = [], threading.Lock()
+
+    def decode(n):
+        with budget(n):
+            with lock:
+                seen.append(budget.used)
+            threading.Event().wait(0.01)
+
+    threads = [threading.Thread(target=decode, args=(n,)) for n in (80, 80, 30, 500, 10, 60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 6 and max(seen) <= 100 and budget.used == 0
+    with pytest.raises(ValueError, match="pixel budget must be >= 1, got 0"):
+        PixelBudget(0)
+    _, item = big_image(tmp_path, (400, 300))  # larger than the whole budget: decoded alone
+    work = load_work(item, Labeler(scripted, ["caption"]), set(), budget=PixelBudget(1000))
+    assert work.error is None and work.wh == (400, 300) and budget.used == 0

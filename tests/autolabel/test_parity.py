@@ -36,3 +36,23 @@ def test_greedy_labels_equal_independent_generate_calls(tiny_model, synth_dir):
     assert len(shared.generations) == len(independent.generations) == 3 * len(TASKS)
     assert shared.generations == independent.generations
     assert got == want
+
+
+def test_held_images_give_the_labels_of_the_full_images(tiny_model, synth_dir, tmp_path):
+    "Images reduced to the model's tensor on loading (a large copy too) label as the full ones."
+    from PIL import Image
+
+    from sphinx_tools.pipelines.autolabel.engine import Work
+    from sphinx_tools.pipelines.autolabel.sources import ImageItem
+
+    labeler = Labeler(tiny_model, TASKS, max_gen_len=12, model_id="tiny")
+    items = list(shard_items(open_source(synth_dir / "images"), limit=2))
+    big = Image.open(items[0].path).convert("RGB")
+    big = big.resize((big.width * 5, big.height * 5), Image.NEAREST)
+    big.save(tmp_path / "big.png")
+    items.append(ImageItem(2, tmp_path / "big.png", "big.png", 3))
+    held = [load_work(item, labeler, set()) for item in items]
+    assert all(w.image.shape[-1] == tiny_model.cfg.image_size for w in held)
+    full = [Work(w.item, Image.open(w.item.path).convert("RGB"), w.hash, w.keys, w.pending)
+            for w in held]
+    assert labeler.label(held) == labeler.label(full)
