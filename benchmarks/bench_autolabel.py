@@ -33,7 +33,7 @@ from sphinx_tools import SphinxModel, make_tiny_checkpoint
 from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source
 from sphinx_tools.pipelines.autolabel.engine import SequentialModel
 from sphinx_tools.pipelines.autolabel.worklog import WorkLog, log_dir_for
-from sphinx_tools.synth import write_dataset
+from sphinx_tools.demo.synth import write_dataset
 
 TASKS = ["detection", "ocr", "caption", "layout", "grounded_caption", "relation"]
 

@@ -1,4 +1,4 @@
-"""Synthetic-scene generator throughput (issue F): scenes/s writing a full dataset.
+"""Synthetic-scene generator throughput: scenes/s writing a full dataset.
 
 Run:  .venv/bin/python benchmarks/bench_synth.py [--n 1000] [--out benchmarks/results/synth.json]
 """
@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sphinx_tools import synth
+from sphinx_tools.demo import synth
 
 
 def main():

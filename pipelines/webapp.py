@@ -340,7 +340,7 @@ def result_json(result, masks: sv.Detections | None = None) -> dict:
 
 def keypoint_names(key_points: sv.KeyPoints) -> list[str]:
     "COCO names for 17 key points, else the point indices as strings."
-    from sphinx_tools.synth import KEYPOINT_NAMES
+    from sphinx_tools.demo.synth import KEYPOINT_NAMES
 
     m = key_points.xy.shape[1] if key_points.xy.ndim == 3 else 0
     return list(KEYPOINT_NAMES) if m == len(KEYPOINT_NAMES) else [str(j) for j in range(m)]

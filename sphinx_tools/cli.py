@@ -120,7 +120,7 @@ def _attach_plugin_commands():
     # Commands of the task registry and of plugins (pipelines register theirs this way too).
     from .registry import load_plugins, pm, tasks_command
 
-    from .synth import synth_command
+    from .demo.synth import synth_command
 
     main.add_command(tasks_command, "tasks")
     main.add_command(synth_command, "synth")

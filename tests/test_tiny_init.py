@@ -37,7 +37,7 @@ def test_fan_in_scaling_and_position_tables():
 
 
 def test_coordinate_tokens_are_single_pieces_with_smooth_rows(tmp_path):
-    from sphinx_tools.synth import generate_scene, scene_qas
+    from sphinx_tools.demo.synth import generate_scene, scene_qas
     from sphinx_tools.tiny import COORDINATE_PIECES, init_coordinate_rows_, train_tokenizer
     from sphinx_tools.tokenizer import Tokenizer
 

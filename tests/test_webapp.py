@@ -28,7 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sphinx_tools import GroundedCaption, SceneGraph, get_task, list_tasks  # noqa: E402
 from sphinx_tools.pipelines import webapp  # noqa: E402
-from sphinx_tools.synth import generate_scene, scene_qas  # noqa: E402
+from sphinx_tools.demo.synth import generate_scene, scene_qas  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [  # this sandbox has no network: without these Chromium hangs at start

@@ -508,10 +508,14 @@ def model_fingerprint(checkpoint) -> str:
 
     from .worklog import work_key
 
+    from sphinx_tools.demo import DEMO_DIR
+
     folder = Path(checkpoint)
-    parts = [folder.resolve().name]
-    for name in ("config.json", "meta.json", "params.json"):
-        if (folder / name).is_file():
-            parts.append((folder / name).read_text(encoding="utf-8", errors="replace"))
+    # the embedded model keeps the name it had before its folder moved, so its ids stay put
+    name = "demo_model" if folder.resolve() == DEMO_DIR.resolve() else folder.resolve().name
+    parts = [name]
+    for file in ("config.json", "meta.json", "params.json"):
+        if (folder / file).is_file():
+            parts.append((folder / file).read_text(encoding="utf-8", errors="replace"))
     parts += [(p.name, p.stat().st_size) for p in sorted(folder.glob("*.pth"))]
-    return f"{folder.resolve().name}:{work_key(*parts)[:12]}"
+    return f"{name}:{work_key(*parts)[:12]}"

@@ -81,7 +81,7 @@ def scripted():
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     "Six synthetic scenes (shapes, words, pose, document) with COCO and REC ground truth."
-    from sphinx_tools.synth import write_dataset
+    from sphinx_tools.demo.synth import write_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, 6, seed=3, progress=False)

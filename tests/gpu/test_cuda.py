@@ -45,7 +45,7 @@ def test_real_checkpoint_answers_grounded_question():
 def _finetune_config(root: Path, out: str, **kw):
     import json
 
-    from sphinx_tools.synth import write_dataset
+    from sphinx_tools.demo.synth import write_dataset
     from sphinx_tools.tiny import train_tokenizer
     from sphinx_tools.train import TrainConfig, conversation_text
 

@@ -242,7 +242,7 @@ def count_pipeline_calls(pipe, monkeypatch):
 # -- images ------------------------------------------------------------------------------------
 @pytest.fixture
 def shapes_scene():
-    from sphinx_tools.synth import generate_scene
+    from sphinx_tools.demo.synth import generate_scene
 
     return generate_scene("shapes", seed=3)
 

@@ -14,7 +14,7 @@ from sphinx_tools.pipelines import (
     inpaint_with_mask,
 )
 from sphinx_tools.pipelines.inpaint import REMOVE_PROMPT, size_multiple, working_size
-from sphinx_tools.synth import fmt_box
+from sphinx_tools.demo.synth import fmt_box
 
 W, H = 50, 37  # not multiples of 8: the pipeline resizes for SD and back
 BOX = (10, 8, 30, 25)

@@ -18,7 +18,7 @@ from sphinx_tools.pipelines import (
     load_sam,
     segment_detections,
 )
-from sphinx_tools.synth import fmt_box, fmt_point
+from sphinx_tools.demo.synth import fmt_box, fmt_point
 
 
 def box_text(xyxy, wh) -> str:

@@ -11,7 +11,7 @@ Four kinds of scene cover every built-in task:
 Every object is drawn on the canvas and on its own mask at the same time, so its box and area are
 read from the ink, not from the drawing arguments. Boxes are pixel ``[x1, y1, x2, y2]`` with
 exclusive right/bottom edges (``PIL.Image.getbbox``); key points are pixel centres (``x + 0.5``).
-Answers are written in SPHINX's output formats (formats doc §3, §4) with
+Answers are written in SPHINX's output formats (those the task plugins parse) with
 :class:`~sphinx_tools.transforms.PaddedResize` and 2 decimals; questions come from the built-in
 task plugins' default templates, so training and inference prompts match exactly.
 
@@ -34,7 +34,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sphinx_tools.transforms import PaddedResize
+from ..transforms import PaddedResize
 
 KINDS = ("shapes", "words", "pose", "document")
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross")

@@ -1,4 +1,5 @@
-"The name ``demo`` (sphinx_tools.demo.resolve): the embedded model unless a real checkpoint folder is called that."
+"""The demo model's build recipe (sphinx_tools.demo.recipe), and the name ``demo``
+(sphinx_tools.demo.resolve): the embedded model unless a real checkpoint folder is called that."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from sphinx_tools import demo
+from sphinx_tools.demo import recipe
 from sphinx_tools.errors import CheckpointError, SphinxToolsError
 
 
@@ -31,9 +33,9 @@ def test_the_shipped_model_was_trained_by_the_recipe_in_the_repo():
     import yaml
 
     shipped = yaml.safe_load((demo.DEMO_DIR / "train.yaml").read_text())
-    assert {k: shipped[k] for k in demo.RECIPE["train"]} == demo.RECIPE["train"]
-    assert shipped["init"] == {**demo.RECIPE["model"], "tokenizer": "tokenizer.model"}
-    assert shipped["data"][0]["independent_turns"] == demo.RECIPE["independent_turns"]
+    assert {k: shipped[k] for k in recipe.RECIPE["train"]} == recipe.RECIPE["train"]
+    assert shipped["init"] == {**recipe.RECIPE["model"], "tokenizer": "tokenizer.model"}
+    assert shipped["data"][0]["independent_turns"] == recipe.RECIPE["independent_turns"]
 
 
 TINY_RECIPE = {
@@ -47,16 +49,16 @@ TINY_RECIPE = {
 
 
 def test_scaled_recipe_multiplies_scenes_and_images_per_step():
-    r = demo.scaled_recipe(4, 1, demo.RECIPE)
-    base = demo.RECIPE
+    r = recipe.scaled_recipe(4, 1, recipe.RECIPE)
+    base = recipe.RECIPE
     assert r["scenes"] == 4 * base["scenes"] and r["train"]["steps"] == base["train"]["steps"]
     assert r["train"]["batch_size"] == 4 * base["train"]["batch_size"] * base["procs"]  # one process: the global batch
     assert r["train"]["encoder_warmup"]["batch_size"] == 4 * base["train"]["encoder_warmup"]["batch_size"] * base["procs"]
     assert r["train"]["lr"] == base["train"]["lr"] and r["train"]["max_minutes"] is None
-    assert demo.scaled_recipe(1, base["procs"], base) == base
+    assert recipe.scaled_recipe(1, base["procs"], base) == base
     with pytest.raises(SphinxToolsError, match="3 processes cannot share a global batch of 4"):
-        demo.scaled_recipe(1, 3, base)
-    assert demo.RECIPE == base  # the recipe itself is untouched
+        recipe.scaled_recipe(1, 3, base)
+    assert recipe.RECIPE == base  # the recipe itself is untouched
 
 
 def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, monkeypatch):
@@ -67,19 +69,51 @@ def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, m
 
     from sphinx_tools import SphinxModel
 
-    monkeypatch.setattr(demo, "RECIPE", TINY_RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", TINY_RECIPE)
     monkeypatch.chdir(tmp_path)
-    run = CliRunner().invoke(demo.cli, ["build", "--work", "w", "--dest", "m", "--scale", "2", "--threads", "1"])
+    run = CliRunner().invoke(recipe.cli, ["build", "--work", "w", "--dest", "m", "--scale", "2", "--threads", "1"])
     assert run.exit_code == 0, run.output
     assert len(json.loads((tmp_path / "w" / "data" / "coco.json").read_text())["images"]) == 8
     cfg = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
     assert cfg["batch_size"] == 2 and cfg["encoder_warmup"]["batch_size"] == 2 and cfg["max_minutes"] is None
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2  # the training log travels with the weights
     assert SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg.dim > 0
-    again = CliRunner().invoke(demo.cli, ["build", "--work", "w", "--dest", "m", "--scale", "3"])
+    again = CliRunner().invoke(recipe.cli, ["build", "--work", "w", "--dest", "m", "--scale", "3"])
     assert again.exit_code != 0 and "holds 8 scenes, this build wants 12" in str(again.exception)
-    shipped = CliRunner().invoke(demo.cli, ["build", "--work", "w2", "--scale", "2"])
+    shipped = CliRunner().invoke(recipe.cli, ["build", "--work", "w2", "--scale", "2"])
     assert shipped.exit_code != 0 and "give it its own --dest" in shipped.output
     assert not (tmp_path / "w2").exists()  # refused before any work
     if not torch.cuda.is_available():
-        no_gpu = CliRunner().invoke(demo.cli, ["build", "--work", "w3", "--dest", "m3", "--device", "cuda"])
+        no_gpu = CliRunner().invoke(recipe.cli, ["build", "--work", "w3", "--dest", "m3", "--device", "cuda"])
         assert no_gpu.exit_code == 2 and "CUDA is not available" in no_gpu.output
+
+
+def test_importing_the_demo_package_loads_no_torch_and_no_recipe():
+    import subprocess
+    import sys
+
+    code = ("import sys, sphinx_tools.demo as d; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('sphinx_tools.train', "
+            "'sphinx_tools.demo.')))); d.resolve('demo'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('sphinx_tools.train', 'sphinx_tools.demo.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "[]"]  # nor does resolving the name "demo" load the recipe
+
+
+def test_shipped_measurements_live_with_the_weights():
+    import json
+
+    quality = json.loads((demo.DEMO_DIR / "quality.json").read_text())
+    probe = json.loads((demo.DEMO_DIR / "token_probe.json").read_text())
+    assert quality["checkpoint"] == "demo" and "rec_acc50" in quality
+    assert probe["checkpoint"] == "demo" and "own_box" in probe
+
+
+def test_python_m_demo_offers_build_quality_and_probe():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sphinx_tools.demo", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert all(f"  {name} " in out for name in ("build", "quality", "probe"))

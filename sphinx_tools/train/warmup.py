@@ -2,19 +2,17 @@
 
 The released SPHINX starts from pretrained encoders (CLIP, ConvNeXt, DINOv2, Q-Former). A model
 trained from scratch (the tiny demo model) starts from random ones, and the language loss alone
-teaches them where things are very slowly: on synthetic shapes a tiny SPHINX trained end to end
-answered every one-object REC question with the same box after 600 steps. This stage first
-trains the encoders and the fused visual projection on a dense task read from COCO ground truth;
-finetuning then teaches the LLM to read their tokens.
+teaches them where things are very slowly. This stage first trains the encoders and the fused
+visual projection on a dense task read from COCO ground truth; finetuning then teaches the LLM to
+read their tokens.
 
 Targets of each fused patch token of each view (the global view and, for SPHINX-1k, the four
 quadrants): the fraction of each of its ``sub x sub`` cells that object boxes cover (mean squared
 error), and what the patch shows: background or a category, as the distribution of the patch's
 area over them (cross entropy). The class term is there so the language model can later pick "the
-circle" among several objects: after 500 steps with the coverage targets alone, a linear probe on
-the synthetic shapes' patch tokens named the shape 22% of the time (chance 18%); with the class
-targets and 1500 steps on those scenes, 91%. A linear head (discarded afterwards) predicts both.
-Config (``encoder_warmup`` in the training YAML)::
+circle" among several objects: coverage alone does not tell the shapes apart. A linear head
+(discarded afterwards) predicts both. Config (``encoder_warmup`` in the training YAML; its keys,
+defaults and checks are in ``config.py``)::
 
     encoder_warmup:
       coco: data/coco.json     # boxes and categories; file names relative to `images`
@@ -28,10 +26,7 @@ Config (``encoder_warmup`` in the training YAML)::
 
 With ``position``, each patch token also learns the box of the object under its centre (or its
 own cell on background), in fractions of its view: a patch token of the global view then says
-where its object is in the image. On the demo model's shapes scenes a ridge probe from one
-global-view patch token on an object to that object's corner erred by 0.102 of the image without
-it (the median corner: 0.158; the patch's own grid place alone: 0.043) and by 0.031 with it
-(``benchmarks/bench_token_probe.py``, ``own_box``).
+where its object is in the image (measured by ``own_box`` of ``sphinx_tools.demo.probe``).
 """
 
 from __future__ import annotations
@@ -47,37 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dist
-from .errors import SphinxToolsError
-from .transforms import PaddedResize
+from .. import dist
+from ..errors import SphinxToolsError
+from ..transforms import PaddedResize
 
-DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0, "categories": None,
-            "position": False}
-KEYS = {"coco", "images", *DEFAULTS}
 TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
-
-
-def check_config(spec: dict, base: Path) -> dict:
-    "Validate an ``encoder_warmup`` mapping; paths resolved against ``base``; defaults filled."
-    if not isinstance(spec, dict):
-        raise SphinxToolsError(f"encoder_warmup must be a mapping, got {spec!r}")
-    unknown = set(spec) - KEYS
-    if unknown:
-        raise SphinxToolsError(f"unknown encoder_warmup keys {sorted(unknown)}; known: {sorted(KEYS)}")
-    if "coco" not in spec:
-        raise SphinxToolsError("encoder_warmup needs `coco` (a COCO json with boxes)")
-    out = {**DEFAULTS, **spec}
-    out["coco"] = str((base / out["coco"]).resolve())
-    out["images"] = str((base / out.get("images", Path(out["coco"]).parent)).resolve())
-    cats = out["categories"]
-    if cats is not None and (not isinstance(cats, list) or not cats or not all(isinstance(c, str) for c in cats)):
-        raise SphinxToolsError(f"encoder_warmup.categories must be a non-empty list of names, got {cats!r}")
-    if not isinstance(out["position"], bool):
-        raise SphinxToolsError(f"encoder_warmup.position must be true or false, got {out['position']!r}")
-    for key in ("steps", "batch_size", "sub"):
-        if not isinstance(out[key], int) or out[key] < 1:
-            raise SphinxToolsError(f"encoder_warmup.{key} must be a positive integer, got {out[key]!r}")
-    return out
 
 
 def read_coco(coco, categories: bool = False) -> SimpleNamespace:
@@ -271,7 +240,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
     from tqdm.auto import tqdm
 
-    from .train import _sync_grads, lr_at
+    from .loop import _sync_grads, lr_at
 
     schedule = SimpleNamespace(lr=spec["lr"], min_lr=0.0, warmup=spec["warmup"], steps=spec["steps"])
 

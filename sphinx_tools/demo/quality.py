@@ -1,8 +1,10 @@
-"""Label quality of a model on a fresh seed of the synthetic-scene generator (issue F).
+"""Label quality of a model on a fresh seed of the synthetic-scene generator.
 
-Run:  .venv/bin/python benchmarks/bench_demo_quality.py [--checkpoint demo] [--n 24] [--seed 777]
+Run:  python -m sphinx_tools.demo quality [--checkpoint demo] [--n 24] [--seed 777]
 
-For each scene kind it writes a fresh test set (ground truth from ``sphinx_tools.synth``), labels
+(the demo model's result is ``weights/quality.json``).
+
+For each scene kind it writes a fresh test set (ground truth from :mod:`.synth`), labels
 it with the project's own engine (``sphinx_tools.pipelines.autolabel``) and scores it with the
 project's own ``evaluate``:
 
@@ -25,7 +27,6 @@ Targets: detection AP50 >= 0.90, REC >= 0.90, pose AP >= 0.5, OCR >= 0.8, layout
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,20 +34,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch
 
-from sphinx_tools import SphinxModel
-from sphinx_tools.pipelines.autolabel import Labeler, evaluate, label_dataset, open_source, write_coco
-from sphinx_tools.pipelines.autolabel.evaluate import box_iou
-from sphinx_tools.synth import fmt_box, generate_scene, scene_qas, write_dataset
-from sphinx_tools.tiny import COORDINATE_PIECES
-from sphinx_tools.train import IGNORE, tokenize_conversation
+from ..tiny import COORDINATE_PIECES
+from ..train.data import IGNORE, tokenize_conversation
+from .synth import fmt_box, generate_scene, scene_qas, write_dataset
 
 TARGETS = {"detection_ap50": 0.90, "rec_acc50": 0.90, "pose_keypoint_ap": 0.5,
            "ocr_word_accuracy": 0.8, "layout_ap50": 0.8}
 
 
 def label(model, src: Path, tasks: list[str], out: Path, max_gen_len: int) -> dict:
+    "Label ``src`` with the auto-labeling pipeline; returns the COCO json it writes to ``out``."
+    from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source, write_coco
+
     labeler = Labeler(model, tasks, max_gen_len=max_gen_len, model_id="bench")
     source = open_source(src)
     label_dataset(labeler, source, out, batch_size=8, progress=False, workers=1)
@@ -60,6 +62,9 @@ def ap50(metrics: dict, iou_type: str = "bbox") -> float | None:
 
 
 def ocr_word_accuracy(pred: dict, gt: dict) -> float:
+    "The share of ground-truth words that a prediction with IoU >= 0.5 reads exactly."
+    from sphinx_tools.pipelines.autolabel.evaluate import box_iou
+
     by_image = {}
     for a in pred["annotations"]:
         if a.get("text") is not None:
@@ -226,28 +231,20 @@ def image_reliance(model, seed: int, n: int) -> dict:
                    "tokens": m} for task, (own, other, m) in sorted(sums.items())}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="demo")
-    ap.add_argument("--n", type=int, default=24, help="scenes per kind")
-    ap.add_argument("--seed", type=int, default=777, help="a seed the model was not trained on")
-    ap.add_argument("--max-gen-len", type=int, default=None, help="default: each task's own budget")
-    ap.add_argument("--out", default="benchmarks/results/demo_quality.json")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
-    model = SphinxModel.from_pretrained(args.checkpoint, device=args.device)
-    res, t0 = {"checkpoint": args.checkpoint, "scenes_per_kind": args.n, "seed": args.seed,
-               "device": args.device}, time.time()
+def measure(model, checkpoint: str, n: int, seed: int, max_gen_len: int | None, device: str) -> dict:
+    "Every measure of the module docstring for ``model``, as the JSON-ready dict the command writes."
+    from sphinx_tools.pipelines.autolabel import evaluate
+
+    res, t0 = {"checkpoint": checkpoint, "scenes_per_kind": n, "seed": seed, "device": device}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {}
         for kind in ("shapes", "pose", "words", "document"):
             sets[kind] = tmp / kind
-            write_dataset(sets[kind], args.n, seed=args.seed, kinds=(kind,), progress=False)
+            write_dataset(sets[kind], n, seed=seed, kinds=(kind,), progress=False)
         gt = {k: json.loads((d / "coco.json").read_text()) for k, d in sets.items()}
 
-        det = label(model, sets["shapes"] / "images", ["detection"], tmp / "det.json", args.max_gen_len)
+        det = label(model, sets["shapes"] / "images", ["detection"], tmp / "det.json", max_gen_len)
         m = evaluate(det, gt["shapes"], iou_types=("bbox",))
         const = evaluate(constant_scores(det), gt["shapes"], iou_types=("bbox",))
         res["detection_ap50"] = ap50(m)
@@ -257,25 +254,40 @@ def main():
         rec = label(model, sets["shapes"] / "rec.json", ["rec"], tmp / "rec.json", 64)
         rec_gt = json.loads((sets["shapes"] / "rec.json").read_text())
         res["rec_acc50"] = evaluate(rec, rec_gt)["rec"]["accuracy"]
-        pose = label(model, sets["pose"] / "images", ["detection", "pose"], tmp / "pose.json",
-                     args.max_gen_len)
+        pose = label(model, sets["pose"] / "images", ["detection", "pose"], tmp / "pose.json", max_gen_len)
         res["pose_keypoint_ap"] = (evaluate(pose, gt["pose"], iou_types=("keypoints",))
                                    .get("keypoints") or {}).get("AP")
-        ocr = label(model, sets["words"] / "images", ["ocr"], tmp / "ocr.json", args.max_gen_len)
+        ocr = label(model, sets["words"] / "images", ["ocr"], tmp / "ocr.json", max_gen_len)
         res["ocr_word_accuracy"] = ocr_word_accuracy(ocr, gt["words"])
-        lay = label(model, sets["document"] / "images", ["layout"], tmp / "layout.json", args.max_gen_len)
+        lay = label(model, sets["document"] / "images", ["layout"], tmp / "layout.json", max_gen_len)
         res["layout_ap50"] = ap50(evaluate(lay, gt["document"], iou_types=("bbox",)))
-    res["teacher_forced"] = teacher_forced(model, args.seed, args.n)
-    res["image_reliance"] = image_reliance(model, args.seed, min(args.n, 12))
+    res["teacher_forced"] = teacher_forced(model, seed, n)
+    res["image_reliance"] = image_reliance(model, seed, min(n, 12))
     res["seconds"] = time.time() - t0
     res["targets"] = TARGETS
     res["met"] = {k: (res.get(k) or 0) >= v for k, v in TARGETS.items()}
     res["logprob_scores_beat_constant"] = (res["detection_ap"] or 0) > (
         res["detection_ap_constant_scores"] or 0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    return res
 
 
-if __name__ == "__main__":
-    main()
+@click.command("quality")
+@click.option("--checkpoint", default="demo", show_default=True)
+@click.option("--n", default=24, show_default=True, help="scenes per kind")
+@click.option("--seed", default=777, show_default=True, help="a seed the model was not trained on")
+@click.option("--max-gen-len", type=int, default=None, help="default: each task's own budget")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="result JSON  [default: quality.json in the checkpoint folder]")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N")
+def quality_command(checkpoint, n, seed, max_gen_len, out, device):
+    "Measure a model's label quality on fresh synthetic scenes."
+    from . import resolve
+    from ..sphinx_model import SphinxModel
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    model = SphinxModel.from_pretrained(checkpoint, device=device)
+    res = measure(model, str(checkpoint), n, seed, max_gen_len, device)
+    out = Path(out) if out is not None else resolve(checkpoint) / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    click.echo(json.dumps(res, indent=1))

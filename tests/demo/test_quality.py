@@ -1,16 +1,9 @@
-"""The demo-quality benchmark's localization measures (benchmarks/bench_demo_quality.py)."""
-
-import importlib.util
-from pathlib import Path
+"""The demo model's quality measures (sphinx_tools.demo.quality): localization under teacher forcing."""
 
 import pytest
 
+from sphinx_tools.demo import quality as bench
 from sphinx_tools.train import IGNORE
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_demo_quality", Path(__file__).parents[1] / "benchmarks" / "bench_demo_quality.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def test_coordinates_read_one_token_and_digit_answers():
@@ -43,3 +36,19 @@ def test_nearest_is_named_tells_the_named_object_from_the_others():
     assert bench.nearest_is_named(12, xs, 0) and not bench.nearest_is_named(12, xs, 1)
     assert bench.nearest_is_named(51, xs, 1) and bench.nearest_is_named(51, xs, 2)  # a tie counts
     assert not bench.nearest_is_named(60, xs, 1) and bench.nearest_is_named(60, xs, 2)
+
+
+def test_the_readme_quality_table_is_the_shipped_quality_json():
+    import json
+    from pathlib import Path
+
+    from sphinx_tools.demo import DEMO_DIR
+
+    measured = json.loads((DEMO_DIR / "quality.json").read_text())
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The embedded demo model"):readme.index("## Benchmarks")]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")][1:]
+    values = [float(value) for _, value, _ in rows]
+    keys = ["detection_ap50", "rec_acc50", "pose_keypoint_ap", "ocr_word_accuracy", "layout_ap50"]
+    assert values == [round(measured[k], 3) for k in keys]
+    assert [float(t) for *_, t in rows] == [measured["targets"][k] for k in keys]

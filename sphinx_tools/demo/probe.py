@@ -1,6 +1,8 @@
-"""What a model's image tokens hold: linear probes on fresh synthetic shapes scenes (issue F).
+"""What a model's image tokens hold: linear probes on fresh synthetic shapes scenes.
 
-Run:  .venv/bin/python benchmarks/bench_token_probe.py [--checkpoint demo] [--seed 555]
+Run:  python -m sphinx_tools.demo probe [--checkpoint demo] [--seed 555]
+
+(the demo model's result is ``weights/token_probe.json``).
 
 The language model reads the image only through ``Transformer.encode_image``'s tokens. These
 probes ask whether what a box answer needs is in them, so a failing model can be told apart from
@@ -21,19 +23,18 @@ failing encoders:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sphinx_tools import SphinxModel
-from sphinx_tools.synth import COLORS, SHAPES, generate_scene
-from sphinx_tools.train import patch_token_index
-from sphinx_tools.warmup import patch_owners
+from ..train.losses import patch_token_index
+from ..train.warmup import patch_owners
+from .synth import COLORS, SHAPES, generate_scene
 
 
 def patch_objects(scene, transform, grid: int) -> np.ndarray:
@@ -198,25 +199,26 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="demo")
-    ap.add_argument("--seed", type=int, default=555, help="a seed the model was not trained on")
-    ap.add_argument("--scenes", type=int, default=400, help="shapes scenes for the `what` probe")
-    ap.add_argument("--where-scenes", type=int, default=600, help="one-object scenes for `where`")
-    ap.add_argument("--out", default="benchmarks/results/demo_token_probe.json")
-    args = ap.parse_args()
+@click.command("probe")
+@click.option("--checkpoint", default="demo", show_default=True)
+@click.option("--seed", default=555, show_default=True, help="a seed the model was not trained on")
+@click.option("--scenes", default=400, show_default=True, help="shapes scenes for the `what` probe")
+@click.option("--where-scenes", default=600, show_default=True, help="one-object scenes for `where`")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="result JSON  [default: token_probe.json in the checkpoint folder]")
+def probe_command(checkpoint, seed, scenes, where_scenes, out):
+    "Probe what a model's image tokens hold (linear probes on fresh shapes scenes)."
+    from . import resolve
+    from ..sphinx_model import SphinxModel
+
     t0 = time.perf_counter()
-    model = SphinxModel.from_pretrained(args.checkpoint)
-    result = {"checkpoint": args.checkpoint, "seed": args.seed,
-              "what": probe_what(model, args.seed, args.scenes),
-              "where": probe_where(model, args.seed, args.where_scenes),
-              "own_box": probe_own_box(model, args.seed, args.scenes),
+    model = SphinxModel.from_pretrained(checkpoint)
+    result = {"checkpoint": str(checkpoint), "seed": seed,
+              "what": probe_what(model, seed, scenes),
+              "where": probe_where(model, seed, where_scenes),
+              "own_box": probe_own_box(model, seed, scenes),
               "seconds": round(time.perf_counter() - t0, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    out = Path(out) if out is not None else resolve(checkpoint) / "token_probe.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    click.echo(json.dumps(result, indent=1))

@@ -1,16 +1,16 @@
-"""The embedded demo model: a tiny SPHINX-1k-shaped model trained on synthetic scenes.
+"""The build recipe of the embedded demo model: ``python -m sphinx_tools.demo build``.
 
-``SphinxModel.from_pretrained("demo")`` loads it from the package. It is rebuilt, exactly, by::
+::
 
     python -m sphinx_tools.demo build --work runs/demo
 
-which writes the synthetic training set (``sphinx_tools.synth``), trains a SentencePiece
-tokenizer on its conversations, writes the training config and runs the finetuning code
-(``sphinx_tools.train`` in ``RECIPE["procs"]`` data-parallel processes; each scene's questions
-are packed as one-turn prompts that share the image, ``independent_turns``); a recipe with a
-``stage2`` entry continues on fresh scenes. The final checkpoint and the training configs are
-copied into ``sphinx_tools/demo_model``. ``--scale K --dest DIR`` trains the same model on K x the
-scenes and K x the images per step (:func:`scaled_recipe`), for a machine with more compute.
+writes the synthetic training set (:mod:`.synth`), trains a SentencePiece tokenizer on its
+conversations, writes the training config and runs the finetuning code (``sphinx_tools.train``
+in ``RECIPE["procs"]`` data-parallel processes; each scene's questions are packed as one-turn
+prompts that share the image, ``independent_turns``). The final checkpoint, its training config
+and its training log are copied into ``weights/``. ``--scale K --dest DIR`` trains the same model
+on K x the scenes and K x the images per step (:func:`scaled_recipe`), for a machine with more
+compute.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from pathlib import Path
 import click
 import yaml
 
-from .errors import CheckpointError, SphinxToolsError
+from ..errors import SphinxToolsError
+from . import DEMO_DIR
 from .synth import SHAPES
-
-DEMO_NAME = "demo"
-DEMO_DIR = Path(__file__).parent / "demo_model"
 
 # The recipe (every number that decides the shipped weights).
 RECIPE = {
@@ -49,12 +47,9 @@ RECIPE = {
                                  "convnext_dims": [16, 32, 64, 128]}},
     },
     "train": {
-        # the encoders learn what and where first (sphinx_tools.warmup), then stay frozen. On the
-        # shapes scenes: with box-coverage targets only (500 steps, every scene kind) a linear
-        # probe on the patch tokens named an object's shape 22% of the time (chance 18%), so the
-        # LLM could not pick "the circle" among several objects; with the class targets and
-        # 1500 steps on shapes scenes only, 91%. The position target makes a global-view patch
-        # token say where its object is (probe error 0.102 -> 0.031 of the image)
+        # the encoders learn what and where first (train/warmup.py), then stay frozen: on the
+        # shapes scenes only, with class targets (so that the LLM can tell the shapes apart) and
+        # the box of the object under each patch
         "encoder_warmup": {"coco": "data/coco.json", "images": "data/images", "steps": 1500,
                            "batch_size": 4, "categories": list(SHAPES), "position": True},
         # the LLM's first two layers learn where each patch token's object is in the whole image
@@ -73,60 +68,12 @@ RECIPE = {
         "save_every": 250,
         "log_every": 10,
         "seed": 0,
-        "max_minutes": 43,  # the 45-min budget: on a slow day the guard ends the last few steps (3173 of 3200)
+        "max_minutes": 43,  # a 45-min CPU budget: on a slow machine the guard saves and ends the run
     },
-    # data parallel: 2 one-thread processes see 17% more images per second than one process with 2
-    # threads (the encoders' small convolutions and attention use a second thread poorly)
+    # data parallel: one-thread processes use 2 cores better than one process with 2 threads
+    # (the encoders' small convolutions and attention use a second thread poorly)
     "procs": 2,
-    # "stage2": {"scenes": ..., "data_seed": 1, "train": {...}} continues on fresh scenes
 }
-
-
-def demo_path() -> Path:
-    "The folder of the embedded demo checkpoint; a clear error when it is not installed."
-    if not (DEMO_DIR / "tokenizer.model").is_file():
-        raise CheckpointError(
-            f"the embedded demo model is not installed ({DEMO_DIR} is missing); build it with "
-            "`python -m sphinx_tools.demo build`"
-        )
-    return DEMO_DIR
-
-
-def resolve(path) -> Path:
-    """Map the name ``demo`` to the embedded checkpoint; other paths pass through.
-
-    A ``demo`` folder in the working directory wins only if it holds checkpoint shards, so a
-    build's ``--work`` folder (or any other ``demo`` folder) does not shadow the embedded model."""
-    from .load import SHARD_RE
-
-    p = Path(path).expanduser()
-    if str(path) == DEMO_NAME and not (p.is_dir() and any(SHARD_RE.match(f.name) for f in p.iterdir())):
-        return demo_path()
-    return p
-
-
-def _write_stage(work: Path, recipe: dict, data_dir: str, scenes: int, seed: int, init: dict,
-                 out: str, train: dict, config: str, progress: bool, workers: int = 1) -> Path:
-    "One stage's synthetic scenes (unless written already) and its training config; returns its path."
-    from .synth import write_dataset
-
-    data = work / data_dir
-    if not (data / "conversations.json").is_file():
-        write_dataset(data, scenes, seed=seed, turns=recipe["turns"], progress=progress, workers=workers)
-    have = len(json.loads((data / "coco.json").read_text())["images"])
-    if have != scenes:  # a resumed build must not train on another build's scenes
-        raise SphinxToolsError(f"{data} holds {have} scenes, this build wants {scenes}: "
-                               "use a fresh --work folder")
-    cfg = {
-        "init": init,
-        "data": [{"path": f"{data_dir}/conversations.json", "root": data_dir, "ratio": 1.0,
-                  "independent_turns": recipe["independent_turns"]}],
-        "out": out,
-        **train,
-    }
-    path = work / config
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def scaled_recipe(scale: int, procs: int, recipe: dict = RECIPE) -> dict:
@@ -158,30 +105,50 @@ def scaled_recipe(scale: int, procs: int, recipe: dict = RECIPE) -> dict:
 
 
 def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = True, workers: int = 1) -> Path:
-    """Synthetic data, tokenizer and training config of the recipe; returns the config path.
+    """Synthetic data, tokenizer and training config of the recipe (each unless written
+    already); returns the config path.
 
     ``workers`` processes render the scenes (the files do not depend on it)."""
-    from .tiny import train_tokenizer
-    from .train import conversation_text
-
     work.mkdir(parents=True, exist_ok=True)
-    path = _write_stage(work, recipe, "data", recipe["scenes"], recipe["data_seed"],
-                        {**recipe["model"], "tokenizer": "tokenizer.model"}, "run", recipe["train"],
-                        "train.yaml", progress, workers)
+    _write_scenes(work / "data", recipe, progress, workers)
+    cfg = {
+        "init": {**recipe["model"], "tokenizer": "tokenizer.model"},
+        "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0,
+                  "independent_turns": recipe["independent_turns"]}],
+        "out": "run",
+        **recipe["train"],
+    }
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _write_tokenizer(work, recipe)
+    return path
+
+
+def _write_scenes(data: Path, recipe: dict, progress: bool, workers: int):
+    "The recipe's synthetic scenes in ``data``, unless a previous run of this build wrote them."
+    from .synth import write_dataset
+
+    scenes = recipe["scenes"]
+    if not (data / "conversations.json").is_file():
+        write_dataset(data, scenes, seed=recipe["data_seed"], turns=recipe["turns"], progress=progress,
+                      workers=workers)
+    have = len(json.loads((data / "coco.json").read_text())["images"])
+    if have != scenes:  # a resumed build must not train on another build's scenes
+        raise SphinxToolsError(f"{data} holds {have} scenes, this build wants {scenes}: "
+                               "use a fresh --work folder")
+
+
+def _write_tokenizer(work: Path, recipe: dict):
+    "A SentencePiece tokenizer trained on the scenes' conversations, unless written already."
+    from ..tiny import train_tokenizer
+    from ..train.data import conversation_text
+
     tok = work / "tokenizer.model"
     if not tok.is_file():
         convs = json.loads((work / "data" / "conversations.json").read_text())
         corpus = [conversation_text(c["conversations"])[0] for c in convs]
         train_tokenizer(tok, recipe["vocab_size"], corpus=corpus,
                         coordinate_tokens=recipe.get("coordinate_tokens", False))
-    return path
-
-
-def write_stage2_files(work: Path, recipe: dict = RECIPE, progress: bool = True, workers: int = 1) -> Path:
-    "Stage 2: fresh scenes, initialized from stage 1's checkpoint; returns the config path."
-    st = recipe["stage2"]
-    return _write_stage(work, recipe, "data2", st["scenes"], st["data_seed"], {"checkpoint": "run/last"},
-                        "run2", {**recipe["train"], **st["train"]}, "train2.yaml", progress, workers)
 
 
 def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:
@@ -195,7 +162,7 @@ def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:
 
 @click.group()
 def cli():
-    "Build the embedded demo model."
+    "Build and measure the embedded demo model."
 
 
 @cli.command()
@@ -216,7 +183,7 @@ def build(work, dest, threads, device, scale, procs, loader_workers):
     "Generate data, train the tokenizer and the model, install the result."
     import torch
 
-    from .train import TrainConfig, train_device, train_local
+    from ..train import TrainConfig, train_device, train_local
 
     try:
         cuda = train_device(device).type == "cuda"
@@ -228,20 +195,19 @@ def build(work, dest, threads, device, scale, procs, loader_workers):
     if recipe != RECIPE and Path(dest).resolve() == DEMO_DIR.resolve():
         raise click.UsageError("a build with another --scale or --procs than the recipe's is not the shipped "
                                "model: give it its own --dest")
-    stages = [write_training_files] + ([write_stage2_files] if "stage2" in recipe else [])
-    configs = []
-    for write in stages:  # each stage resumes if interrupted
-        configs.append(write(work, recipe, workers=threads))
-        cfg = TrainConfig.load(configs[-1])
-        cfg.num_threads = max(1, threads // procs)
-        cfg.loader_workers = loader_workers
-        cfg.device = device
-        ckpt = train_local(cfg, procs)
+    config = write_training_files(work, recipe, workers=threads)  # resumes if interrupted
+    cfg = TrainConfig.load(config)
+    cfg.num_threads = max(1, threads // procs)
+    cfg.loader_workers = loader_workers
+    cfg.device = device
+    ckpt = train_local(cfg, procs)
     install(ckpt, dest)
     for stale in dest.glob("train*.yaml"):
         stale.unlink()
-    for c in configs:  # the training configs travel with the weights
-        shutil.copyfile(c, dest / c.name)
+    shutil.copyfile(config, dest / config.name)  # the training config travels with the weights
+    log = Path(cfg.out).parent / f"{Path(cfg.out).name}_log.jsonl"
+    if log.is_file():
+        shutil.copyfile(log, dest / "train_log.jsonl")
     click.echo(f"installed demo model at {dest}")
 
 

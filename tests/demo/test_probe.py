@@ -1,19 +1,14 @@
-"""The image-token probes (benchmarks/bench_token_probe.py): patch labels and the linear probe."""
+"""The image-token probes (sphinx_tools.demo.probe): patch labels and the linear probe."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from sphinx_tools.synth import COLORS, SHAPES
+from sphinx_tools.demo import probe as bench
+from sphinx_tools.demo.synth import COLORS, SHAPES
 from sphinx_tools.transforms import PaddedResize
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_token_probe", Path(__file__).parents[1] / "benchmarks" / "bench_token_probe.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def test_patch_labels_follow_the_padded_quadrants():

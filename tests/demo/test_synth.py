@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("SPHINX_TOOLS_LOAD_PLUGINS", "none")  # only the built-in tasks
 
-from sphinx_tools import synth  # noqa: E402
+from sphinx_tools.demo import synth  # noqa: E402
 from sphinx_tools.registry import get_task  # noqa: E402
 
 SEEDS = range(12)

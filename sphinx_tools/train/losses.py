@@ -1,0 +1,153 @@
+"""The finetuning loss: next-token cross entropy on the answer tokens, with optional per-token
+weights (:func:`coordinate_weights`) and the auxiliary ``token_position`` loss
+(:class:`TokenPlaces`), which teaches the LLM's first layers where each image patch token's object
+lies in the whole image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SphinxToolsError
+from ..model import SphinxConfig, Transformer
+from ..tokenizer import Tokenizer
+from ..transforms import PaddedResize
+from .data import IGNORE, packed_mask, packed_positions
+
+
+def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None,
+            position=None):
+    """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
+
+    With ``segments`` (packed independent turns) the positions and attention mask make each turn
+    a one-turn conversation; without, the sequence is one causal conversation. ``token_weight``
+    (vocabulary-sized) weights each target token by its id: the weighted mean.
+
+    ``position = (head, layer, places, weight)`` adds ``weight`` x the auxiliary loss of
+    :class:`TokenPlaces`; the result is then ``(total, language loss, {"position": loss})``.
+    """
+    seen, hooks = {}, []
+    if position is not None:
+        hooks.append(model.layers[position[1]].register_forward_hook(
+            lambda m, args, out: seen.setdefault("h", out)))
+    try:
+        img = model.encode_image(images) if images is not None else None
+        h = model.embed(ids, img)
+        B, L, _ = h.shape
+        n_image = L - ids.shape[1]
+        if segments is None:
+            positions, mask = torch.arange(L, device=h.device).expand(B, L), None
+        else:
+            positions, mask = packed_positions(segments, n_image), packed_mask(segments, n_image)
+        logits = model(h, positions, mask=mask, keep_last=ids.shape[1])  # text positions only
+    finally:
+        for hook in hooks:
+            hook.remove()
+    language = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               labels[:, 1:].reshape(-1), weight=token_weight, ignore_index=IGNORE)
+    if position is None:
+        return language
+    head, _, places, weight = position
+    loss = position_loss(model.cfg, head, seen["h"], places)
+    return language + weight * loss, language, {"position": loss}
+
+
+def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
+                  places: torch.Tensor) -> torch.Tensor:
+    """Squared error of ``head``'s box for each patch token's hidden state against its
+    :meth:`TokenPlaces.targets` (patches on background carry none)."""
+    index = patch_token_index(cfg).to(hidden.device)
+    if places.shape[1] != len(index):
+        raise SphinxToolsError(f"position targets for {places.shape[1]} patch tokens, "
+                               f"the model has {len(index)}")
+    pred = head(hidden[:, index].float())
+    known = ~places[..., 0].isnan()
+    return F.mse_loss(pred[known], places[known]) if bool(known.any()) else pred.sum() * 0
+
+
+def coordinate_weights(tok: Tokenizer, weight: float, device=None) -> torch.Tensor | None:
+    """Vocabulary-sized loss weights: ``weight`` for the coordinate pieces, 1 elsewhere (None if 1).
+
+    ``weight`` is ``TrainConfig.coordinate_weight``, checked positive there."""
+    from ..tiny import COORDINATE_PIECES
+
+    if weight == 1.0:
+        return None
+    w = torch.ones(tok.n_words)
+    for piece in COORDINATE_PIECES:
+        i = tok.sp.piece_to_id(piece)
+        if tok.sp.id_to_piece(i) == piece:
+            w[i] = weight
+    return w.to(device)
+
+
+def position_head(dim: int, device) -> torch.nn.Linear:
+    "The linear head of the ``token_position`` loss, starting at the image centre on every rank."
+    head = torch.nn.Linear(dim, 4)
+    with torch.no_grad():  # the same start on every rank: the image centre, whatever the tokens
+        head.weight.zero_()
+        head.bias.fill_(0.5)
+    return head.to(device)
+
+
+class TokenPlaces:
+    """Where the object under each image patch token is, in the whole image: targets of an
+    auxiliary loss on the LLM's hidden states (``token_position`` in the training config).
+
+    SPHINX-1k's image tokens carry no view identity: the four quadrant views go through the same
+    encoders and projection as the global view, and LLaMA has no absolute position embedding
+    (RoPE rotates queries and keys only, never the values), so a quadrant token's content says
+    at best where its object is *within its quadrant*. Only the token's place in the sequence
+    tells the quadrant, and a tiny LLM trained from scratch is slow to learn that. With this
+    loss a linear head
+    (discarded afterwards) reads each patch token's hidden state after LLM layer ``layer`` and
+    regresses the box ``x1, y1, x2, y2`` of the object under the patch centre (fractions of the
+    padded image, squared error), so the first layers learn to turn a token's view and in-view
+    position into a place in the image. Patches on background carry no target (NaN).
+
+    Args:
+        coco: COCO json with the boxes; ``file_name`` relative to ``images``.
+        images: the folder of the images (default: the json's); a training record's image is
+            matched by its resolved path, and an image the json does not have gets no targets.
+        image_size, n_views, grid: the model's input side, views and patch grid.
+    """
+
+    def __init__(self, coco, images, image_size: int, n_views: int, grid: int):
+        from .warmup import read_coco
+
+        data = read_coco(coco)
+        files = {im["id"]: (Path(images, im["file_name"]).resolve(), (im["width"], im["height"]))
+                 for im in data.images}
+        boxes: dict = {i: [] for i in files}
+        for a in data.annotations:
+            if a.get("image_id") in boxes:
+                x, y, w, h = a["bbox"]
+                boxes[a["image_id"]].append((x, y, x + w, y + h))
+        self.by_path = {path: (boxes[i], wh) for i, (path, wh) in files.items()}
+        self.n_views, self.grid = n_views, grid
+        self.transform = PaddedResize(image_size)
+
+    def targets(self, image_path) -> torch.Tensor:
+        "(n_views * grid * grid, 4): each patch's object box, NaN on background or an unknown image."
+        from .warmup import patch_owners
+
+        out = torch.full((self.n_views * self.grid * self.grid, 4), float("nan"))
+        found = self.by_path.get(Path(image_path).resolve())
+        if found is None or not found[0]:
+            return out
+        boxes = self.transform.to_model_xyxy(found[0], found[1])
+        owner = patch_owners(boxes, self.n_views, self.grid).reshape(-1)
+        hit = torch.from_numpy(owner >= 0)
+        out[hit] = torch.from_numpy(boxes[owner[owner >= 0]]).float()
+        return out
+
+
+def patch_token_index(cfg: SphinxConfig) -> torch.Tensor:
+    "Sequence index (BOS at 0) of each patch token, view-major and row-major like TokenPlaces.targets."
+    v = cfg.vision
+    per = cfg.tokens_per_view  # start_img, Q-Former queries, cls, grid * grid patches, end_img
+    first = 1 + torch.arange(cfg.n_views)[:, None] * per + 1 + v.qf_queries + 1
+    return (first + torch.arange(v.grid * v.grid)[None]).reshape(-1)

@@ -1,0 +1,85 @@
+"The training config (sphinx_tools.train.config): every key checked, with errors naming the bad value."
+
+import pytest
+
+from sphinx_tools.errors import SphinxToolsError
+from sphinx_tools.train import TrainConfig, check_encoder_warmup, check_token_position, train
+
+from .conftest import write_config
+
+
+def test_bad_config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("init: {}\ndata: []\nout: x\nbogus: 1\n")
+    with pytest.raises(Exception, match="bogus"):
+        TrainConfig.load(p)
+
+
+def test_encoder_warmup_config_errors(tmp_path):
+    with pytest.raises(SphinxToolsError, match="needs `coco`"):
+        check_encoder_warmup({"steps": 3}, tmp_path)
+    with pytest.raises(SphinxToolsError, match=r"unknown encoder_warmup keys \['stpes'\]"):
+        check_encoder_warmup({"coco": "c.json", "stpes": 3}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="encoder_warmup.steps must be a positive integer, got 0"):
+        check_encoder_warmup({"coco": "c.json", "steps": 0}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="categories must be a non-empty list of names, got 'circle'"):
+        check_encoder_warmup({"coco": "c.json", "categories": "circle"}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="position must be true or false, got 'yes'"):
+        check_encoder_warmup({"coco": "c.json", "position": "yes"}, tmp_path)
+    spec = check_encoder_warmup({"coco": "d/c.json"}, tmp_path)
+    assert spec["position"] is False and spec["images"] == str((tmp_path / "d").resolve()) and spec["steps"] == 600
+
+
+def test_token_position_config_errors(synth_data, tmp_path):
+    with pytest.raises(SphinxToolsError, match="token_position needs coco"):
+        check_token_position({"layer": 1}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="layer must be an int >= 0, got -1"):
+        check_token_position({"coco": "c.json", "layer": -1}, tmp_path)
+    with pytest.raises(SphinxToolsError, match="weight must be positive, got 0"):
+        check_token_position({"coco": "c.json", "weight": 0}, tmp_path)
+    spec = check_token_position({"coco": "d/c.json"}, tmp_path)
+    assert spec == {"coco": str((tmp_path / "d/c.json").resolve()), "images": str((tmp_path / "d").resolve()),
+                    "layer": 1, "weight": 10.0}
+    # the layer is checked before the encoder warm-up (whose missing COCO file would fail first otherwise)
+    warm = {"coco": "missing.json", "steps": 1}
+    cfg = TrainConfig.load(write_config(synth_data, "tp_deep", token_position={"coco": "data/coco.json", "layer": 9},
+                                        encoder_warmup=warm))
+    with pytest.raises(SphinxToolsError, match="token_position.layer 9 is past the model's 2 layers"):
+        train(cfg, progress=False)
+    with pytest.raises(SphinxToolsError, match="cannot read COCO boxes from .*missing.json"):
+        train(TrainConfig.load(write_config(synth_data, "warm_missing", encoder_warmup=warm)), progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "data_missing", data=[{"path": "none.json"}],
+                                        encoder_warmup=warm))
+    with pytest.raises(SphinxToolsError, match="none.json"):  # the data too
+        train(cfg, progress=False)
+
+
+def test_every_key_is_checked_when_the_config_is_made(tmp_path):
+    base = dict(init={"preset": "tiny"}, data=[], out=str(tmp_path / "run"))
+    for key, value, message in [
+        ("train", ["llm", "heads"], r"unknown trainable parts \['heads'\]"),
+        ("dtype", "fp16", "dtype must be one of fp32, bf16, got 'fp16'"),
+        ("coordinate_weight", 0, "coordinate_weight must be positive, got 0"),
+        ("coordinate_weight", True, "coordinate_weight must be positive, got True"),
+        ("encoder_warmup", {"steps": 3}, "encoder_warmup needs `coco`"),
+        ("token_position", {"coco": "c.json", "layer": -1},
+         "token_position.layer must be an int >= 0, got -1"),
+    ]:
+        with pytest.raises(SphinxToolsError, match=message):
+            TrainConfig(**base, **{key: value})  # built in Python: checked as when loaded
+    cfg = TrainConfig(**base, token_position={"coco": "d/c.json"}, encoder_warmup={"coco": "d/c.json"})
+    assert cfg.token_position["layer"] == 1  # defaults filled
+    assert cfg.encoder_warmup["steps"] == 600
+
+
+def test_a_loaded_config_resolves_its_paths_against_the_yaml_folder(synth_data):
+    path = write_config(synth_data, "paths", coordinate_weight=2.0,
+                        encoder_warmup={"coco": "data/coco.json"},
+                        token_position={"coco": "data/coco.json"})
+    cfg = TrainConfig.load(path)
+    data = str((synth_data / "data").resolve())
+    assert cfg.out == str((synth_data / "paths").resolve()) and cfg.data[0]["root"] == data
+    assert cfg.encoder_warmup["images"] == data and cfg.token_position["images"] == data
+    assert cfg.init["tokenizer"] == str((synth_data / "tok.model").resolve())
+    with pytest.raises(SphinxToolsError, match="coordinate_weight must be positive, got -1"):
+        TrainConfig.load(write_config(synth_data, "negative", coordinate_weight=-1))

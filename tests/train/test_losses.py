@@ -1,0 +1,101 @@
+"The finetuning loss: token weights and the token_position auxiliary loss (TokenPlaces)."
+
+import json
+
+import torch
+
+from sphinx_tools import SphinxModel
+from sphinx_tools.tiny import train_tokenizer
+from sphinx_tools.tokenizer import Tokenizer
+from sphinx_tools.train import (
+    IGNORE,
+    ConversationData,
+    TokenPlaces,
+    TrainConfig,
+    collate,
+    conversation_text,
+    coordinate_weights,
+    init_model,
+    loss_fn,
+    patch_token_index,
+)
+
+from .conftest import coco_file, write_config
+
+
+def test_coordinate_weight_scales_the_coordinate_tokens(synth_data, tmp_path):
+    tok = Tokenizer(train_tokenizer(tmp_path / "coord.model", 512, corpus=[
+        conversation_text(c["conversations"])[0]
+        for c in json.loads((synth_data / "data" / "conversations.json").read_text())],
+        coordinate_tokens=True))
+    assert coordinate_weights(tok, 1.0) is None
+    w = coordinate_weights(tok, 4.0)
+    coord = [tok.sp.piece_to_id(f"0.{i:02d}") for i in range(100)] + [tok.sp.piece_to_id("1.00")]
+    assert w.shape == (tok.n_words,) and bool((w[coord] == 4).all()) and w.sum() == tok.n_words + 3 * 101
+
+    cfg = TrainConfig.load(write_config(synth_data, "cw"))
+    model, _ = init_model(cfg)  # the same vocabulary size: the weights index its logits
+    assert model.cfg.vocab_size == tok.n_words
+    other = max(set(range(3, tok.n_words)) - set(coord))
+    ids = torch.tensor([[1, other, coord[41], other, coord[3]]])
+    labels = ids.clone()
+    labels[0, :2] = IGNORE
+    with torch.no_grad():
+        plain = loss_fn(model, ids, labels, None)
+        weighted = loss_fn(model, ids, labels, None, token_weight=w)
+        ce = torch.nn.functional.cross_entropy(
+            model(model.embed(ids, None), torch.arange(5)[None])[0, 1:4], ids[0, 2:], reduction="none")
+    torch.testing.assert_close(plain, ce.mean())
+    torch.testing.assert_close(weighted, (4 * ce[0] + ce[1] + 4 * ce[2]) / 9)
+
+
+def test_token_places_give_every_view_s_patches_their_object_s_box_in_the_whole_image(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 224}]  # padded: 112 px above
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (1, 9, [224, 112, 80, 40])])
+    places = TokenPlaces(coco, tmp_path, 448, n_views=5, grid=4)
+    t = places.targets(tmp_path / "a.png").view(5, 4, 4, 4)  # view, row, column, box
+    big = torch.tensor([0, 0.25, 0.5, 0.75])  # the padded square's fractions
+    small = torch.tensor([0.5, 0.5, 304 / 448, 264 / 448])
+    torch.testing.assert_close(t[0, 1, 0], big)  # global view
+    torch.testing.assert_close(t[0, 2, 1], big)
+    assert t[0, 0, 0].isnan().all()  # centre (.125, .125): in the padding
+    # the quadrants' patches name the same boxes in the same (whole-image) fractions, not their view's
+    torch.testing.assert_close(t[1, 3, 3], big)  # top-left quadrant, centre (.4375, .4375)
+    torch.testing.assert_close(t[4, 0, 0], small)  # bottom-right quadrant, centre (.5625, .5625)
+    torch.testing.assert_close(t[3, 0, 3], big)  # bottom-left quadrant, centre (.4375, .5625)
+    assert t[4, 3, 3].isnan().all()
+    assert places.targets(tmp_path / "other.png").isnan().all()  # an image the json does not have
+
+
+def test_patch_token_index_points_at_each_view_s_patch_tokens():
+    from sphinx_tools.train.warmup import patch_tokens
+
+    model = SphinxModel.from_config("tiny", device="cpu").transformer
+    images = torch.rand(2, 3, 448, 448)
+    with torch.no_grad():
+        seq = model.embed(torch.zeros(2, 3, dtype=torch.long), model.encode_image(images))
+        want = patch_tokens(model, images)  # (B, views, patches, dim)
+    index = patch_token_index(model.cfg)
+    assert index.shape == (model.cfg.n_views * model.cfg.vision.grid ** 2,)
+    torch.testing.assert_close(seq[:, index], want.flatten(1, 2))
+
+
+def test_token_position_loss_trains_the_first_layers_only(synth_data):
+    model, tok = init_model(TrainConfig.load(write_config(synth_data, "tp_grad")))
+    model.eval()  # no dropout: the two forwards below must agree
+    g = model.cfg.vision.grid
+    data = ConversationData([{"path": str(synth_data / "data" / "conversations.json"),
+                              "root": str(synth_data / "data")}], tok, 448, 512, 0,
+                            TokenPlaces(synth_data / "data" / "coco.json", synth_data / "data" / "images",
+                                        448, 5, g))
+    ids, labels, images, segments, places = collate([data.example(0, i) for i in range(2)])
+    assert places.shape == (2, 5 * g * g, 4) and (~places[..., 0].isnan()).any()
+    head = torch.nn.Linear(model.cfg.dim, 4)
+    total, language, aux = loss_fn(model, ids, labels, images, segments, position=(head, 0, places, 3.0))
+    torch.testing.assert_close(language, loss_fn(model, ids, labels, images, segments))
+    assert set(aux) == {"position"}
+    aux = aux["position"]
+    torch.testing.assert_close(total, language + 3 * aux)
+    aux.backward()
+    assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.layers[1].parameters())  # above the read-out layer

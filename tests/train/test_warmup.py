@@ -1,0 +1,154 @@
+"The dense encoder warm-up (sphinx_tools.train.warmup): its targets, COCO reading and training."
+
+import json
+
+import pytest
+import torch
+
+from sphinx_tools import SphinxModel
+from sphinx_tools.errors import SphinxToolsError
+from sphinx_tools.train import TrainConfig, check_encoder_warmup, init_model, train
+
+from .conftest import coco_file, write_config
+
+
+def test_dense_targets_follow_the_views(tmp_path):
+    from sphinx_tools.train.warmup import DenseTargets
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448},
+              {"id": 2, "file_name": "b.png", "width": 200, "height": 100}]
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (2, 9, [0, 0, 200, 100])])
+    d = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4)
+    assert d.width == 16 + 1 + 2  # sub-cells, background, categories
+    from PIL import Image
+
+    Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
+    image, t = d.example(0)
+    assert image.shape == (3, 448, 448) and t.shape == (5, 16, 19)
+    fg = t[..., :16].mean(-1).view(5, 4, 4)  # per patch: the covered share of its cells
+    want = torch.zeros(4, 4)
+    want[:2, :2] = 1  # the global view: the top-left quarter
+    torch.testing.assert_close(fg[0], want)
+    torch.testing.assert_close(fg[1], torch.ones(4, 4))  # the top-left quadrant is all box
+    assert fg[2:].abs().sum() == 0
+    # what each patch shows: background or category 7 (the first category), as shares of its area
+    torch.testing.assert_close(t[0, :, 17].view(4, 4), want)
+    torch.testing.assert_close(t[0, :, 16].view(4, 4), 1 - want)
+    torch.testing.assert_close(t[..., 16:].sum(-1), torch.ones(5, 16))
+    assert t[..., 18].abs().sum() == 0
+    # a wide image is padded top and bottom: its full-image box covers the middle rows
+    cov = d.coverage(1)
+    rows = cov[0].mean(1)
+    assert rows[: d.res // 4].sum() == 0 and rows[d.res // 4: 3 * d.res // 4].min() == 1
+    assert cov[2].sum() == cov[0].sum() and cov[1].sum() == 0  # category 9 is channel 1
+
+
+def test_dense_position_targets_give_each_patch_its_object_box_in_view_fractions(tmp_path):
+    from PIL import Image
+
+    from sphinx_tools.train.warmup import DenseTargets
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448}]
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (1, 9, [112, 112, 80, 80])])
+    d = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4, position=True)
+    assert d.regressed == 16 + 4 and d.width == 16 + 4 + 1 + 2
+    Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
+    _, t = d.example(0)
+    plain = DenseTargets(coco, tmp_path, 448, n_views=5, grid=4, sub=4).example(0)[1]
+    torch.testing.assert_close(torch.cat([t[..., :16], t[..., 20:]], -1), plain)  # the rest as before
+    box = t[..., 16:20]
+    # global view: the big box (0, 0, .5, .5) under the top-left patches, the small one, listed
+    # later, under the patch whose centre it holds; elsewhere each patch's own cell
+    g = box[0].view(4, 4, 4)
+    torch.testing.assert_close(g[0, 0], torch.tensor([0, 0, 0.5, 0.5]))
+    e = 192 / 448  # the small box's right and bottom edge
+    torch.testing.assert_close(g[1, 1], torch.tensor([0.25, 0.25, e, e]))
+    torch.testing.assert_close(g[3, 2], torch.tensor([0.5, 0.75, 0.75, 1.0]))
+    # the top-left quadrant view: the big box is the whole view, the small one from (.5, .5)
+    q = box[1].view(4, 4, 4)
+    torch.testing.assert_close(q[0, 3], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(q[2, 2], torch.tensor([0.5, 0.5, 2 * e, 2 * e]))
+    torch.testing.assert_close(q[3, 3], torch.tensor([0.0, 0.0, 1.0, 1.0]))  # centre past its edge
+    torch.testing.assert_close(box[4].view(4, 4, 4)[0, 0], torch.tensor([0, 0, 0.25, 0.25]))
+
+
+def test_dense_targets_keep_the_images_of_chosen_categories(tmp_path):
+    from sphinx_tools.train.warmup import DenseTargets
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in (1, 2, 3)]
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 9, 9]), (2, 9, [0, 0, 9, 9]), (2, 7, [20, 20, 9, 9])])
+    assert [im["id"] for im in DenseTargets(coco, tmp_path, 448, 5, 4, 4).images] == [1, 2, 3]
+    d = DenseTargets(coco, tmp_path, 448, 5, 4, 4, categories=["other"])
+    assert [im["id"] for im in d.images] == [2]
+    assert d.coverage(0)[1].sum() > 0  # its boxes of other categories are still targets
+    with pytest.raises(SphinxToolsError, match=r"categories \['dog'\] are not in .*it has \['other', 'thing'\]"):
+        DenseTargets(coco, tmp_path, 448, 5, 4, 4, categories=["dog", "thing"])
+
+
+def test_coco_readers_name_the_bad_file_and_entry(tmp_path):
+    from sphinx_tools.train import TokenPlaces
+    from sphinx_tools.train.warmup import DenseTargets, read_coco
+
+    with pytest.raises(SphinxToolsError, match="cannot read COCO boxes from .*none.json"):
+        read_coco(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    with pytest.raises(SphinxToolsError, match=r"bad.json: KeyError\('annotations'\)"):
+        TokenPlaces(bad, tmp_path, 448, 5, 4)
+    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}))
+    with pytest.raises(SphinxToolsError, match="image .*'a.png'.* needs id, file_name, width, height"):
+        DenseTargets(bad, tmp_path, 448, 5, 4, 4)
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"name": "x"}]}))
+    assert read_coco(bad).categories is None  # categories only read when asked
+    with pytest.raises(SphinxToolsError, match="category {'name': 'x'} needs id"):
+        read_coco(bad, categories=True)
+
+
+def test_encoder_warmup_trains_the_encoders_on_boxes(synth_data):
+    from sphinx_tools.train.warmup import warmup_encoders
+
+    cfg = TrainConfig.load(write_config(synth_data, "warm0"))
+    model, _ = init_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = check_encoder_warmup({"coco": "data/coco.json", "images": "data/images", "steps": 40,
+                         "batch_size": 2, "lr": 3e-3, "warmup": 2}, synth_data)
+    torch.set_num_threads(2)
+    losses = warmup_encoders(model, spec, "cpu", progress=False)
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    after = model.state_dict()
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        if k.startswith(("layers.", "tok_embeddings.", "output.", "qformer", "start_img", "end_img")):
+            assert not changed, k
+    assert not torch.equal(before["visual_proj.0.weight"], after["visual_proj.0.weight"])
+    assert not torch.equal(before["clip.visual.conv1.weight"], after["clip.visual.conv1.weight"])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_encoder_warmup_reads_the_same_batches_with_loader_workers(synth_data):
+    from sphinx_tools.train.warmup import warmup_encoders
+
+    spec = check_encoder_warmup({"coco": "data/coco.json", "images": "data/images", "steps": 3, "batch_size": 3},
+                        synth_data)
+    states = []
+    for workers in (0, 2):
+        model, _ = init_model(TrainConfig.load(write_config(synth_data, "warm_workers")))
+        losses = warmup_encoders(model, spec, "cpu", progress=False, workers=workers)
+        states.append((losses, model.state_dict()))
+    assert states[0][0] == states[1][0]
+    for k, v in states[0][1].items():
+        torch.testing.assert_close(v, states[1][1][k], msg=k)
+
+
+def test_training_with_encoder_warmup_runs_it_once(synth_data):
+    warm = {"coco": "data/coco.json", "images": "data/images", "steps": 3, "batch_size": 1}
+    cfg = TrainConfig.load(write_config(synth_data, "warm", steps=2, train=["llm", "proj", "tokens"],
+                                        encoder_warmup=warm))
+    first = train(cfg, progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "warm", steps=4, train=["llm", "proj", "tokens"],
+                                        encoder_warmup=warm))
+    train(cfg, progress=False)  # resumes at step 2: the encoders are warm already
+    log = [json.loads(x) for x in (synth_data / "warm_log.jsonl").read_text().splitlines()]
+    assert [r.get("warmup_step") for r in log] == [3, None, None, None, None]
+    assert [r["step"] for r in log[1:]] == [1, 2, 3, 4]
+    assert SphinxModel.from_pretrained(first).transformer.cfg.dim > 0
