@@ -6,7 +6,11 @@ points with skeleton, SAM masks with ``--sam``) and as JSON to download.
 
 Safe by default: it binds ``127.0.0.1``, makes no public share link unless ``--share`` is given,
 limits upload size and image pixels, shows errors in the page instead of stopping, and serves all
-users from one model through a queue (one generation at a time).
+users from one model through a queue (one generation at a time). Every text the page sends is
+bounded before it is read: the task input and the prompt (:data:`MAX_INPUT_CHARS`,
+``MAX_PROMPT_CHARS``), the options JSON (:data:`MAX_OPTIONS_JSON_CHARS`, nested at most
+:data:`MAX_JSON_DEPTH` levels) and the conversation (:data:`MAX_CONVERSATION_CHARS`); prompt
+previews, which skip the queue, go through the same option and template checks as every task.
 
 The page logic lives in :class:`DemoBackend`, plain Python that tests call without a browser;
 :func:`build_app` wires it to gradio components. ``gradio`` is imported only by :func:`build_app`
@@ -40,7 +44,7 @@ from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.hookspecs import hookimpl
 from sphinx_tools.registry import get_task, list_tasks
-from sphinx_tools.tasks import parse_generation
+from sphinx_tools.tasks import MAX_OPTION_CHARS, MAX_PROMPT_CHARS, parse_generation
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded pixels per uploaded image
 DEFAULT_MAX_FILE_SIZE = "20mb"  # per upload, enforced by gradio before anything is decoded
@@ -52,6 +56,10 @@ TINY_NOTE = (
     "`sphinx-tools serve --checkpoint DIR` for real answers."
 )
 BOX_HELP = "x1,y1,x2,y2 in pixels; empty: the whole image"
+MAX_INPUT_CHARS = MAX_OPTION_CHARS  # the task's main input box
+MAX_OPTIONS_JSON_CHARS = 65_536  # the options box (a JSON object)
+MAX_JSON_DEPTH = 8  # nesting of the options JSON (a list of boxes is 3 levels)
+MAX_CONVERSATION_CHARS = 4 * MAX_PROMPT_CHARS  # every question and answer of one chat
 
 # The one input each built-in task needs, as (option, label, kind); anything else goes into the
 # JSON options box, which works for third-party tasks too.
@@ -135,12 +143,59 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     """
     parts = [p for p in text.strip().strip("[]()").replace(";", ",").split(",") if p.strip()]
     try:
-        box = tuple(float(p) for p in parts)
+        box = tuple(float(p) for p in parts) if len(parts) == 4 else ()
     except ValueError:
         box = ()
     if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-        raise ValueError(f"a box is four numbers x1,y1,x2,y2 with x1 < x2 and y1 < y2, got {text!r}")
+        shown = text if len(text) <= 80 else f"{text[:80]}... ({len(text):,} characters)"
+        raise ValueError(
+            f"a box is four numbers x1,y1,x2,y2 with x1 < x2 and y1 < y2, got {shown!r}"
+        )
     return box
+
+
+def check_length(what: str, text: str, limit: int) -> None:
+    """Refuse a text from the page longer than ``limit`` characters.
+
+    Raises:
+        ValueError: naming ``what`` and the length.
+    """
+    if len(text) > limit:
+        raise ValueError(f"{what} is {len(text):,} characters long; at most {limit:,} are allowed")
+
+
+def read_options_json(text: str) -> dict:
+    """The options box as a dict: a JSON object of at most :data:`MAX_OPTIONS_JSON_CHARS`
+    characters, nested at most :data:`MAX_JSON_DEPTH` levels.
+
+    Raises:
+        ValueError: for text that is too long, not JSON, not an object, or nested too deeply.
+    """
+    check_length("the options JSON", text, MAX_OPTIONS_JSON_CHARS)
+    too_deep = f"the options JSON is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"options must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"options must be a JSON object, got {type(value).__name__}")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(too_deep)
+    return value
+
+
+def json_depth(value) -> int:
+    "How many levels of lists and objects ``value`` nests (a scalar: 0), read without recursion."
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            depth = max(depth, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return depth
 
 
 def task_options(task_name: str, task_input: str = "", options_json: str = "",
@@ -154,10 +209,12 @@ def task_options(task_name: str, task_input: str = "", options_json: str = "",
         image_size: ``(width, height)`` of the uploaded image, for boxes and region prompts.
 
     Raises:
-        ValueError: for bad JSON, a bad box or options the task rejects.
+        ValueError: for bad JSON, a bad box, text over the page's limits or options the task
+            rejects.
     """
     task = get_task(task_name)
     options: dict[str, Any] = {}
+    check_length("the task input", task_input or "", MAX_INPUT_CHARS)
     text = (task_input or "").strip()
     option, _, kind = TASK_INPUTS.get(task_name, (None, "", None))
     if kind == "list" and text:
@@ -169,14 +226,9 @@ def task_options(task_name: str, task_input: str = "", options_json: str = "",
         options.update({option: text} if text else {"variant": "triplets"})
     elif kind == "text" and text:
         options[option] = text
+    check_length("the options JSON", options_json or "", MAX_OPTIONS_JSON_CHARS)
     if (options_json or "").strip():
-        try:
-            extra = json.loads(options_json)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"options must be a JSON object: {exc}") from None
-        if not isinstance(extra, dict):
-            raise ValueError(f"options must be a JSON object, got {options_json!r}")
-        options.update(extra)
+        options.update(read_options_json(options_json))
     if "image_size" in task.Options.model_fields and "image_size" not in options:
         options["image_size"] = tuple(image_size or (1000, 1000))
     task.options(**options)  # raises ValueError naming bad options
@@ -461,9 +513,14 @@ class DemoBackend:
         try:
             if not image_path:
                 raise ValueError("upload an image first")
+            check_length("the prompt", prompt or "", MAX_PROMPT_CHARS)
             question = (prompt or "").strip()
             if not question:
                 raise ValueError("the prompt is empty: pick a task or type a question")
+            said = len(question) + sum(len(q) + len(a) for q, a in history)
+            if said > MAX_CONVERSATION_CHARS:
+                raise ValueError(f"the conversation would be {said:,} characters long; at most "
+                                 f"{MAX_CONVERSATION_CHARS:,}: start a new chat")
             image = open_image(image_path, self.max_pixels)
             options = task_options(task_name, task_input, options_json, image.size)
             task = get_task(task_name)
@@ -555,12 +612,13 @@ def build_app(backend: DemoBackend, queue_size: int = DEFAULT_QUEUE_SIZE):
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload"],
                                  label="Image", elem_id="input-image", height=320)
                 task = gr.Dropdown(names, value=first, label="Task", elem_id="task")
-                task_input = gr.Textbox(label=label, value=example, elem_id="task-input")
+                task_input = gr.Textbox(label=label, value=example, elem_id="task-input",
+                                        max_length=MAX_INPUT_CHARS)
                 with gr.Accordion("More task options (JSON)", open=False):
                     options = gr.Textbox(label='e.g. {"max_objects": 20}', value="",
-                                         elem_id="options")
+                                         elem_id="options", max_length=MAX_OPTIONS_JSON_CHARS)
                 prompt = gr.Textbox(label="Prompt (editable; sent as your next chat turn)",
-                                    lines=3, elem_id="prompt")
+                                    lines=3, elem_id="prompt", max_length=MAX_PROMPT_CHARS)
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     clear = gr.Button("New chat", elem_id="clear")

@@ -5,7 +5,8 @@ The result keeps the caption with tags and boxes removed, and one entity per gro
 its character span in that caption (the Kosmos-2 ``post_process_generation`` shape). A phrase
 without a bracket stays in the text and gets no entity. Text copied from the demo's display
 (tags already removed: ``Three world leaders[...]``) is read too: the phrase of a bare bracket is
-guessed from the words before it (from the last determiner or number word) and noted.
+guessed from the words before it (from the last determiner or number word) and noted; a guess
+longer than ``MAX_PHRASE_CHARS`` characters is no phrase.
 """
 
 import re
@@ -14,7 +15,7 @@ import numpy as np
 
 from sphinx_tools.annotations import ENTITY_FIELD, Entity, GroundedCaption, build_detections
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import find_mentions, ground_boxes, strip_markup
+from sphinx_tools.parsing import MAX_PHRASE_CHARS, find_mentions, ground_boxes, strip_markup
 from sphinx_tools.tasks import Task, TaskOptions
 
 _TAG_RE = re.compile(r"</?p>", re.IGNORECASE)
@@ -48,6 +49,7 @@ _STARTERS = {
     "one",
 }
 _BOUNDARY_RE = re.compile(r"[.!?;:,\n]")
+_LAST_BOUNDARY_RE = re.compile(r".*[.!?;:,\n]", re.DOTALL)
 
 
 def guess_phrase_start(chunk: str) -> int:
@@ -103,25 +105,30 @@ class GroundedCaptionTask(Task):
 
     def _rebuild(self, text, mentions):
         "Caption without tags/brackets, and each mention's phrase span in it (None if none)."
-        out, spans, guessed, pos = [], [], set(), 0
+        out, spans, guessed, pos = _Pieces(), [], set(), 0
+        last_end = 0  # the end of the last span so far
         for index, mention in enumerate(mentions):
             start, end = mention.span
             out.append(_TAG_RE.sub("", text[pos:start]))
-            length = sum(len(piece) for piece in out)
+            length = out.length
             if mention.phrase is not None:
                 out.append(mention.phrase.text)
                 spans.append((length, length + len(mention.phrase.text)))
+                last_end = max(last_end, length + len(mention.phrase.text))
                 # drop what sits between the phrase and its bracket; keep text after an unbound tag
                 pos = end if mention.bracket is not None else mention.phrase.tag_span[1]
                 continue
-            caption = "".join(out).rstrip()
-            out = [caption]
-            first = guess_phrase_start(caption[_last_end(spans) :]) + _last_end(spans)
-            spans.append((first, len(caption)) if first < len(caption) else None)
+            out.rstrip()
+            first = out.phrase_start(last_end)
+            if first < out.length and out.length - first <= MAX_PHRASE_CHARS:
+                spans.append((first, out.length))
+                last_end = max(last_end, out.length)
+            else:
+                spans.append(None)
             guessed.add(index)
             pos = end
         out.append(_TAG_RE.sub("", text[pos:]))
-        caption = "".join(out)
+        caption = out.text()
         stripped = caption.strip()
         shift = len(caption) - len(caption.lstrip())
         spans = [None if s is None else (s[0] - shift, s[1] - shift) for s in spans]
@@ -150,9 +157,65 @@ class GroundedCaptionTask(Task):
         )
 
 
-def _last_end(spans) -> int:
-    ends = [s[1] for s in spans if s is not None]
-    return max(ends, default=0)
+class _Pieces:
+    """A caption built piece by piece, with each step costing only the text it touches.
+
+    ``rstrip`` and ``phrase_start`` read the caption from its end, so a long caption with many
+    bare brackets is still read about once in all.
+    """
+
+    def __init__(self):
+        self.pieces: list[str] = []
+        self.offsets: list[int] = []  # where each piece starts in the caption
+        self.boundaries: list[int] = []  # end of the last boundary match in each piece, or -1
+        self.length = 0
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.offsets.append(self.length)
+        self.boundaries.append(_last_boundary(piece))
+        self.length += len(piece)
+
+    def rstrip(self) -> None:
+        "Drop trailing whitespace, as ``caption.rstrip()``."
+        while self.pieces:
+            last = self.pieces[-1]
+            kept = last.rstrip()
+            if kept:
+                if len(kept) < len(last):
+                    self.pieces[-1] = kept
+                    self.boundaries[-1] = _last_boundary(kept)
+                    self.length -= len(last) - len(kept)
+                return
+            self.pieces.pop(), self.offsets.pop(), self.boundaries.pop()
+            self.length -= len(last)
+
+    def phrase_start(self, after: int) -> int:
+        "``after + guess_phrase_start(caption[after:])``, reading only the caption's last clause."
+        if after >= self.length:
+            return after
+        cut, i = after, len(self.pieces) - 1
+        while i >= 0 and self.offsets[i] + len(self.pieces[i]) > after:
+            boundary = self.boundaries[i]
+            if boundary >= 0 and self.offsets[i] + boundary - 1 >= after:
+                cut = self.offsets[i] + boundary
+                break
+            i -= 1
+        # the caption from ``cut`` on; ``cut`` lies in piece i (or before the pieces read)
+        i = max(i, 0)
+        while i + 1 < len(self.pieces) and self.offsets[i + 1] <= cut:
+            i += 1
+        tail = self.pieces[i][cut - self.offsets[i] :] + "".join(self.pieces[i + 1 :])
+        return cut + guess_phrase_start(tail) if tail else cut
+
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def _last_boundary(piece: str) -> int:
+    "End of the last clause boundary (``.``, ``,``, newline...) in ``piece``, or -1."
+    m = _LAST_BOUNDARY_RE.match(piece)
+    return m.end() if m else -1
 
 
 @hookimpl

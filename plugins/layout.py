@@ -6,6 +6,7 @@ through a synonym table into the chosen vocabulary (PubLayNet or DocLayNet);
 ``synonyms={"heading": "title"}``.
 """
 
+from functools import lru_cache
 from typing import Literal
 
 from sphinx_tools.annotations import RAW_CLASS_NAME_FIELD
@@ -119,15 +120,28 @@ class LayoutOptions(TaskOptions):
 
 def map_label(label: str, vocabulary: str, synonyms=None) -> str | None:
     "Normalized label -> vocabulary class (``None`` if unknown); ``raw`` returns the label."
+    return _lookup(label, vocabulary, synonym_table(synonyms))
+
+
+def synonym_table(synonyms=None) -> dict[str, str]:
+    "The user's ``{label: class}`` entries keyed by normalized label (see ``normalize_label``)."
+    return {normalize_label(k): v for k, v in (synonyms or {}).items()}
+
+
+def _lookup(label: str, vocabulary: str, table: dict[str, str]) -> str | None:
     if vocabulary == "raw":
         return label
-    table = {normalize_label(k): v for k, v in (synonyms or {}).items()}
     if label in table:
         return table[label]
     if label in SYNONYMS[vocabulary]:
         return SYNONYMS[vocabulary][label]
-    exact = {normalize_label(c): c for c in VOCABULARIES[vocabulary]}
-    return exact.get(label)
+    return _exact_names(vocabulary).get(label)
+
+
+@lru_cache(maxsize=None)
+def _exact_names(vocabulary: str) -> dict[str, str]:
+    "The vocabulary's class names keyed by normalized name."
+    return {normalize_label(c): c for c in VOCABULARIES[vocabulary]}
 
 
 class Layout(DetectionsTask):
@@ -148,10 +162,12 @@ class Layout(DetectionsTask):
             answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
         )
         classes = list(VOCABULARIES.get(opts.vocabulary, []))
+        class_ids = {name: i for i, name in enumerate(classes)}
+        table = synonym_table(opts.synonyms)
         kept, names, raw = [], [], []
         for box in boxes:
             label = normalize_label(box.phrase or "")
-            name = map_label(label, opts.vocabulary, opts.synonyms) if label else None
+            name = _lookup(label, opts.vocabulary, table) if label else None
             if name is None:
                 if opts.drop_unknown:
                     notes.append(
@@ -160,12 +176,13 @@ class Layout(DetectionsTask):
                     continue
                 name = label or "unknown"
                 box.notes.append(f"label {box.phrase!r} not in {opts.vocabulary}")
-            if name not in classes:
+            if name not in class_ids:
+                class_ids[name] = len(classes)
                 classes.append(name)
             kept.append(box), names.append(name), raw.append(box.phrase or "")
         if not kept:
             return self.empty(answer, image_wh, opts, notes + ["no layout region found"])
-        ids = [classes.index(n) for n in names]
+        ids = [class_ids[n] for n in names]
         return self.detections(
             answer,
             kept,

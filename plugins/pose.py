@@ -24,7 +24,7 @@ from sphinx_tools.annotations import (
     RAW_TEXT_FIELD,
 )
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import find_mentions, normalize_label, point_to_pixels, region_text
+from sphinx_tools.parsing import find_mentions, normalize_label, points_to_pixels, region_text
 from sphinx_tools.tasks import Task, TaskOptions, split_per
 
 COCO_KEYPOINTS = (
@@ -69,6 +69,7 @@ COCO_SKELETON = (
     (5, 7),
 )
 _INDEX = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
+MAX_SHARED_NOTES = 50  # answer-level notes repeated in each person's parse_notes
 _ALIASES = {"l": "left", "r": "right", "lt": "left", "rt": "right"}
 
 Box = tuple[float, float, float, float]
@@ -123,6 +124,9 @@ class Pose(Task):
         people = [p for p in people if p["visible"].any()]
         if not people:
             return self.empty(answer, image_wh, opts, notes + ["no key point found"])
+        if len(people) > opts.max_objects:
+            people = people[: opts.max_objects]
+            notes.append(f"stopped at max_objects={opts.max_objects}")
         box = np.asarray(opts.box if opts.box is not None else (0, 0, *image_wh), dtype=np.float64)
         for person in people:
             self._check_inside(person, box)
@@ -130,7 +134,8 @@ class Pose(Task):
 
     def _read_points(self, answer, image_wh, opts):
         "One dict per person: xy (17, 2), visible (17,), spans (17 lists), notes."
-        people, notes, unnamed = [self._person()], [], []
+        placed, notes, unnamed = [], [], []  # placed: (person, key point, group, spans)
+        written = [set()]  # the key points of each person so far
         for mention in find_mentions(answer.text, opts.recover_decimals):
             if mention.bracket is None:
                 continue
@@ -146,43 +151,53 @@ class Pose(Task):
                 notes.append(f"unknown key point {mention.phrase.text!r} ignored")
                 continue
             for group in points[:1]:
-                self._put(people, index, group, [mention.phrase.span], image_wh)
+                if index in written[-1]:
+                    written.append(set())  # a repeated name: the next person
+                written[-1].add(index)
+                placed.append((len(written) - 1, index, group, [mention.phrase.span]))
             if len(points) > 1:
                 notes.append(f"{mention.phrase.text!r} has {len(points)} points, kept the first")
-        if not any(p["written"].any() for p in people) and len(unnamed) == len(COCO_KEYPOINTS):
+        if not placed and len(unnamed) == len(COCO_KEYPOINTS):
             notes.append("unnamed points read in COCO order")
-            for index, group in enumerate(unnamed):
-                self._put(people, index, group, [], image_wh)
+            placed = [(0, index, group, []) for index, group in enumerate(unnamed)]
         elif unnamed:
             notes.append(f"{len(unnamed)} point(s) without a name ignored")
+        people = self._people(len(written), placed, image_wh)
         return self._dedupe(people, notes), notes
 
     @staticmethod
-    def _person():
-        return {
-            "xy": np.zeros((17, 2)),
-            "visible": np.zeros(17, bool),
-            "written": np.zeros(17, bool),
-            "spans": [[] for _ in range(17)],
-            "notes": [],
-        }
-
-    def _put(self, people, index, group, spans, image_wh):
-        if people[-1]["written"][index]:
-            people.append(self._person())  # a repeated name: the next person
-        person = people[-1]
-        xy, visible, point_notes = point_to_pixels(group.values, image_wh)
-        person["xy"][index], person["visible"][index], person["written"][index] = xy, visible, True
-        person["spans"][index] = spans + [group.span]
-        person["notes"] += [
-            f"{COCO_KEYPOINTS[index]}: {n}" for n in list(group.notes) + point_notes
+    def _people(n, placed, image_wh):
+        "``n`` people with the ``placed`` points, mapped to pixels all at once."
+        xy = np.zeros((n, 17, 2))
+        visible = np.zeros((n, 17), bool)
+        written = np.zeros((n, 17), bool)
+        people = [
+            {
+                "xy": xy[i],
+                "visible": visible[i],
+                "written": written[i],
+                "spans": [[] for _ in range(17)],
+                "notes": [],
+            }
+            for i in range(n)
         ]
+        values = [group.values for _, _, group, _ in placed]
+        pixels, seen, point_notes = points_to_pixels(values, image_wh)
+        for k, (i, index, group, spans) in enumerate(placed):
+            person = people[i]
+            xy[i, index], visible[i, index], written[i, index] = pixels[k], seen[k], True
+            person["spans"][index] = spans + [group.span]
+            person["notes"] += [
+                f"{COCO_KEYPOINTS[index]}: {note}" for note in list(group.notes) + point_notes[k]
+            ]
+        return people
 
     @staticmethod
     def _dedupe(people, notes):
         kept, seen = [], set()
-        for person in people:
-            key = (tuple(np.round(person["xy"], 1).ravel()), tuple(person["visible"]))
+        rounded = np.round(np.stack([p["xy"] for p in people]), 1)
+        for person, xy in zip(people, rounded, strict=True):
+            key = (tuple(xy.ravel().tolist()), tuple(person["visible"].tolist()))
             if key in seen:
                 continue
             seen.add(key)
@@ -214,7 +229,8 @@ class Pose(Task):
                     keypoint_confidence[i, j] = answer.confidence(person["spans"][j]) or 0.0
                 spans = [s for j in np.flatnonzero(person["visible"]) for s in person["spans"][j]]
                 detection_confidence[i] = answer.confidence(spans) or 0.0
-        row_notes = ["; ".join(notes + p["notes"]) for p in people]
+        shared = _shared_notes(notes)
+        row_notes = ["; ".join(shared + p["notes"]) for p in people]
         return sv.KeyPoints(
             xy=np.stack([p["xy"] for p in people]).astype(np.float32),
             class_id=np.zeros(n, dtype=int),
@@ -229,7 +245,7 @@ class Pose(Task):
         return {
             CLASS_NAME_FIELD: np.array(["person"] * n, dtype=str),
             PERSON_BOX_FIELD: np.tile(box, (n, 1)).reshape(n, 4),
-            RAW_TEXT_FIELD: np.array([raw] * n, dtype=str),
+            RAW_TEXT_FIELD: _repeated(raw, n),
             PARSE_NOTES_FIELD: np.array(notes, dtype=str),
         }
 
@@ -240,6 +256,20 @@ class Pose(Task):
             visible=np.empty((0, 17), dtype=bool),
             data=self._data(0, np.empty((0, 4)), "", []),
         )
+
+
+def _shared_notes(notes: list[str]) -> list[str]:
+    "The answer's notes as each person's row carries them: at most ``MAX_SHARED_NOTES``."
+    if len(notes) <= MAX_SHARED_NOTES:
+        return notes
+    return notes[:MAX_SHARED_NOTES] + [f"{len(notes) - MAX_SHARED_NOTES} more note(s)"]
+
+
+def _repeated(text: str, n: int) -> np.ndarray:
+    "``n`` references to one string (an object array: a long answer is not copied per row)."
+    out = np.empty(n, dtype=object)
+    out[:] = [text] * n
+    return out
 
 
 @hookimpl

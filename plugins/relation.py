@@ -10,6 +10,7 @@ A bare box answer (the REC-like form) gives detections and no triples.
 """
 
 import re
+from itertools import islice
 
 from sphinx_tools.annotations import SceneGraph
 from sphinx_tools.hookspecs import hookimpl
@@ -17,6 +18,7 @@ from sphinx_tools.parsing import find_mentions, ground_boxes
 from sphinx_tools.tasks import DetectionsTask, TaskOptions
 
 MAX_PREDICATE_WORDS = 6
+MAX_TRIPLES = 10_000  # triples read from one answer (two mentions of n boxes give n * n)
 _SENTENCE_BREAK = re.compile(r"[.!?;\n]")
 
 
@@ -81,6 +83,8 @@ class Relation(DetectionsTask):
         triples = self._triples(answer.text, mentions, rows)
         if not triples:
             notes.append("no subject-predicate-object triple found")
+        elif len(triples) >= MAX_TRIPLES:
+            notes.append(f"stopped at {MAX_TRIPLES} triples")
         return SceneGraph(self.detections(answer, boxes, notes, names), triples)
 
     @staticmethod
@@ -93,7 +97,10 @@ class Relation(DetectionsTask):
                 continue
             predicate = predicate_between(text[mentions[a].span[1] : mentions[b].span[0]])
             if predicate:
-                triples += [(s, predicate, o) for s in rows[a] for o in rows[b]]
+                pairs = ((s, predicate, o) for s in rows[a] for o in rows[b])
+                triples += islice(pairs, MAX_TRIPLES - len(triples))
+            if len(triples) >= MAX_TRIPLES:
+                break
         return triples
 
     def empty(self, answer, image_wh, opts, notes=()):

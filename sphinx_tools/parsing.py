@@ -19,10 +19,12 @@ Without log-probabilities it is ``None``.
 
 from __future__ import annotations
 
+import bisect
 import html
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -31,16 +33,41 @@ from sphinx_tools.transforms import PaddedResize
 NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _INT_RE = re.compile(r"\+?\d+")
 # Characters allowed inside a coordinate bracket; anything else (letters, %, quotes) means prose.
-_BRACKET_RE = re.compile(r"\[([\d\s.,;eE+\-]*)(\])?")
+_IN_BRACKET = r"[\d\s.,;eE+\-]"
+_TOKEN = r"[\d.eE+\-]+"  # tokens are separated by commas and whitespace, groups by ";"
+_SEP = r"[,\s]"
+# A group of 2 or 4 tokens (the only ones that can be a point or a box), up to its end.
+_POINT_OR_BOX = (
+    rf"{_SEP}*{_TOKEN}{_SEP}+{_TOKEN}(?:{_SEP}+{_TOKEN}{_SEP}+{_TOKEN})?{_SEP}*"
+    r"(?=;|[^\d\s.,;eE+\-]|\Z)"
+)
+# A bracket: "[" and its content (bracket characters, at least one digit), then "]", or the end
+# of the text, or (a "]" lost before more text) a group of 2 or 4 tokens somewhere in it; other
+# brackets ("[3 items]") are prose. The content is matched once inside a lookahead and consumed
+# by a back-reference, so a failed match never reads it again: matching is linear in the text.
+_BRACKET_RE = re.compile(
+    rf"\[(?=(?P<content>[\s.,;eE+\-]*\d{_IN_BRACKET}*))"
+    rf"(?:(?P=content)(?P<close>\])|(?P=content)\Z"
+    rf"|(?={_IN_BRACKET}*?(?<=[\[;]){_POINT_OR_BOX})(?P=content))"
+)
+_TOKEN_SEP_RE = re.compile(r"[,\s]+")
 _OPEN_TAG_RE = re.compile(r"<p>", re.IGNORECASE)
 _CLOSE_TAG_RE = re.compile(r"</p>", re.IGNORECASE)
 _JUNK_RE = re.compile(r"</?s>|&(?:lt|gt|amp|quot|apos|#\d{1,7}|#[xX][0-9a-fA-F]{1,6});")
+_JUNK_SPLIT_RE = re.compile(f"({_JUNK_RE.pattern})")
 _BIND_GAP_RE = re.compile(r"[\s:]*")  # what may sit between </p> and its bracket
 
 VALUE_TOLERANCE = 0.25  # values in [-0.25, 1.25] are kept (then clipped); beyond is malformed
 DEDUPE_DECIMALS = (
     3  # boxes equal after rounding normalized coords to this many decimals are repeats
 )
+# Work per answer is bounded: an answer of any length is scanned once, and at most this many
+# coordinate groups and phrases are read from it (a real answer, at most a few thousand tokens,
+# holds a few hundred). What lies beyond is left out, with a note.
+MAX_GROUPS = 4096
+MAX_PHRASES = 4096
+MAX_PHRASE_CHARS = 1000  # a phrase's text keeps its first characters up to this many
+_NOTE_TOKEN_CHARS = 40  # a token quoted in a note is cut to this many characters
 
 Span = tuple[int, int]
 
@@ -117,45 +144,68 @@ class Answer:
         """
         if self.logprobs is None:
             return None
-        mask = np.zeros(self.logprobs.shape, dtype=bool)
-        for span in spans:
-            a, b = self.raw_span(span)
-            if b > a:
-                mask |= (self.token_starts < b) & (self.token_ends > a)
-        values = self.logprobs[mask]
+        ranges = [self.raw_span(span) for span in spans]
+        ranges = [(a, b) for a, b in ranges if b > a]
+        values = self.logprobs[self._overlapping_tokens(ranges)]
         values = values[~np.isnan(values)]
         if values.size == 0:
             return None
         return float(np.exp(np.clip(values.mean(), -np.inf, 0.0)))
 
+    def _overlapping_tokens(self, ranges):
+        "Indices (ascending) or a mask of the tokens that overlap any raw ``[a, b)`` range."
+        starts, ends = self.token_starts, self.token_ends
+        if not self._tokens_sorted:
+            mask = np.zeros(self.logprobs.shape, dtype=bool)
+            for a, b in ranges:
+                mask |= (starts < b) & (ends > a)
+            return mask
+        # Tokens in text order: those overlapping [a, b) are one run, found by bisection.
+        runs = []
+        for a, b in ranges:
+            lo = int(np.searchsorted(ends, a, side="right"))
+            hi = int(np.searchsorted(starts, b, side="left"))
+            if hi > lo:
+                runs.append((lo, hi))
+        if len(runs) <= 1:
+            return np.arange(*runs[0]) if runs else np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate([np.arange(lo, hi) for lo, hi in runs]))
+
+    @cached_property
+    def _tokens_sorted(self) -> bool:
+        "Whether token offsets never decrease (then token ends do not either)."
+        return bool(np.all(np.diff(self.token_starts) >= 0))
+
 
 def _clean(raw: str):
     "Cut at '###', drop </s>, unescape HTML entities, strip; keep per-character raw ranges."
     stop = raw.find("###")
-    end = len(raw) if stop < 0 else stop
-    chars: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    pos = 0
-    for m in _JUNK_RE.finditer(raw, 0, end):
-        for i in range(pos, m.start()):
-            chars.append(raw[i]), starts.append(i), ends.append(i + 1)
-        token = m.group()
-        if token.startswith("&"):
-            for c in html.unescape(token):
-                chars.append(c), starts.append(m.start()), ends.append(m.end())
-        pos = m.end()
-    for i in range(pos, end):
-        chars.append(raw[i]), starts.append(i), ends.append(i + 1)
-    text = "".join(chars)
+    # [run, junk, run, junk, ..., run]: runs of raw text and the junk between them
+    parts = _JUNK_SPLIT_RE.split(raw if stop < 0 else raw[:stop])
+    raw_lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    firsts = np.cumsum(raw_lengths) - raw_lengths  # where each part starts in the raw text
+    parts[1::2] = map(_junk_replacement, parts[1::2])  # "" for </s>, an entity's character
+    text = "".join(parts)
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    # Character k of a run comes from raw[first + k]; every character of a replacement comes
+    # from its whole entity, raw[first:first + raw length].
+    is_run = np.zeros(len(parts), dtype=np.int64)
+    is_run[0::2] = 1
+    first_ends = np.where(is_run == 1, firsts + 1, firsts + raw_lengths)
+    # character i of the text lies k = i - (start of its part) characters into its part
+    k = np.arange(len(text), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    k *= np.repeat(is_run, lengths)
+    starts = np.repeat(firsts, lengths) + k
+    ends = np.repeat(first_ends, lengths) + k
     lead = len(text) - len(text.lstrip())
     trail = len(text.rstrip())
-    text = text[lead:trail]
-    return (
-        text,
-        np.asarray(starts[lead:trail], dtype=np.int64),
-        np.asarray(ends[lead:trail], dtype=np.int64),
-    )
+    return text[lead:trail], starts[lead:trail], ends[lead:trail]
+
+
+@lru_cache(maxsize=1024)
+def _junk_replacement(token: str) -> str:
+    "What a ``_JUNK_RE`` match becomes: nothing for ``</s>``, the character of an entity."
+    return html.unescape(token) if token.startswith("&") else ""
 
 
 # -- brackets, groups and phrases ------------------------------------------------------------------
@@ -221,20 +271,27 @@ def parse_value(token: str, recover_decimals: bool = True) -> tuple[float | None
         rejection or a recovery.
     """
     if not NUMBER_RE.fullmatch(token):
-        return None, f"not a number: {token!r}"
+        return None, f"not a number: {_quoted(token)!r}"
     try:
         value = float(token)
     except (ValueError, OverflowError):
-        return None, f"not a number: {token!r}"
+        return None, f"not a number: {_quoted(token)!r}"
     if not math.isfinite(value):
-        return None, f"non-finite number {token!r}"
+        return None, f"non-finite number {_quoted(token)!r}"
     if -VALUE_TOLERANCE <= value <= 1.0 + VALUE_TOLERANCE:
         return value, None
     if recover_decimals and _INT_RE.fullmatch(token):
         digits = token.lstrip("+")
         fixed = int(digits) / 10 ** len(digits)
-        return fixed, f"decimal point restored ({token} -> {fixed:g})"
-    return None, f"value {token} out of [0, 1]"
+        return fixed, f"decimal point restored ({_quoted(token)} -> {fixed:g})"
+    return None, f"value {_quoted(token)} out of [0, 1]"
+
+
+def _quoted(token: str) -> str:
+    "``token`` as a note quotes it: cut to ``_NOTE_TOKEN_CHARS`` characters."
+    if len(token) <= _NOTE_TOKEN_CHARS:
+        return token
+    return f"{token[:_NOTE_TOKEN_CHARS]}... ({len(token)} characters)"
 
 
 def parse_group(content: str, start: int, recover_decimals: bool = True) -> Group:
@@ -246,7 +303,7 @@ def parse_group(content: str, start: int, recover_decimals: bool = True) -> Grou
     stripped = content.strip()
     lead = len(content) - len(content.lstrip())
     span = (start + lead, start + lead + len(stripped))
-    tokens = [t for t in re.split(r"[,\s]+", stripped) if t]
+    tokens = [t for t in _TOKEN_SEP_RE.split(stripped) if t]
     values, notes = [], []
     for token in tokens:
         value, note = parse_value(token, recover_decimals)
@@ -258,7 +315,9 @@ def parse_group(content: str, start: int, recover_decimals: bool = True) -> Grou
     return Group(tuple(values), span, tuple(notes))
 
 
-def find_brackets(text: str, recover_decimals: bool = True) -> list[Bracket]:
+def find_brackets(
+    text: str, recover_decimals: bool = True, max_groups: int | None = MAX_GROUPS
+) -> list[Bracket]:
     """All coordinate brackets in ``text``: ``[`` + numbers, ``,``, ``;``, whitespace + ``]``.
 
     Brackets that hold no digit (placeholders such as ``[x1, y1, x2, y2]``) or any other character
@@ -269,64 +328,88 @@ def find_brackets(text: str, recover_decimals: bool = True) -> list[Bracket]:
     Args:
         text: cleaned answer text.
         recover_decimals: passed to :func:`parse_value`.
+        max_groups: stop after this many groups (``None``: read them all); the bracket that
+            reaches the limit keeps only the groups up to it.
 
     Returns:
         The brackets in text order.
     """
-    found = []
+    found, budget = [], max_groups
     for m in _BRACKET_RE.finditer(text):
-        content = m.group(1)
-        if not any(c.isdigit() for c in content):
-            continue
-        closed = m.group(2) == "]"
+        closed = m.group("close") is not None
         at_end = m.end() == len(text)
-        groups, pos = [], m.start(1)
-        parts = content.split(";")
-        for i, part in enumerate(parts):
-            if part.strip():
-                group = parse_group(part, pos, recover_decimals)
-                if not closed and at_end and i == len(parts) - 1:
-                    group = Group((), group.span, group.notes + ("cut off by the end of the text",))
-                elif not closed:
-                    group = Group(group.values, group.span, group.notes + ("missing ]",))
-                groups.append(group)
-            pos += len(part) + 1
-        if not closed and not at_end and not any(len(g.values) in (2, 4) for g in groups):
-            continue  # "[3 items]" is prose, not a bracket that lost its "]"
+        groups = _bracket_groups(m, closed, at_end, recover_decimals, budget)
+        if _is_prose(closed, at_end, groups):
+            continue
         found.append(Bracket((m.start(), m.end()), tuple(groups), closed))
+        if budget is not None:
+            budget -= len(groups)
+            if budget <= 0:
+                break
     return found
 
 
-def find_phrases(text: str, brackets=()) -> list[Phrase]:
+def _is_prose(closed: bool, at_end: bool, groups) -> bool:
+    "``[3 items] ...`` is prose, not a bracket that lost its ``]``: no group is a point or box."
+    return not closed and not at_end and not any(len(g.values) in (2, 4) for g in groups)
+
+
+def _bracket_groups(m, closed: bool, at_end: bool, recover_decimals: bool, limit) -> list[Group]:
+    "The groups of bracket match ``m``, at most ``limit`` of them (``None``: all)."
+    content = m.group("content")
+    groups, pos = [], m.start("content")
+    parts = content.split(";")
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if limit is not None and len(groups) >= limit:
+            break
+        if part.strip():
+            group = parse_group(part, pos, recover_decimals)
+            if not closed and at_end and i == last:
+                group = Group((), group.span, group.notes + ("cut off by the end of the text",))
+            elif not closed:
+                group = Group(group.values, group.span, group.notes + ("missing ]",))
+            groups.append(group)
+        pos += len(part) + 1
+    return groups
+
+
+def find_phrases(text: str, brackets=(), max_phrases: int | None = MAX_PHRASES) -> list[Phrase]:
     """All ``<p>...</p>`` phrases: the text between a ``<p>`` and the nearest ``</p>``.
 
     A ``<p>`` with no ``</p>`` before the next ``<p>`` is kept as an unclosed phrase that ends at
-    the next coordinate bracket (or ``<p>``, or the end of the text).
+    the next coordinate bracket (or ``<p>``, or the end of the text). A phrase's text is cut to
+    its first :data:`MAX_PHRASE_CHARS` characters.
 
     Args:
         text: cleaned answer text.
         brackets: the brackets of ``text`` (from :func:`find_brackets`), to end unclosed phrases.
+        max_phrases: stop after this many phrases (``None``: read them all).
 
     Returns:
         The phrases in text order.
     """
-    opens = [m for m in _OPEN_TAG_RE.finditer(text)]
+    bracket_starts = sorted(br.span[0] for br in brackets)
     phrases = []
-    for i, m in enumerate(opens):
-        limit = opens[i + 1].start() if i + 1 < len(opens) else len(text)
+    opens = _OPEN_TAG_RE.finditer(text)
+    m = next(opens, None)
+    while m is not None and (max_phrases is None or len(phrases) < max_phrases):
+        following = next(opens, None)
+        limit = following.start() if following is not None else len(text)
         close = _CLOSE_TAG_RE.search(text, m.end(), limit)
         if close:
             a, b, tag_end, closed = m.end(), close.start(), close.end(), True
         else:
-            nxt = [br.span[0] for br in brackets if br.span[0] >= m.end()]
-            b = min([limit] + nxt)
+            i = bisect.bisect_left(bracket_starts, m.end())
+            b = min(limit, bracket_starts[i]) if i < len(bracket_starts) else limit
             a, tag_end, closed = m.end(), b, False
         raw = text[a:b]
         lead = len(raw) - len(raw.lstrip())
-        content = raw.strip()
+        content = raw.strip()[:MAX_PHRASE_CHARS]
         phrases.append(
             Phrase(content, (a + lead, a + lead + len(content)), (m.start(), tag_end), closed)
         )
+        m = following
     return phrases
 
 
@@ -334,6 +417,7 @@ def find_mentions(text: str, recover_decimals: bool = True) -> list[Mention]:
     """Phrases and brackets of ``text`` in order, each phrase bound to the bracket right after it.
 
     A phrase binds to a bracket when only whitespace (or a colon) separates ``</p>`` from ``[``.
+    At most :data:`MAX_GROUPS` coordinate groups and :data:`MAX_PHRASES` phrases are read.
 
     Args:
         text: cleaned answer text.
@@ -360,6 +444,18 @@ def find_mentions(text: str, recover_decimals: bool = True) -> list[Mention]:
     return mentions
 
 
+def read_limit_notes(mentions) -> list[str]:
+    "A note for each reading limit (:data:`MAX_GROUPS`, :data:`MAX_PHRASES`) the mentions reached."
+    groups = sum(len(m.bracket.groups) for m in mentions if m.bracket is not None)
+    phrases = sum(1 for m in mentions if m.phrase is not None)
+    notes = []
+    if groups >= MAX_GROUPS:
+        notes.append(f"read the first {MAX_GROUPS} coordinate groups only")
+    if phrases >= MAX_PHRASES:
+        notes.append(f"read the first {MAX_PHRASES} phrases only")
+    return notes
+
+
 def strip_markup(text: str) -> str:
     "Remove ``<p>``/``</p>`` tags and coordinate brackets, and tidy the spaces they leave."
     out = _remove_brackets(text)
@@ -369,10 +465,24 @@ def strip_markup(text: str) -> str:
 
 
 def _remove_brackets(text: str) -> str:
-    pieces, pos = [], 0
-    for bracket in find_brackets(text):
-        pieces.append(text[pos : bracket.span[0]])
-        pos = bracket.span[1]
+    """``text`` without the brackets :func:`find_brackets` finds.
+
+    Only an unclosed bracket followed by more text needs its numbers read (prose or a bracket
+    that lost its ``]``); after :data:`MAX_GROUPS` such groups, the rest are taken as brackets
+    without reading them (each has a group of 2 or 4 tokens).
+    """
+    pieces, pos, budget = [], 0, MAX_GROUPS
+    for m in _BRACKET_RE.finditer(text):
+        closed = m.group("close") is not None
+        at_end = m.end() == len(text)
+        if not closed and not at_end:
+            if budget > 0:
+                groups = _bracket_groups(m, closed, at_end, True, budget)
+                budget -= len(groups)
+                if _is_prose(closed, at_end, groups):
+                    continue
+        pieces.append(text[pos : m.start()])
+        pos = m.end()
     pieces.append(text[pos:])
     return "".join(pieces)
 
@@ -414,25 +524,57 @@ def box_to_pixels(values, image_wh, transform: PaddedResize | None = None):
     Returns:
         ``(xyxy, notes)``: a float array (4,) or ``None`` if rejected, and a list of notes.
     """
+    (xyxy,), (notes,) = boxes_to_pixels([values], image_wh, transform)
+    return xyxy, notes
+
+
+def boxes_to_pixels(values, image_wh, transform: PaddedResize | None = None):
+    """:func:`box_to_pixels` for n boxes at once.
+
+    Args:
+        values: n boxes of 4 floats, array-like (n, 4).
+        image_wh: ``(width, height)`` of the original image.
+        transform: the coordinate map (a default ``PaddedResize`` if ``None``).
+
+    Returns:
+        ``(xyxy, notes)``: n float arrays (4,) or ``None`` (rejected), and n lists of notes.
+    """
     transform = transform or PaddedResize()
     w, h = image_wh
-    box = transform.to_pixels_xyxy([values], (w, h))[0]
-    notes = []
-    if box[0] > box[2] or box[1] > box[3]:
-        box = np.array(
-            [min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])]
+    box = transform.to_pixels_xyxy(values, (w, h))
+    x1, y1, x2, y2 = box.T
+    inverted = (x1 > x2) | (y1 > y2)
+    if inverted.any():  # min/max exactly as Python's min() and max() pick them
+        swapped = np.stack(
+            [
+                np.where(x2 < x1, x2, x1),
+                np.where(y2 < y1, y2, y1),
+                np.where(x2 > x1, x2, x1),
+                np.where(y2 > y1, y2, y1),
+            ],
+            axis=1,
         )
-        notes.append("inverted corners swapped")
+        box = np.where(inverted[:, None], swapped, box)
     clipped = np.clip(box, 0, [w, h, w, h])
-    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
-        inside = box[2] > 0 and box[0] < w and box[3] > 0 and box[1] < h
-        notes.append(
-            "degenerate box dropped" if inside else "box outside the image (padding band) dropped"
-        )
-        return None, notes
-    if np.abs(clipped - box).max() > 1e-6:
-        notes.append("clipped to the image")
-    return clipped, notes
+    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    inside = (box[:, 2] > 0) & (box[:, 0] < w) & (box[:, 3] > 0) & (box[:, 1] < h)
+    was_clipped = np.abs(clipped - box).max(axis=1, initial=0.0) > 1e-6
+    out, notes = [], []
+    for i in range(len(box)):
+        row_notes = ["inverted corners swapped"] if inverted[i] else []
+        if not kept[i]:
+            row_notes.append(
+                "degenerate box dropped"
+                if inside[i]
+                else "box outside the image (padding band) dropped"
+            )
+            out.append(None)
+        else:
+            if was_clipped[i]:
+                row_notes.append("clipped to the image")
+            out.append(clipped[i].copy())
+        notes.append(row_notes)
+    return out, notes
 
 
 def point_to_pixels(values, image_wh, transform: PaddedResize | None = None):
@@ -441,18 +583,36 @@ def point_to_pixels(values, image_wh, transform: PaddedResize | None = None):
     Returns:
         ``(xy, visible, notes)``: a float array (2,) clipped to the image, a bool, a list of notes.
     """
+    (xy,), (visible,), (notes,) = points_to_pixels([values], image_wh, transform)
+    return xy, bool(visible), notes
+
+
+def points_to_pixels(values, image_wh, transform: PaddedResize | None = None):
+    """:func:`point_to_pixels` for n points at once.
+
+    Args:
+        values: n points of 2 floats, array-like (n, 2).
+        image_wh: ``(width, height)`` of the original image.
+        transform: the coordinate map (a default ``PaddedResize`` if ``None``).
+
+    Returns:
+        ``(xy, visible, notes)``: a float array (n, 2) clipped to the image, a bool array (n,)
+        and n lists of notes.
+    """
     transform = transform or PaddedResize()
     w, h = image_wh
-    xy = transform.to_pixels_xy(np.asarray(values, dtype=np.float64), (w, h))
-    if values[0] == 0 and values[1] == 0:
-        return np.zeros(2), False, ["[0,0] read as not visible"]
-    if not (0 <= xy[0] <= w and 0 <= xy[1] <= h):
-        return (
-            np.clip(xy, 0, [w, h]),
-            False,
-            ["point outside the image (padding band): not visible"],
-        )
-    return xy, True, []
+    values = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    xy = transform.to_pixels_xy(values, (w, h))
+    hidden = (values[:, 0] == 0) & (values[:, 1] == 0)
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] <= w) & (xy[:, 1] >= 0) & (xy[:, 1] <= h)
+    xy = np.where(hidden[:, None], 0.0, np.where(inside[:, None], xy, np.clip(xy, 0, [w, h])))
+    notes = [
+        ["[0,0] read as not visible"]
+        if hidden[i]
+        else [] if inside[i] else ["point outside the image (padding band): not visible"]
+        for i in range(len(xy))
+    ]
+    return xy, ~hidden & inside, notes
 
 
 def ground_boxes(
@@ -478,7 +638,14 @@ def ground_boxes(
     """
     if mentions is None:
         mentions = find_mentions(answer.text, recover_decimals)
-    boxes, notes, seen, repeats = [], [], set(), 0
+    quads = [
+        g.values for m in mentions if m.bracket is not None for g in m.bracket.groups
+        if len(g.values) == 4
+    ]
+    values = np.asarray(quads, dtype=np.float64).reshape(-1, 4)
+    pixels, pixel_notes = boxes_to_pixels(values, image_wh, transform)
+    keys = np.round(values, DEDUPE_DECIMALS).tolist()
+    boxes, notes, seen, repeats, q = [], [], set(), 0, -1
     for index, mention in enumerate(mentions):
         phrase = mention.phrase
         if mention.bracket is None:
@@ -487,14 +654,12 @@ def ground_boxes(
             if len(group.values) != 4:
                 notes.append(_group_problem(group, "box"))
                 continue
-            xyxy, box_notes = box_to_pixels(group.values, image_wh, transform)
+            q += 1
+            xyxy, box_notes = pixels[q], pixel_notes[q]
             if xyxy is None:
                 notes.extend(box_notes)
                 continue
-            key = (
-                phrase.text.lower() if phrase else None,
-                tuple(np.round(group.values, DEDUPE_DECIMALS)),
-            )
+            key = (phrase.text.lower() if phrase else None, tuple(keys[q]))
             if key in seen:
                 repeats += 1
                 continue
@@ -532,7 +697,7 @@ def _summary(repeats: int, mentions) -> list[str]:
         notes.append(f"{repeats} repeated object(s) removed")
     if is_truncated(mentions):
         notes.append("truncated output")
-    return notes
+    return notes + read_limit_notes(mentions)
 
 
 def is_truncated(mentions) -> bool:

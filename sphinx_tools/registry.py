@@ -222,7 +222,8 @@ def get_task(name: str) -> Task:
     """
     tasks = _collect_tasks()
     if name not in tasks:
-        raise UnknownTaskError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(tasks))}")
+        shown = name if not isinstance(name, str) or len(name) <= 80 else f"{name[:80]}..."
+        raise UnknownTaskError(f"Unknown task {shown!r}. Known tasks: {', '.join(sorted(tasks))}")
     return tasks[name]
 
 

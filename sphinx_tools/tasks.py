@@ -9,14 +9,18 @@ structured result (:meth:`Task.parse`)::
     # car.'
     detections = task.parse("[0.04,0.47,0.40,0.83]", (640, 480), expression="the red car")
 
-Prompt templates are ``str.format`` strings. Each can be replaced per call (``template=...``) or in
-a user config file: ``$SPHINX_TOOLS_CONFIG``, else ``$XDG_CONFIG_HOME/sphinx-tools/prompts.yaml``
-(``~/.config/sphinx-tools/prompts.yaml``); YAML or JSON, mapping a task name to a template (its
-default variant) or to ``{variant: template}``::
+Prompt templates are text with plain ``{field}`` places for the task's fields (no format spec,
+conversion, attribute or index: ``{classes:>9}`` or ``{expression.upper}`` are refused). Each can be
+replaced per call (``template=...``) or in a user config file: ``$SPHINX_TOOLS_CONFIG``, else
+``$XDG_CONFIG_HOME/sphinx-tools/prompts.yaml`` (``~/.config/sphinx-tools/prompts.yaml``); YAML or
+JSON, mapping a task name to a template (its default variant) or to ``{variant: template}``::
 
     rec: "Where is {expression}? Answer with a bounding box."
     caption:
       short: "Write a short caption for the image."
+
+Work per prompt is bounded: options are checked against the size limits below before anything
+is formatted, and a prompt longer than :data:`MAX_PROMPT_CHARS` is refused before it is built.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.parsing import Answer, GroundedBox
 
 CONFIG_ENV = "SPHINX_TOOLS_CONFIG"
+MAX_PROMPT_CHARS = 16_384  # a prompt (the human turn), checked before it is built
+MAX_OPTION_CHARS = 8_192  # a text option: a question, an expression, a template
+MAX_OPTION_ITEMS = 1_024  # a list or mapping option: classes, choices, boxes, synonyms
+MAX_ITEM_CHARS = 1_024  # each text in a list or mapping option (a class name, a choice)
 
 
 class TaskOptions(BaseModel):
@@ -87,8 +95,11 @@ class Task:
         """Validate options against ``Options``.
 
         Raises:
-            ValueError: naming each unknown or badly typed option.
+            ValueError: naming each unknown or badly typed option, or one over the size limits
+                (:data:`MAX_OPTION_CHARS`, :data:`MAX_OPTION_ITEMS`, :data:`MAX_ITEM_CHARS`).
         """
+        for name, value in options.items():
+            check_option_size(name, value, self.name)
         try:
             return self.Options(**options)
         except ValidationError as exc:
@@ -115,8 +126,9 @@ class Task:
             The instruction text (without the conversation wrapper).
 
         Raises:
-            ValueError: for unknown, badly typed or missing options, or a template that uses a
-                field the task does not provide.
+            ValueError: for unknown, badly typed, missing or too large options, a template that
+                is not plain ``{field}`` places or uses a field the task does not provide, or a
+                prompt longer than :data:`MAX_PROMPT_CHARS`.
         """
         opts = self.options(**options)
         template = self.template(opts)
@@ -124,15 +136,29 @@ class Task:
         return render(template, fields, self.name)
 
     def template(self, opts: TaskOptions) -> str:
-        "The template to use: ``opts.template``, else the config file's, else the built-in one."
+        """The template to use: ``opts.template``, else the config file's, else the built-in one.
+
+        Raises:
+            ValueError: for an unknown variant, or a template that is not plain ``{field}``
+                places (see :func:`template_fields`).
+        """
         if opts.template is not None:
-            return opts.template
-        if opts.variant not in self.templates:
+            template = opts.template
+        elif opts.variant not in self.templates:
             raise ValueError(
                 f"task {self.name!r} has no prompt variant {opts.variant!r}; "
                 f"variants: {', '.join(self.templates)}"
             )
-        return prompt_overrides().get(self.name, {}).get(opts.variant, self.templates[opts.variant])
+        else:
+            overrides = prompt_overrides().get(self.name, {})
+            template = overrides.get(opts.variant, self.templates[opts.variant])
+        template_fields(template, self.name, self.field_names())
+        return template
+
+    def field_names(self) -> list[str]:
+        "The fields the task's built-in templates use (what :meth:`prompt_fields` provides)."
+        names = {n for t in self.templates.values() for n in template_fields(t, self.name)}
+        return sorted(names)
 
     def prompt_fields(self, opts: TaskOptions) -> dict[str, Any]:
         "Values for the template's ``{fields}``."
@@ -279,25 +305,113 @@ def type_name(tp) -> str:
     return tp.__qualname__ if top == "builtins" else f"{top}.{tp.__qualname__}"
 
 
-def render(template: str, fields: dict, task: str = "") -> str:
-    """Fill a ``str.format`` template, naming any field the task does not provide.
+def template_fields(template: str, task: str = "", allowed=None) -> list[str]:
+    """The field names a prompt template uses, in order (repeats included).
+
+    A template is literal text with plain ``{name}`` places (``{{`` and ``}}`` for braces); a
+    format spec (``{classes:>9}``), a conversion (``{classes!r}``), an attribute or index
+    (``{region.real}``, ``{classes[0]}``) or a positional field (``{}``, ``{0}``) is refused.
+
+    Args:
+        template: the template text.
+        task: the task's name, for messages.
+        allowed: the task's field names, listed in messages (``None``: not listed).
 
     Raises:
-        ValueError: for a malformed template or an unknown field.
+        ValueError: naming the malformed template or the field that is not a plain name.
     """
+    fields = "" if allowed is None else f" (fields: {', '.join(sorted(allowed)) or 'none'})"
     try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(
-            f"prompt template for {task!r} is malformed ({exc}): {template!r}"
+            f"prompt template for {task!r} is malformed ({exc}): {_clip(template)!r}"
         ) from None
-    missing = sorted(n for n in names if n.split(".")[0].split("[")[0] not in fields)
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        written = "{" + name + (f"!{conversion}" if conversion else "")
+        written += (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            problem = "is not a plain field name (no positions, attributes or indexes)"
+        elif conversion:
+            problem = "has a conversion"
+        elif spec:
+            problem = "has a format spec"
+        else:
+            names.append(name)
+            continue
+        raise ValueError(
+            f"prompt template for {task!r}: {_clip(written)} {problem}; write fields as "
+            f"plain {{name}}{fields}"
+        )
+    return names
+
+
+def render(template: str, fields: dict, task: str = "") -> str:
+    """Fill a template's ``{name}`` places with ``fields``, after checking its size.
+
+    Raises:
+        ValueError: for a template that is not plain ``{name}`` places, a field the task does not
+            provide (naming the available ones), or a prompt longer than
+            :data:`MAX_PROMPT_CHARS` (checked before the prompt is built).
+    """
+    names = template_fields(template, task, fields)
+    missing = sorted({n for n in names if n not in fields})
     if missing:
         raise ValueError(
             f"prompt template for {task!r} uses {{{missing[0]}}}; available fields: "
             f"{', '.join(sorted(fields)) or 'none'}"
         )
-    return template.format(**fields)
+    values = {n: format(fields[n], "") for n in set(names)}
+    pieces = list(string.Formatter().parse(template))
+    size = sum(len(text) + (len(values[n]) if n is not None else 0) for text, n, _, _ in pieces)
+    if size > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the prompt for task {task!r} would be {size:,} characters long; at most "
+            f"{MAX_PROMPT_CHARS:,} are allowed"
+        )
+    return "".join(literal + (values[n] if n is not None else "") for literal, n, _, _ in pieces)
+
+
+def check_option_size(name: str, value, task: str = "") -> None:
+    """Refuse an option too large to format or parse cheaply.
+
+    Text is at most :data:`MAX_OPTION_CHARS` characters; a list, tuple, array or mapping at most
+    :data:`MAX_OPTION_ITEMS` items, each text in it at most :data:`MAX_ITEM_CHARS`.
+
+    Raises:
+        ValueError: naming the option (and item) and its length.
+    """
+    where = f"task {task!r}: option {name!r}"
+    if isinstance(value, str):
+        if len(value) > MAX_OPTION_CHARS:
+            raise ValueError(
+                f"{where} is {len(value):,} characters long; at most {MAX_OPTION_CHARS:,}"
+            )
+        return
+    if not isinstance(value, (list, tuple, dict, set, frozenset, np.ndarray)):
+        return
+    if len(value) > MAX_OPTION_ITEMS:
+        raise ValueError(f"{where} has {len(value):,} items; at most {MAX_OPTION_ITEMS:,}")
+    if isinstance(value, np.ndarray):
+        return
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    for i, item in enumerate(items):
+        if isinstance(item, str) and len(item) > MAX_ITEM_CHARS:
+            raise ValueError(
+                f"{where}: item {i} is {len(item):,} characters long; at most {MAX_ITEM_CHARS:,}"
+            )
+        if isinstance(item, (list, tuple, dict, set, frozenset)) and len(item) > MAX_OPTION_ITEMS:
+            raise ValueError(
+                f"{where}: item {i} has {len(item):,} items; at most {MAX_OPTION_ITEMS:,}"
+            )
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    "``text`` cut for an error message."
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # -- user config file ------------------------------------------------------------------------------
@@ -397,6 +511,8 @@ def run_task(
 
         task = get_task(task)
     image_wh = image_size_of(image)
+    for name, value in options.items():  # before split makes one question per listed item
+        check_option_size(name, value, task.name)
     if "image_size" in task.Options.model_fields and "image_size" not in options:
         options["image_size"] = image_wh
     questions = task.split(**options)

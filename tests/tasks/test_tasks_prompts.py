@@ -195,3 +195,85 @@ def test_config_template_with_unknown_field_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SPHINX_TOOLS_CONFIG", str(path))
     with pytest.raises(ValueError, match=r"\{object\}.*expression"):
         get_task("rec").prompt(expression="x")
+
+
+# -- templates are plain {field} places, options and prompts are bounded ---------------------------
+@pytest.mark.parametrize(
+    "task, options, match",
+    [
+        ("detection", {"template": "{classes:>50000000}"}, r"\{classes:>50000000\} has a format"),
+        ("rec", {"expression": "x", "template": "{expression!r}"}, "has a conversion"),
+        ("rec", {"expression": "x", "template": "{expression.upper}"}, "not a plain field name"),
+        ("rec", {"expression": "x", "template": "{expression[0]}"}, "not a plain field name"),
+        ("rec", {"expression": "x", "template": "Find {0}."}, "not a plain field name"),
+        ("rec", {"expression": "x", "template": "Find {}."}, "not a plain field name"),
+        ("rec", {"expression": "x", "template": "{expression:{expression}}"}, "format spec"),
+        ("vqa", {"question": "q", "template": "{question:^9}"}, r"fields: choices, question"),
+    ],  # a 70-byte template must not ask for a 50-million-character prompt
+)
+def test_templates_allow_only_plain_field_names(task, options, match):
+    with pytest.raises(ValueError, match=match):
+        get_task(task).prompt(**options)
+
+
+def test_a_refused_template_names_the_task_and_its_fields():
+    with pytest.raises(ValueError) as info:
+        get_task("detection").prompt(template="Detect {classes!s:>9}.")
+    message = str(info.value)
+    assert "'detection'" in message and "{classes!s:>9}" in message and "fields: classes" in message
+
+
+def test_template_from_the_config_file_is_checked_too(tmp_path, monkeypatch):
+    path = tmp_path / "prompts.yaml"
+    path.write_text("detection: 'Detect {classes:>50000000}.'\n")
+    monkeypatch.setenv("SPHINX_TOOLS_CONFIG", str(path))
+    with pytest.raises(ValueError, match="format spec"):
+        get_task("detection").prompt()
+    with pytest.raises(ValueError, match="format spec"):
+        get_task("detection").template(get_task("detection").options())
+
+
+def test_plain_templates_and_escaped_braces_still_work():
+    rec = get_task("rec")
+    assert rec.prompt(expression="a dog", template="{{box}} for {expression}: {expression}") == (
+        "{box} for a dog: a dog"
+    )
+    assert get_task("caption").prompt(template="Caption {{this}}.") == "Caption {this}."
+
+
+@pytest.mark.parametrize(
+    "task, options, match",
+    [
+        ("vqa", {"question": "q" * 9000}, "option 'question' is 9,000 characters long; at most"),
+        ("rec", {"expression": "x", "template": "{expression}" + " " * 9000}, "option 'template'"),
+        ("detection", {"classes": ["cat"] * 2000}, "option 'classes' has 2,000 items; at most"),
+        ("detection", {"classes": ["c" * 2000]}, "option 'classes': item 0 is 2,000 characters"),
+        ("vqa", {"question": "q", "choices": ["a", "b" * 5000]}, "option 'choices': item 1"),
+        ("layout", {"synonyms": {f"k{i}": "text" for i in range(1100)}}, "option 'synonyms'"),
+        ("pose", {"boxes": [(0, 0, 1, 1)] * 1100}, "option 'boxes' has 1,100 items"),
+    ],
+)
+def test_oversized_options_are_refused_naming_the_option_and_its_length(task, options, match):
+    with pytest.raises(ValueError, match=match):
+        get_task(task).prompt(**options)
+    with pytest.raises(ValueError, match=match):  # parse reads the same options
+        get_task(task).parse("", (10, 10), **options)
+
+
+def test_a_prompt_over_the_limit_is_refused_before_it_is_built():
+    from sphinx_tools.tasks import MAX_PROMPT_CHARS
+
+    many = [f"class number {i}" for i in range(1000)]  # each option within its limits
+    with pytest.raises(ValueError, match=f"at most {MAX_PROMPT_CHARS:,}"):
+        get_task("detection").prompt(classes=many)
+    repeated = "{expression}" * 600  # a short template repeating a long field
+    with pytest.raises(ValueError, match="would be .* characters long"):
+        get_task("rec").prompt(expression="e" * 8000, template=repeated)
+
+
+def test_real_sized_options_still_work():
+    classes = [f"object class {i}" for i in range(300)]  # a few hundred names
+    prompt = get_task("detection").prompt(classes=classes)
+    assert prompt.startswith("Detect all object class 0s, object class 1s")
+    question = "Is it? " * 500  # a few thousand characters
+    assert get_task("vqa").prompt(question=question, variant="open") == question.strip()

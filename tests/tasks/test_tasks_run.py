@@ -174,3 +174,12 @@ def test_generation_that_hit_max_gen_len_is_flagged(fake_model, landscape):
     d = run_task(fake_model, landscape, "detection")
     assert len(d) == 2 and d.metadata["truncated"] is True
     assert "generation stopped at max_gen_len" in d.metadata["parse_notes"]
+
+
+def test_run_task_refuses_an_oversized_list_before_asking_anything(fake_model, landscape):
+    boxes = [(0, 0, 10, 10)] * 5000  # would be 5000 questions
+    with pytest.raises(ValueError, match="option 'boxes' has 5,000 items"):
+        run_task(fake_model, landscape, "pose", boxes=boxes)
+    with pytest.raises(ValueError, match="format spec"):
+        run_task(fake_model, landscape, "detection", template="{classes:>50000000}")
+    assert fake_model.calls == []
