@@ -76,7 +76,7 @@ LOAD_SNIPPET = r"""
 import json, sys, threading, time, torch, psutil
 from sphinx_tools import SphinxConfig, SphinxModel
 from sphinx_tools.dist import init_model_parallel
-from sphinx_tools.load import build_meta
+from sphinx_tools.checkpoint import build_meta
 init_model_parallel()
 build_meta(SphinxConfig.from_name("tiny"))  # imports the encoder libraries before the baseline
 torch.set_num_threads(1)

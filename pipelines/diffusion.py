@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sphinx_tools.annotations import CAPTION_FIELD
-from sphinx_tools.tasks import run_task
+from sphinx_tools.run import run_task
 
 DEFAULT_TEMPLATE = "{description}, {style}"
 DEFAULT_STYLE = "high quality photograph, detailed, natural lighting, sharp focus"

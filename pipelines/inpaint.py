@@ -30,7 +30,7 @@ import supervision as sv
 import torch
 from PIL import Image
 
-from sphinx_tools.tasks import run_task
+from sphinx_tools.run import run_task
 
 from .diffusion import DEFAULT_NEGATIVE_PROMPT
 from .segment import as_rgb_array, segment_detections

@@ -31,7 +31,8 @@ import torch
 from sphinx_tools.annotations import CLASS_NAME_FIELD, GroundedCaption, SceneGraph
 from sphinx_tools.errors import CheckpointError
 from sphinx_tools.registry import get_task
-from sphinx_tools.tasks import Task, image_size_of, run_task
+from sphinx_tools.run import run_task
+from sphinx_tools.tasks import Task, image_size_of
 
 MASK_SCORE_FIELD = "mask_score"  # (n,) SAM's predicted IoU of the chosen mask
 PROMPT_BOX_FIELD = "prompt_box"  # (n, 4) the box given to SAM (kept when boxes are tightened)

@@ -28,7 +28,7 @@ import numpy as np
 import supervision as sv
 
 from sphinx_tools.annotations import CLASS_NAME_FIELD
-from sphinx_tools.tasks import run_task
+from sphinx_tools.run import run_task
 
 from .diffusion import (
     DEFAULT_NEGATIVE_PROMPT,

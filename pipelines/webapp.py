@@ -44,7 +44,8 @@ from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.hookspecs import hookimpl
 from sphinx_tools.registry import get_task, list_tasks
-from sphinx_tools.tasks import MAX_OPTION_CHARS, MAX_PROMPT_CHARS, parse_generation
+from sphinx_tools.run import parse_generation
+from sphinx_tools.tasks import MAX_OPTION_CHARS, MAX_PROMPT_CHARS
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded pixels per uploaded image
 DEFAULT_MAX_FILE_SIZE = "20mb"  # per upload, enforced by gradio before anything is decoded

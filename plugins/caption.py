@@ -1,4 +1,4 @@
-"""Captioning and VQA: free-text answers (formats doc §4.10, §4.11; prompts VERIFIED).
+"""Captioning and VQA: free-text answers (docs/formats.md §4.9, §4.10; prompts VERIFIED).
 
 ``caption`` variants: ``default`` (one sentence), ``detailed``, ``general``
 (``What's in the image?``).

@@ -1,6 +1,6 @@
 """Object detection: all objects, or given classes.
 
-Formats doc §4.5: prompt VERIFIED, output INFERRED.
+docs/formats.md §4.5: prompt VERIFIED, output INFERRED.
 
 Expected answer: ``<p>{label}</p> [b1;b2;...]`` per category, possibly inside prose (``There are
 <p>13 ships</p>[...] in the image.``). Labels are normalized (counts and number words removed,

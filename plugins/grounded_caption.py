@@ -1,4 +1,4 @@
-"""Grounded captioning: a caption whose noun phrases carry boxes (formats doc §4.4; VERIFIED).
+"""Grounded captioning: a caption whose noun phrases carry boxes (docs/formats.md §4.4; VERIFIED).
 
 Raw form: ``<p>Three world leaders</p>[b1;b2;b3] are shown in front of <p>a building</p>[b4] .``.
 The result keeps the caption with tags and boxes removed, and one entity per grounded phrase with

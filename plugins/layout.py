@@ -1,4 +1,4 @@
-"""Document layout detection (formats doc §4.8; prompt, output and class names all UNKNOWN).
+"""Document layout detection (docs/formats.md §4.8; prompt, output and class names all UNKNOWN).
 
 Read like detection: ``<p>{class}</p> [b1;b2;...]``. The raw label is normalized and mapped
 through a synonym table into the chosen vocabulary (PubLayNet or DocLayNet);

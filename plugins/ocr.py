@@ -1,4 +1,4 @@
-"""OCR: text spotting with boxes, or plain text reading (formats doc §4.7).
+"""OCR: text spotting with boxes, or plain text reading (docs/formats.md §4.7).
 
 Spotting (default variant; prompt VERIFIED, output INFERRED): ``<p>{text}</p> [box]`` per word or
 line, one ``sv.Detections`` row per box with the string in ``data["text"]``. The phrase is the text

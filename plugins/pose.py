@@ -1,6 +1,6 @@
 """Human pose: person region -> COCO-17 key points.
 
-Formats doc §4.6: prompt VERIFIED, output INFERRED.
+docs/formats.md §4.6: prompt VERIFIED, output INFERRED.
 
 Prompt: ``Detect the key points of the person in the region [x1,y1,x2,y2].`` with the person box in
 SPHINX's coordinate form (the whole image if no box is given). Expected answer: one

@@ -1,4 +1,4 @@
-"""REC: referring expression -> its box (formats doc §4.1; prompt and output VERIFIED).
+"""REC: referring expression -> its box (docs/formats.md §4.1; prompt and output VERIFIED).
 
 The answer is one bare box, ``[0.61,0.45,0.95,0.83]``. Several ``;``-joined boxes (an ambiguous
 expression) keep the first unless ``all_boxes=True``; prose without a bracket gives no box.

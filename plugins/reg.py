@@ -1,4 +1,6 @@
-"""REG: a region (pixels) -> its short description (formats doc §4.3; prompt and output UNKNOWN).
+"""REG: a region (pixels) -> its short description.
+
+docs/formats.md §4.3: prompt and output UNKNOWN.
 
 The region goes into the prompt in SPHINX's coordinate form, ``[x1,y1,x2,y2]`` fractions of the
 padded square with 2 decimals and no spaces. The default wording is LLaVA-1.5's REG prompt

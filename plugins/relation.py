@@ -1,4 +1,4 @@
-"""Relations: relation grounding and subject-predicate-object triples (formats doc §4.2).
+"""Relations: relation grounding and subject-predicate-object triples (docs/formats.md §4.2).
 
 Prompt VERIFIED for grounding (the demo's "Relationship Grounding" uses the REC wording with an
 expression such as ``people on car``); output UNKNOWN. The ``triplets`` variant's prompt is a guess.

@@ -11,7 +11,8 @@ from .conversation import build_prompt
 from .errors import CheckpointError, SphinxToolsError, UnknownTaskError
 from .hookspecs import hookimpl
 from .registry import get_task, list_tasks, load_plugins, pm
-from .tasks import DetectionsTask, Task, TaskOptions, run_task
+from .run import run_task
+from .tasks import DetectionsTask, Task, TaskOptions
 from .transforms import PaddedResize
 
 __version__ = "0.1.0"

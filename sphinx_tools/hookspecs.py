@@ -14,7 +14,9 @@ A plugin is a module (or object) with ``@hookimpl`` functions, found through the
     def register_tasks(register):
         register(MyTask())
 
-The built-in tasks in ``sphinx_tools.plugins`` are written the same way.
+A plugin that only adds commands (``register_commands``) may use the group
+``sphinx_tools.commands`` instead: it is loaded for the command line, not when a task is looked up.
+The package's own plugins are written the same way and declared in its ``pyproject.toml``.
 """
 
 from pluggy import HookimplMarker, HookspecMarker

@@ -1,7 +1,7 @@
 """The SPHINX model: LLaMA-2 with fairscale tensor parallel, the mixed visual encoders and the
 multi-scale sub-image scheme, written top to bottom from config to logits.
 
-Facts reproduced here (see docs/ARCHITECTURE notes in the README): the sequence is
+Facts reproduced here: the sequence is
 ``[BOS] + per view [start_img, 32 Q-Former tokens, 257 fused tokens, end_img] + prompt[1:]``, with RoPE
 over the whole sequence and causal attention (32 = ``VisionConfig.qf_queries``, 257 = 1 + (224 /
 ``VisionConfig.patch_size``)^2; smaller tiny models may use fewer). SPHINX (`llama_ens`) uses one 224 view; SPHINX-1k

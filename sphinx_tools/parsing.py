@@ -1,8 +1,9 @@
-"""Pure text helpers shared by the task parsers (formats doc §3 and the robustness checklist §5).
+"""Pure text helpers shared by the task parsers (docs/formats.md §3).
 
 SPHINX writes grounded text as ``<p>phrase</p> [x1,y1,x2,y2;x1,y1,x2,y2]``: a phrase tag followed by
 one bracket of ``;``-separated groups; 4 numbers are a box and 2 numbers a point, as fractions of
-the padded square (§2). This module finds those pieces in noisy model text and never raises on it:
+the padded square (docs/formats.md §2). This module finds those pieces in noisy model text and
+never raises on it:
 
 - :class:`Answer` cleans a generation (cut at ``###``, drop ``</s>``, undo HTML escaping, strip) and
   keeps a map back to the raw characters, so per-token log-probabilities still line up.
@@ -512,8 +513,8 @@ class GroundedBox:
 def box_to_pixels(values, image_wh, transform: PaddedResize | None = None):
     """Map one normalized padded-square box to a valid pixel box of the original image.
 
-    Steps: unpad with ``PaddedResize.to_pixels_xyxy`` (§2), swap inverted corners, clip to
-    ``[0, W] x [0, H]``; a box with no area left (degenerate, or wholly in the padding band) is
+    Steps: unpad with ``PaddedResize.to_pixels_xyxy`` (docs/formats.md §2), swap inverted
+    corners, clip to ``[0, W] x [0, H]``; a box with no area left (degenerate, or wholly in the padding band) is
     rejected.
 
     Args:

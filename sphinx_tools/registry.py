@@ -1,8 +1,11 @@
 """The plugin manager, plugin loading, the task registry and the ``sphinx-tools tasks`` command.
 
-Plugins come from the entry-point group ``sphinx_tools``; the built-in tasks are declared there
-too (``pyproject.toml``) and are also registered from ``DEFAULT_PLUGINS`` when their entry points
-are missing (a source checkout that is not installed). ``SPHINX_TOOLS_LOAD_PLUGINS`` controls
+Plugins come from the entry-point group ``sphinx_tools``, and plugins that only add commands
+may use ``sphinx_tools.commands`` (loaded for the command line, not when a task is looked up).
+The package's own plugins (the built-in tasks; labeling and the web demo) are declared in these
+groups too, in ``pyproject.toml``: that list is the only one, and installing the package
+(``pip install -e .`` in a checkout) installs it.
+The core itself never names a plugin or pipeline module. ``SPHINX_TOOLS_LOAD_PLUGINS`` controls
 third-party plugins, like llm's ``LLM_LOAD_PLUGINS``:
 
 - unset: load every installed plugin;
@@ -12,16 +15,12 @@ third-party plugins, like llm's ``LLM_LOAD_PLUGINS``:
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
-import sys
 import threading
 import warnings
-from pathlib import Path
 
 import click
 import pluggy
@@ -30,61 +29,62 @@ from sphinx_tools import hookspecs
 from sphinx_tools.errors import UnknownTaskError
 from sphinx_tools.tasks import Task, type_name
 
-ENTRY_POINT_GROUP = "sphinx_tools"
+ENTRY_POINT_GROUP = "sphinx_tools"  # task plugins (and any other plugin)
+COMMANDS_GROUP = "sphinx_tools.commands"  # plugins that only add commands: not loaded for tasks
 LOAD_PLUGINS_ENV = "SPHINX_TOOLS_LOAD_PLUGINS"
-BUILTIN_PACKAGE = "sphinx_tools.plugins"
-DEFAULT_PLUGINS = tuple(
-    f"{BUILTIN_PACKAGE}.{name}"
-    for name in (
-        "rec",
-        "reg",
-        "grounded_caption",
-        "detection",
-        "pose",
-        "ocr",
-        "relation",
-        "layout",
-        "caption",
-    )
-) + ("sphinx_tools.pipelines.autolabel", "sphinx_tools.pipelines.webapp")
+OWN_DISTRIBUTION = "sphinx-tools"
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
 pm.add_hookspecs(hookspecs)
 
-_loaded = False
+_loaded: set[str] = set()  # the entry-point groups loaded so far
 _load_lock = threading.RLock()
 _plugin_info: dict[str, dict] = {}  # plugin name -> {"distribution", "version", "builtin"}
 
 
 # -- loading ---------------------------------------------------------------------------------------
 def load_plugins(reload: bool = False) -> None:
-    """Register the built-in task plugins and the allowed third-party ones (once per process).
+    """Register the built-in plugins and the allowed third-party ones (once per process).
 
     Args:
         reload: scan entry points again (e.g. after installing a plugin or changing the env var);
             plugins already registered stay registered.
     """
-    global _loaded
+    _load_groups((ENTRY_POINT_GROUP, COMMANDS_GROUP), reload)
+
+
+def _load_groups(groups: tuple[str, ...], reload: bool = False) -> None:
     with _load_lock:  # threads asking for tasks at once wait for one complete load
-        if _loaded and not reload:
-            return
-        _loaded = True
-        _load()
+        todo = [g for g in groups if reload or g not in _loaded]
+        _loaded.update(todo)
+        for group in todo:
+            _load(group)
 
 
-def _load() -> None:
+def _load(group: str) -> None:
     allow = _allowlist()
     builtin, third_party = [], []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        is_builtin = ep.value.split(":")[0].startswith(BUILTIN_PACKAGE + ".")
-        (builtin if is_builtin else third_party).append(ep)
+    for ep in importlib.metadata.entry_points(group=group):
+        (builtin if _is_builtin(ep) else third_party).append(ep)
+    if group == ENTRY_POINT_GROUP and not builtin:
+        warnings.warn(
+            f"no built-in sphinx_tools tasks: the {OWN_DISTRIBUTION} entry points are not "
+            "installed (install the package, e.g. `pip install -e .` in a source checkout)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     for ep in builtin:  # built-ins first, so a third-party task of the same name overrides them
         _register_entry_point(ep, builtin=True)
-    _register_defaults()
     for ep in third_party:
         dist_name = ep.dist.metadata["Name"] if getattr(ep, "dist", None) is not None else ""
         if allow is None or {_norm(dist_name), _norm(ep.name)} & allow:
             _register_entry_point(ep, builtin=False)
+
+
+def _is_builtin(ep) -> bool:
+    "An entry point that this package declares itself (its own tasks, labeling, the web demo)."
+    dist = getattr(ep, "dist", None)
+    return dist is not None and _norm(dist.metadata["Name"] or "") == OWN_DISTRIBUTION
 
 
 def _register_entry_point(ep, builtin: bool) -> None:
@@ -111,53 +111,6 @@ def _register_entry_point(ep, builtin: bool) -> None:
     }
 
 
-def _register_defaults() -> None:
-    "Register every DEFAULT_PLUGINS module that no entry point brought in."
-    for module_name in DEFAULT_PLUGINS:
-        module = _import_builtin(module_name)
-        if pm.is_registered(module):
-            continue
-        name = module_name.rsplit(".", 1)[1]
-        pm.register(module, name=name if pm.get_plugin(name) is None else module_name)
-        _plugin_info[pm.get_name(module)] = {
-            "distribution": "sphinx-tools",
-            "version": _own_version(),
-            "builtin": True,
-        }
-
-
-_SOURCE_DIRS = {"sphinx_tools.plugins": "plugins", "sphinx_tools.pipelines": "pipelines"}
-
-
-def _import_builtin(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name not in _SOURCE_DIRS or not _map_source_package(exc.name):
-            raise
-        return importlib.import_module(module_name)
-
-
-def _map_source_package(package: str) -> bool:
-    """Source checkout, not installed: load ``<repo>/plugins`` as ``sphinx_tools.plugins`` (and
-    ``<repo>/pipelines`` as ``sphinx_tools.pipelines``).
-
-    This mirrors the ``package-dir`` mapping of ``pyproject.toml``; an installed package never
-    gets here.
-    """
-    folder = Path(__file__).resolve().parent.parent / _SOURCE_DIRS[package]
-    init = folder / "__init__.py"
-    if package in sys.modules or not init.is_file():
-        return False
-    spec = importlib.util.spec_from_file_location(
-        package, init, submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[package] = module
-    spec.loader.exec_module(module)
-    return True
-
-
 def _allowlist() -> set[str] | None:
     value = os.environ.get(LOAD_PLUGINS_ENV)
     if value is None:
@@ -169,13 +122,6 @@ def _allowlist() -> set[str] | None:
 def _norm(name: str) -> str:
     "PEP 503 name normalization: ``My_Plugin`` -> ``my-plugin``."
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
-
-
-def _own_version() -> str | None:
-    try:
-        return importlib.metadata.version("sphinx-tools")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def list_plugins() -> list[dict]:
@@ -191,8 +137,11 @@ def list_plugins() -> list[dict]:
 
 # -- tasks -----------------------------------------------------------------------------------------
 def _collect_tasks() -> dict[str, Task]:
-    "Call every ``register_tasks`` hook; a later plugin overrides a task name, with a warning."
-    load_plugins()
+    """Call every ``register_tasks`` hook; a later plugin overrides a task name, with a warning.
+
+    Only the ``sphinx_tools`` group is loaded for this: command plugins (labeling, the web demo)
+    stay unimported, so looking up a task costs no torch."""
+    _load_groups((ENTRY_POINT_GROUP,))
     tasks: dict[str, Task] = {}
     for impl in pm.hook.register_tasks.get_hookimpls():  # registration order
 

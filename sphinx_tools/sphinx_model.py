@@ -12,7 +12,7 @@ from . import dist
 from .conversation import RESPONSE_END, build_prompt
 from .errors import CheckpointError
 from .generate import Generation, decode_stream
-from .load import build_meta, check_keys, find_shards, load_shard, materialize, read_config
+from .checkpoint import build_meta, check_keys, find_shards, load_shard, materialize, read_config
 from .model import SphinxConfig, Transformer
 from .tokenizer import Tokenizer
 from .transforms import PaddedResize
@@ -76,7 +76,7 @@ class SphinxModel:
             mp_group: the model-parallel size (int) or ``None`` (existing fairscale groups, or the
                 whole torchrun world, or 1 in a plain process).
         """
-        from .demo import resolve
+        from .checkpoint import resolve
 
         t0 = time.perf_counter()
         path = resolve(path)

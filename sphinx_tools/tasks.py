@@ -1,4 +1,6 @@
-"""The ``Task`` base class that plugins subclass, prompt-template overrides, and ``run_task``.
+"""The ``Task`` base class that plugins subclass and prompt-template overrides.
+
+(Asking a model a task is ``sphinx_tools.run``: ``run_task`` and ``parse_generation``.)
 
 A task turns options into the human turn (:meth:`Task.prompt`) and the model's answer into a
 structured result (:meth:`Task.parse`)::
@@ -36,13 +38,7 @@ import numpy as np
 import supervision as sv
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sphinx_tools.annotations import (
-    ANSWER_NOTES_KEY,
-    PHRASE_FIELD,
-    TRUNCATED_KEY,
-    build_detections,
-)
-from sphinx_tools.conversation import build_prompt
+from sphinx_tools.annotations import PHRASE_FIELD, build_detections
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.parsing import Answer, GroundedBox
 
@@ -468,98 +464,6 @@ def _read_config(path: Path) -> dict:
             )
         out[str(task)] = {str(k): v for k, v in value.items()}
     return out
-
-
-# -- running a task on a model ---------------------------------------------------------------------
-def run_task(
-    model,
-    image,
-    task,
-    *,
-    max_gen_len: int | None = None,
-    temperature: float = 0.1,
-    top_p: float = 0.75,
-    sampling: dict | None = None,
-    **options,
-):
-    """Ask the model one task about one image and parse the answer.
-
-    Builds the one-turn conversation with ``conversation.build_prompt``, calls
-    ``model.generate(prompts, images, max_gen_len=..., temperature=..., top_p=..., **sampling)``
-    (a list of generations with ``.text`` and optionally ``.logprobs``/``.offsets``) and parses
-    each answer with the image's size. Tasks that need one question per region (pose with several
-    ``boxes``, REG with several ``regions``) are asked in one batch and merged.
-
-    Args:
-        model: anything with the ``generate`` method above.
-        image: a PIL image (``.size`` is ``(W, H)``) or an HWC array.
-        task: a task name or :class:`Task`.
-        max_gen_len: generation budget; the task's default if ``None``.
-        temperature: sampling temperature (SPHINX benchmarks use 0.1).
-        top_p: nucleus sampling threshold (SPHINX benchmarks use 0.75).
-        sampling: extra keyword arguments passed to ``model.generate`` unchanged.
-        **options: the task's options.
-
-    Returns:
-        The task's result (``task.output``).
-
-    Example:
-        >>> detections = run_task(model, image, "rec", expression="the dog")  # doctest: +SKIP
-    """
-    if isinstance(task, str):
-        from sphinx_tools.registry import get_task
-
-        task = get_task(task)
-    image_wh = image_size_of(image)
-    for name, value in options.items():  # before split makes one question per listed item
-        check_option_size(name, value, task.name)
-    if "image_size" in task.Options.model_fields and "image_size" not in options:
-        options["image_size"] = image_wh
-    questions = task.split(**options)
-    if not questions:
-        return task.empty(Answer.from_generation(""), image_wh, task.Options(), ["nothing to ask"])
-    prompts = [build_prompt([[task.prompt(**q), None]]) for q in questions]
-    kwargs = {
-        "max_gen_len": max_gen_len or task.max_gen_len,
-        "temperature": temperature,
-        "top_p": top_p,
-    }
-    kwargs.update(sampling or {})
-    generations = model.generate(prompts, [image] * len(prompts), **kwargs)
-    if len(generations) != len(prompts):
-        raise SphinxToolsError(
-            f"model.generate returned {len(generations)} answers for {len(prompts)} prompts"
-        )
-    results = [
-        parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions, strict=True)
-    ]
-    return task.merge(results)
-
-
-def parse_generation(task: Task, generation, image_wh, options):
-    """Parse one generation (or plain text) with ``task``: logprobs and offsets, when the
-    generation has them, become per-object confidences; a ``"length"`` stop is flagged."""
-    text = generation if isinstance(generation, str) else generation.text
-    logprobs = getattr(generation, "logprobs", None)
-    offsets = getattr(generation, "offsets", None)
-    if logprobs is None or offsets is None:
-        logprobs = offsets = None
-    options = {k: v for k, v in options.items() if k != "image_size"}  # given positionally
-    result = task.parse(text, image_wh, logprobs=logprobs, offsets=offsets, **options)
-    if getattr(generation, "finish_reason", None) == "length":
-        _flag_length_stop(result)
-    return result
-
-
-def _flag_length_stop(result) -> None:
-    "Mark a result whose generation ran out of ``max_gen_len`` (where it has metadata)."
-    detections = (
-        result if isinstance(result, sv.Detections) else getattr(result, "detections", None)
-    )
-    if isinstance(detections, sv.Detections):
-        detections.metadata[TRUNCATED_KEY] = True
-        notes = detections.metadata.setdefault(ANSWER_NOTES_KEY, [])
-        notes.append("generation stopped at max_gen_len")
 
 
 def image_size_of(image) -> tuple[int, int]:

@@ -1,11 +1,10 @@
-"""Tiny SPHINX checkpoints made in-process: the real architecture at small widths, random weights
-and a SentencePiece tokenizer trained on the spot, saved in the released folder format. For tests,
-notebooks, demos and users without weights."""
+"""Tiny SPHINX models made in-process: the real architecture at small widths, random weights and
+a SentencePiece tokenizer trained on the spot (``make_tiny_checkpoint`` saves them with
+``checkpoint.save_checkpoint``). For tests, notebooks, demos and users without weights."""
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .model import SphinxConfig, Transformer, mp_split_dim
+from .checkpoint import save_checkpoint
+from .model import SphinxConfig, Transformer
 
 VARIANT_PRESETS = {"sphinx-1k": "tiny", "sphinx-v2-1k": "tiny", "sphinx": "tiny-224"}
 
@@ -43,7 +43,7 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-# "0.00" ... "0.99" and "1.00": every 2-decimal coordinate SPHINX writes (formats doc §3)
+# "0.00" ... "0.99" and "1.00": every 2-decimal coordinate SPHINX writes (docs/formats.md §3)
 COORDINATE_PIECES = tuple(f"0.{i:02d}" for i in range(100)) + ("1.00",)
 
 
@@ -142,37 +142,6 @@ def init_random_(model: nn.Module, seed: int = 0):
             scale = 1.0 if name.endswith(POSITION_TABLES) else fan_in ** -0.5
             noise = torch.randn(p.shape, generator=g) * scale
         p.copy_((base + noise).to(p.dtype))
-
-
-def shard_state_dict(sd: dict, mp: int) -> list[dict]:
-    "Split a full state dict into ``mp`` model-parallel shards along each tensor's split dim."
-    shards = [{} for _ in range(mp)]
-    for k, t in sd.items():
-        d = mp_split_dim(k)
-        parts = t.chunk(mp, dim=d) if d >= 0 else [t] * mp
-        for r in range(mp):
-            shards[r]["llma." + k] = parts[r].clone()
-    return shards
-
-
-def write_metadata(out: Path, cfg: SphinxConfig, tokenizer_file: Path | None):
-    "config.json (LLaMA args + encoder widths), meta.json (llama_type) and tokenizer.model."
-    args = cfg.to_json()
-    llama_type = args.pop("llama_type")
-    (out / "config.json").write_text(json.dumps(args, indent=1))
-    (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
-    if tokenizer_file is not None and Path(tokenizer_file) != out / "tokenizer.model":
-        (out / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
-
-
-def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_file: Path | None,
-                    mp: int = 1) -> Path:
-    "Write a checkpoint folder in the released format (shards, config.json, meta.json)."
-    out.mkdir(parents=True, exist_ok=True)
-    for r, shard in enumerate(shard_state_dict(state_dict, mp)):
-        torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
-    write_metadata(out, cfg, tokenizer_file)
-    return out
 
 
 def make_tiny_checkpoint(dir, variant: str = "sphinx-1k", mp: int = 1, seed: int = 0,

@@ -1,4 +1,4 @@
-"""All geometry between original images and SPHINX's padded square (formats doc §2).
+"""All geometry between original images and SPHINX's padded square (docs/formats.md §2).
 
 SPHINX pads an image to a square of side ``S = max(W, H)`` with the CLIP mean colour, pasting the
 image centred with integer-floor offsets, then resizes the square to the model's input size. Every

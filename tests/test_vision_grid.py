@@ -7,7 +7,7 @@ import torch
 
 from sphinx_tools import SphinxModel, make_tiny_checkpoint
 from sphinx_tools.errors import CheckpointError
-from sphinx_tools.load import infer_vision, load_shard
+from sphinx_tools.checkpoint import infer_vision, load_shard
 from sphinx_tools.model import SphinxConfig, Transformer, VisionConfig, convnext_to_grid
 
 torch.set_num_threads(1)

@@ -357,14 +357,14 @@ def tiny_sam_predictor():
 # -- model loading ---------------------------------------------------------------------------------
 def test_load_model_prefers_the_demo_model_then_falls_back_to_tiny(shared_tiny_ckpt, monkeypatch,
                                                                     tmp_path):
-    from sphinx_tools import demo
+    from sphinx_tools import checkpoint, demo
 
     monkeypatch.setattr(webapp, "tiny_checkpoint", lambda cache_dir=None: shared_tiny_ckpt)
     if (demo.DEMO_DIR / "tokenizer.model").is_file():
         model, note = webapp.load_model(None)
         assert note == "Model: the embedded demo model."
         assert model.load_stats["path"] == str(demo.DEMO_DIR)
-    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", tmp_path / "not-installed")
     model, note = webapp.load_model(None)
     assert note == webapp.TINY_NOTE and "random-weight" in note
     assert model.load_stats["path"] == str(shared_tiny_ckpt)

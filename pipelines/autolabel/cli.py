@@ -138,7 +138,7 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
         onto = _ontology(ontology, drop_unmapped, source)
         names = _split_list(tasks, "--tasks")
         options = parse_task_options(task_option)
-        from sphinx_tools.demo import resolve
+        from sphinx_tools.checkpoint import resolve
 
         checkpoint = resolve(checkpoint)  # `demo` -> the embedded demo model
         if not checkpoint.is_dir():

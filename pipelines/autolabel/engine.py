@@ -25,7 +25,7 @@ import sphinx_tools
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.parsing import Answer, normalize_label
 from sphinx_tools.registry import get_task
-from sphinx_tools.tasks import parse_generation
+from sphinx_tools.run import parse_generation
 
 from .ontology import Ontology
 from .records import to_record
@@ -508,7 +508,7 @@ def model_fingerprint(checkpoint) -> str:
 
     from .worklog import work_key
 
-    from sphinx_tools.demo import DEMO_DIR
+    from sphinx_tools.checkpoint import DEMO_DIR
 
     folder = Path(checkpoint)
     # the embedded model keeps the name it had before its folder moved, so its ids stay put

@@ -116,7 +116,7 @@ def save(model: Transformer, tok: Tokenizer, out: Path, state: dict | None = Non
     """
     import shutil
 
-    from ..tiny import write_metadata
+    from ..checkpoint import write_metadata
 
     if dist.dp_rank() != 0:
         return

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphinx_tools import demo
+from sphinx_tools import checkpoint, demo
 from sphinx_tools.demo import recipe
 from sphinx_tools.errors import CheckpointError, SphinxToolsError
 
@@ -15,7 +15,7 @@ def test_demo_name_is_not_shadowed_by_a_folder_without_shards(tmp_path, monkeypa
     installed = tmp_path / "installed"
     installed.mkdir()
     (installed / "tokenizer.model").write_bytes(b"x")
-    monkeypatch.setattr(demo, "DEMO_DIR", installed)
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", installed)
     monkeypatch.chdir(tmp_path)
     assert demo.resolve("demo") == installed  # no ./demo at all
     (tmp_path / "demo" / "run").mkdir(parents=True)  # e.g. `demo build --work demo`
@@ -23,7 +23,7 @@ def test_demo_name_is_not_shadowed_by_a_folder_without_shards(tmp_path, monkeypa
     (tmp_path / "demo" / "consolidated.00-of-01.model.pth").write_bytes(b"")
     assert demo.resolve("demo") == Path("demo")  # a checkpoint folder named demo is the user's
     assert demo.resolve(str(tmp_path / "demo")) == tmp_path / "demo"  # other paths pass through
-    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", tmp_path / "not-installed")
     (tmp_path / "demo" / "consolidated.00-of-01.model.pth").unlink()
     with pytest.raises(CheckpointError, match="demo build"):
         demo.resolve("demo")

@@ -149,7 +149,7 @@ def test_phrase_extraction(text, phrase):
 @pytest.mark.parametrize(
     "values, image_wh, expected, note",
     [
-        # formats doc §2 worked example: 640x480, S=640, pad_y=80
+        # docs/formats.md §2 example: 640x480, S=640, pad_y=80
         ((0.04, 0.47, 0.40, 0.83), (640, 480), (25.6, 220.8, 256.0, 451.2), None),
         # portrait 480x640: pad_x=80
         ((0.5, 0.0, 0.75, 0.5), (480, 640), (240.0, 0.0, 400.0, 320.0), None),

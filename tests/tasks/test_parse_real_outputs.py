@@ -56,7 +56,7 @@ def test_rec_prompt_matches_the_real_prompt(real_outputs):
 def test_worked_example_trump_640x480(real_outputs):
     row = next(r for r in real_outputs if r["output"] == "[0.04,0.47,0.40,0.83]")
     d = get_task("rec").parse(row["output"], (640, 480))
-    np.testing.assert_allclose(d.xyxy, [[25.6, 220.8, 256.0, 451.2]])  # formats doc §2
+    np.testing.assert_allclose(d.xyxy, [[25.6, 220.8, 256.0, 451.2]])  # docs/formats.md §2
 
 
 def test_grounded_caption_display_string(real_outputs, image_wh):

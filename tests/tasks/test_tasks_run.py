@@ -11,7 +11,8 @@ from sphinx_tools.annotations import SceneGraph
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError, UnknownTaskError
 from sphinx_tools.registry import get_task
-from sphinx_tools.tasks import image_size_of, run_task
+from sphinx_tools.run import run_task
+from sphinx_tools.tasks import image_size_of
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_rec_end_to_end(fake_model, landscape):
         )
     ]
     assert images == [landscape]
-    assert kwargs == {"max_gen_len": get_task("rec").max_gen_len, "temperature": 0.1, "top_p": 0.75}
+    # greedy unless the caller asks otherwise, like generate, ask, label and the web demo
+    assert kwargs == {"max_gen_len": get_task("rec").max_gen_len, "temperature": 0.0, "top_p": 0.95}
 
 
 def test_sampling_pass_through_and_overrides(fake_model, landscape):

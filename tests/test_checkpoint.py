@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from sphinx_tools import CheckpointError, SphinxModel, make_tiny_checkpoint
-from sphinx_tools.load import rank_slice
-from sphinx_tools.tiny import shard_state_dict
+from sphinx_tools.checkpoint import rank_slice, shard_state_dict
 
 
 @pytest.mark.parametrize("ckpt_mp", [1, 2, 4, 8])

@@ -1,10 +1,17 @@
-"""Load a released SPHINX checkpoint folder into this process's model-parallel slice.
+"""SPHINX checkpoint folders: reading, writing, and the name ``demo``.
 
-The model is built on the meta device; each parameter is then materialized as exactly this
+Reading: the model is built on the meta device; each parameter is then materialized as exactly this
 rank's slice, read from memory-mapped shards (``torch.load(mmap=True, weights_only=True)``) and
 re-sharded from any checkpoint MP size to any runtime MP size without building full tensors. The
 shard pages a tensor touched are released right after its copy, so peak memory stays near the
 bytes this rank keeps.
+
+Writing: ``save_checkpoint`` writes a full state dict in the released format (one
+``consolidated.NN-of-MM.model.pth`` shard per model-parallel rank, ``config.json``, ``meta.json``
+and ``tokenizer.model``).
+
+The name ``demo`` (:func:`resolve`) stands for the embedded demo model in
+``sphinx_tools/demo/weights``.
 """
 
 from __future__ import annotations
@@ -382,3 +389,62 @@ def _materialize_buffers(model: nn.Module, device):
                 else:
                     new = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
                 mod._buffers[bname] = new
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def shard_state_dict(sd: dict, mp: int) -> list[dict]:
+    "Split a full state dict into ``mp`` model-parallel shards along each tensor's split dim."
+    shards = [{} for _ in range(mp)]
+    for k, t in sd.items():
+        d = mp_split_dim(k)
+        parts = t.chunk(mp, dim=d) if d >= 0 else [t] * mp
+        for r in range(mp):
+            shards[r]["llma." + k] = parts[r].clone()
+    return shards
+
+
+def write_metadata(out: Path, cfg: SphinxConfig, tokenizer_file: Path | None):
+    "config.json (LLaMA args + encoder widths), meta.json (llama_type) and tokenizer.model."
+    args = cfg.to_json()
+    llama_type = args.pop("llama_type")
+    (out / "config.json").write_text(json.dumps(args, indent=1))
+    (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
+    if tokenizer_file is not None and Path(tokenizer_file) != out / "tokenizer.model":
+        (out / "tokenizer.model").write_bytes(Path(tokenizer_file).read_bytes())
+
+
+def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_file: Path | None,
+                    mp: int = 1) -> Path:
+    "Write a checkpoint folder in the released format (shards, config.json, meta.json)."
+    out.mkdir(parents=True, exist_ok=True)
+    for r, shard in enumerate(shard_state_dict(state_dict, mp)):
+        torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
+    write_metadata(out, cfg, tokenizer_file)
+    return out
+
+
+# -- the name "demo" -------------------------------------------------------------------------------
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).parent / "demo" / "weights"
+
+
+def demo_path() -> Path:
+    "The folder of the embedded demo checkpoint; a clear error when it is not installed."
+    if not (DEMO_DIR / "tokenizer.model").is_file():
+        raise CheckpointError(
+            f"the embedded demo model is not installed ({DEMO_DIR} is missing); build it with "
+            "`python -m sphinx_tools.demo build`"
+        )
+    return DEMO_DIR
+
+
+def resolve(path) -> Path:
+    """Map the name ``demo`` to the embedded checkpoint; other paths pass through.
+
+    A ``demo`` folder in the working directory wins only if it holds checkpoint shards, so a
+    build's ``--work`` folder (or any other ``demo`` folder) does not shadow the embedded model."""
+    p = Path(path).expanduser()
+    has_shards = p.is_dir() and any(SHARD_RE.match(f.name) for f in p.iterdir())
+    if str(path) == DEMO_NAME and not has_shards:
+        return demo_path()
+    return p
