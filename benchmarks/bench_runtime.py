@@ -1,11 +1,14 @@
 """Runtime benchmark: prefill and decode throughput, decode cost vs position, load time and memory.
 
 Run:  .venv/bin/python benchmarks/bench_runtime.py [--out benchmarks/results/runtime.json]
+      [--parts all|moe]   (``moe`` measures only the MoE line and updates it in --out)
 
 Uses the "small" preset (dim 512, 8 layers, 8 heads, vocab 32000, tiny encoders) with random
 weights on CPU, and a checkpoint of the same LLM widths (tokenizer-sized vocab) for loading.
-Targets (issue A): batch-8 decode throughput >= 4x batch-1; the 500th token costs <= 1.5x the
-10th; load peak RSS <= 1.2x the weight bytes.
+The MoE line runs the SPHINX-MoE code (sparse top-2 of 8 experts) at the same small widths
+against a dense model with the same active parameters (one SwiGLU of twice the expert width).
+Targets: batch-8 decode throughput >= 4x batch-1; the 500th token costs <= 1.5x the 10th; load
+peak RSS <= 1.2x the weight bytes; an MoE decode step <= 1.5x the dense step at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -145,12 +148,65 @@ def bench_encode_mp(tmp: Path, images: int = 4) -> dict:
     return out
 
 
+MOE_EXPERT_WIDTH = 768  # the dense twin's SwiGLU is 2 x 768 = 1536 wide (= 2 active experts)
+
+
+def bench_moe() -> dict:
+    """Decode tokens/s at batch 1 and 8 and prefill tokens/s of a small SPHINX-MoE (8 experts of
+    768, top-2) and of a dense twin with the same active parameters (SwiGLU 1536), same attention
+    (8 heads, 2 K/V heads); step time ratios MoE / dense."""
+    small = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=32000, vision="tiny")
+    moe_cfg = SphinxConfig.from_name("tiny-moe", **small, hidden_dim=MOE_EXPERT_WIDTH,
+                                     moe=dict(num_experts=8, num_experts_per_tok=2))
+    dense_cfg = SphinxConfig.from_name("tiny-224", **small, multiple_of=2 * MOE_EXPERT_WIDTH)
+    assert dense_cfg.ffn_hidden == 2 * MOE_EXPERT_WIDTH
+    out = {"config": {**{k: v for k, v in small.items() if k != "vision"},
+                      "experts": 8, "top_k": 2, "expert_width": MOE_EXPERT_WIDTH,
+                      "dense_ffn_width": dense_cfg.ffn_hidden}}
+    for name, cfg in (("moe", moe_cfg), ("dense", dense_cfg)):
+        model = SphinxModel.from_config(cfg, device="cpu")
+        llm = sum(p.numel() for n, p in model.transformer.named_parameters()
+                  if n.startswith("layers."))
+        line = {"layer_params": llm, "prefill_tok_s_len512": bench_prefill(model, 512)}
+        for b in (1, 8):
+            t = step_times(model, b, 16, 48)
+            line[f"decode_step_ms_batch{b}"] = statistics.median(t[8:]) * 1e3
+            line[f"decode_tok_s_batch{b}"] = b / statistics.median(t[8:])
+        out[name] = line
+    for b in (1, 8):
+        out[f"moe_over_dense_step_batch{b}"] = (out["moe"][f"decode_step_ms_batch{b}"]
+                                                / out["dense"][f"decode_step_ms_batch{b}"])
+    with tempfile.TemporaryDirectory() as tmp:  # 2 shards merged per expert at MP=1
+        widths = {k: v for k, v in small.items() if k not in ("vision", "vocab_size")}
+        ckpt = make_tiny_checkpoint(Path(tmp) / "moe-mp2", variant="sphinx-moe", mp=2, **widths,
+                                    hidden_dim=MOE_EXPERT_WIDTH,
+                                    moe=dict(num_experts=8, num_experts_per_tok=2))
+        res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(ckpt)], capture_output=True,
+                             text=True, check=True)
+        out["load_checkpoint_mp2_at_mp1"] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/runtime.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", choices=["all", "moe"], default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.parts == "moe":  # only the MoE line, updated in the existing result file
+        path = Path(args.out)
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        result["moe_vs_dense"] = bench_moe()
+        met = result.setdefault("targets_met", {})
+        met["moe_step_le_1.5x_dense"] = all(
+            result["moe_vs_dense"][f"moe_over_dense_step_batch{b}"] <= 1.5 for b in (1, 8))
+        met["moe_load_peak_rss_le_1.2x_weights"] = (
+            result["moe_vs_dense"]["load_checkpoint_mp2_at_mp1"]["peak_over_weights"] <= 1.2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["moe_vs_dense"], indent=1))
+        return
     cfg = SphinxConfig.from_name("small")
     model = SphinxModel.from_config(cfg, device="cpu")
     result = {
@@ -164,11 +220,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         result["load"] = bench_load(Path(tmp))
         result["image_encode_model_parallel"] = bench_encode_mp(Path(tmp))
+    result["moe_vs_dense"] = bench_moe()
     result["targets_met"] = {
         "batch8_ge_4x_batch1": result["batch8_over_batch1"] >= 4,
         "pos500_le_1.5x_pos10": result["pos500_over_pos10"] <= 1.5,
         "load_peak_rss_le_1.2x_weights": all(
             v["peak_over_weights"] <= 1.2 for v in result["load"].values()),
+        "moe_step_le_1.5x_dense": all(
+            result["moe_vs_dense"][f"moe_over_dense_step_batch{b}"] <= 1.5 for b in (1, 8)),
+        "moe_load_peak_rss_le_1.2x_weights":
+            result["moe_vs_dense"]["load_checkpoint_mp2_at_mp1"]["peak_over_weights"] <= 1.2,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

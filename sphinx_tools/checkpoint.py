@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
-from .model import LLAMA_TYPES, SphinxConfig, Transformer, VisionConfig, mp_split_dim, vision_configs
+from .model import (LLAMA_TYPES, SphinxConfig, Transformer, VisionConfig, mp_split_dim,
+                    mp_split_rule, vision_configs)
 
 SHARD_RE = re.compile(r"^consolidated\.(\d+)-of-(\d+)\.model\.pth$")
 PREFIX = "llma."
@@ -36,8 +37,9 @@ PREFIX = "llma."
 UNUSED_KEYS = re.compile(r"^(clip\.(token_embedding|positional_embedding|ln_final|text_projection|logit_scale)"
                          r"|dinov2_vitg14\.mask_token)")
 LLAMA_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-              "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
-INT_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
+              "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "hidden_dim", "moe")
+INT_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+            "hidden_dim", "moe")
 
 
 def find_shards(path: Path) -> list[Path]:
@@ -101,9 +103,10 @@ def read_config(path: Path, vocab_size: int,
             vision = VisionConfig(**{k: _whole(v) for k, v in args["vision"].items()})
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"invalid \"vision\" entry in {cfg_file}: {e}") from None
-        check_vision_blocks(vision, shards[0] if shards else {}, cfg_file)
+        check_vision_blocks(vision, shards[0] if shards else {}, cfg_file,
+                            LLAMA_TYPES[llama_type].light)
     else:
-        vision = infer_vision(shards[0] if shards else {}, path)
+        vision = infer_vision(shards[0] if shards else {}, path, LLAMA_TYPES[llama_type].light)
     try:
         cfg = SphinxConfig(llama_type=llama_type, vision=vision, **kw)
     except (TypeError, ValueError) as e:
@@ -119,6 +122,8 @@ def _whole(v):
         return int(v)
     if isinstance(v, list):
         return [_whole(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _whole(x) for k, x in v.items()}
     return v
 
 
@@ -174,6 +179,9 @@ def check_llama_sizes(cfg: SphinxConfig, shards: list[dict], where: Path, given:
             f"{name('n_heads')}) make {cfg.n_kv_heads * cfg.head_dim} key features, but the "
             f"checkpoint's layers.0.attention.wk.weight has {kv} rows"
         )
+    if cfg.variant.moe:
+        check_experts(cfg, shards, where, name)
+        return
     hidden = _full_size(shards, "layers.0.feed_forward.w1.weight", 0)
     if hidden is not None and hidden != cfg.ffn_hidden:
         raise CheckpointError(
@@ -181,6 +189,29 @@ def check_llama_sizes(cfg: SphinxConfig, shards: list[dict], where: Path, given:
             f"width of {cfg.ffn_hidden}, but the checkpoint's layers.0.feed_forward.w1.weight has "
             f"{hidden} rows"
         )
+
+
+def check_experts(cfg: SphinxConfig, shards: list[dict], where: Path, name):
+    """The MoE tensors of every layer against ``moe.num_experts`` and ``hidden_dim``: a gate with
+    fewer rows, or expert tensors holding fewer experts, are named (``name(field)`` describes a
+    config field)."""
+    E, H = cfg.n_experts, cfg.ffn_hidden
+    for i in range(cfg.n_layers):
+        gate = _full_size(shards, f"layers.{i}.feed_forward.gate.weight", 0)
+        if gate is not None and gate != E:
+            raise CheckpointError(
+                f"{where}: moe.num_experts={E} but the checkpoint's layers.{i}.feed_forward.gate."
+                f"weight routes to {gate} experts"
+            )
+        for w in ("w1", "w2", "w3"):
+            rows = _full_size(shards, f"layers.{i}.feed_forward.{w}", 0)
+            if rows is not None and rows != E * H:
+                held = f"{rows / H:g} experts of {H}" if rows % H == 0 else f"{rows} rows"
+                raise CheckpointError(
+                    f"{where}: moe.num_experts={E} experts of {name('hidden_dim')} make {E * H} "
+                    f"rows, but the checkpoint's layers.{i}.feed_forward.{w} holds {held}: "
+                    "experts are missing (or the config is wrong)"
+                )
 
 
 # Blocks of the visual encoders, per VisionConfig field: built one module each
@@ -192,11 +223,14 @@ VISION_BLOCKS = {
 }
 
 
-def check_vision_blocks(v: VisionConfig, sd: dict, where: Path):
-    "The encoder depths of a \"vision\" entry against the blocks present (see _check_blocks)."
+def check_vision_blocks(v: VisionConfig, sd: dict, where: Path, light: bool = False):
+    """The encoder depths of a \"vision\" entry against the blocks present (see _check_blocks);
+    ``light``: the model has no Q-Former and no CLIP."""
     if not sd:
         return
     for field, prefix in VISION_BLOCKS.items():
+        if light and prefix.startswith(("qformer.", "clip.")):
+            continue
         _check_blocks(f"vision.{field}={getattr(v, field)}", getattr(v, field), sd, prefix, where)
     stages = _block_indices(sd, "openclip_convnext_xxl.stages")
     if len(v.convnext_depths) > len(stages):
@@ -218,18 +252,24 @@ def _vision_signature(v: VisionConfig) -> dict:
     }
 
 
-def infer_vision(sd: dict, path: Path) -> VisionConfig:
+def infer_vision(sd: dict, path: Path, light: bool = False) -> VisionConfig:
     """Released config.json files hold only LLaMA args: match the encoder widths to a known preset,
-    and read the token grid from the tensors (patch size from CLIP's conv1 weight (w, 3, p, p),
-    Q-Former queries from query_tokens (1, Q, qf_width))."""
+    and read the token grid from the tensors (patch size from CLIP's conv1 weight (w, 3, p, p), or
+    DINOv2's patch embedding when ``light`` (no Q-Former, no CLIP), Q-Former queries from
+    query_tokens (1, Q, qf_width))."""
     shapes = {k.removeprefix(PREFIX): tuple(t.shape) for k, t in sd.items()}
     q = shapes.get("qformer.query_tokens")
     if q is not None and len(q) == 3:
         shapes["qformer.query_tokens"] = q[-1:]
     for name, v in vision_configs.items():
-        if all(shapes.get(k) == s for k, s in _vision_signature(v).items()):
+        signature = _vision_signature(v)
+        if light:
+            signature = {k: s for k, s in signature.items()
+                         if not k.startswith(("qformer.", "clip."))}
+        if all(shapes.get(k) == s for k, s in signature.items()):
             grid = {}
-            conv1 = shapes.get("clip.visual.conv1.weight")
+            conv1 = shapes.get("dinov2_vitg14.patch_embed.proj.weight" if light
+                               else "clip.visual.conv1.weight")
             if conv1 is not None and len(conv1) == 4 and conv1[-1] == conv1[-2]:
                 grid["patch_size"] = conv1[-1]
             if q is not None and len(q) == 3:
@@ -350,6 +390,10 @@ def check_shapes(model: Transformer, shards: list[dict], world: int, where: Path
                 f"{where}: tensor {PREFIX}{name} has {full} entries along its split dim {d} over "
                 f"{ckpt_mp} shard(s), the model expects {shape[d]} per rank x {world} ranks"
             )
+        experts = model.cfg.n_experts
+        if mp_split_rule(name) == "per_expert" and any(p.shape[0] % experts for p in pieces):
+            raise CheckpointError(f"{where}: a shard of {PREFIX}{name} has {pieces[0].shape[0]} "
+                                  f"rows, not a multiple of the {experts} experts")
 
 
 def materialize(model: Transformer, shards: list[dict], device, dtype, rank: int, world: int,
@@ -371,6 +415,10 @@ def materialize(model: Transformer, shards: list[dict], device, dtype, rank: int
             pieces = [sd[name] for sd in shards] if d >= 0 else [shards[0][name]]
             if d < 0 or (ckpt_mp == 1 and world == 1):
                 out.copy_(pieces[0])
+            elif mp_split_rule(name) == "per_expert":  # each expert's rows re-sharded on their own
+                E = model.cfg.n_experts
+                rank_slice([p.view(E, -1, *p.shape[1:]) for p in pieces], 1, rank, world,
+                           out.view(E, -1, *out.shape[1:]))
             else:
                 rank_slice(pieces, d, rank, world, out)
             for p in pieces:
@@ -392,21 +440,38 @@ def _materialize_buffers(model: nn.Module, device):
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def shard_state_dict(sd: dict, mp: int) -> list[dict]:
-    "Split a full state dict into ``mp`` model-parallel shards along each tensor's split dim."
+def shard_state_dict(sd: dict, mp: int, n_experts: int = 0) -> list[dict]:
+    """Split a full state dict into ``mp`` model-parallel shards along each tensor's split dim
+    (MoE expert tensors per expert, for a model of ``n_experts``; see ``mp_split_rule``)."""
     shards = [{} for _ in range(mp)]
     for k, t in sd.items():
         d = mp_split_dim(k)
         parts = t.chunk(mp, dim=d) if d >= 0 else [t] * mp
+        if mp_split_rule(k) == "per_expert":
+            if not n_experts:
+                raise ValueError(f"{k} is an MoE expert tensor: give n_experts")
+            parts = [p.flatten(0, 1) for p in t.view(n_experts, -1, *t.shape[1:]).chunk(mp, dim=1)]
         for r in range(mp):
             shards[r]["llma." + k] = parts[r].clone()
     return shards
 
 
+# config.json keys the reference's Mixtral files take (they reject others: no multiple_of)
+MOE_CONFIG_KEYS = ("dim", "hidden_dim", "head_dim", "n_layers", "n_heads", "n_kv_heads",
+                   "vocab_size", "norm_eps", "rope_theta", "max_seq_len", "moe")
+
+
 def write_metadata(out: Path, cfg: SphinxConfig, tokenizer_file: Path | None):
-    "config.json (LLaMA args + encoder widths), meta.json (llama_type) and tokenizer.model."
+    """config.json (LLaMA args, plus the encoder widths unless they are the released ones, which
+    :func:`infer_vision` reads back from the tensors), meta.json (llama_type) and
+    tokenizer.model."""
     args = cfg.to_json()
     llama_type = args.pop("llama_type")
+    if cfg.vision == VisionConfig():
+        del args["vision"]
+    if cfg.n_experts:
+        args = {k: cfg.head_dim if k == "head_dim" else args[k] for k in MOE_CONFIG_KEYS} | (
+            {"vision": args["vision"]} if "vision" in args else {})
     (out / "config.json").write_text(json.dumps(args, indent=1))
     (out / "meta.json").write_text(json.dumps({"llama_type": llama_type}))
     if tokenizer_file is not None and Path(tokenizer_file) != out / "tokenizer.model":
@@ -417,7 +482,7 @@ def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_fi
                     mp: int = 1) -> Path:
     "Write a checkpoint folder in the released format (shards, config.json, meta.json)."
     out.mkdir(parents=True, exist_ok=True)
-    for r, shard in enumerate(shard_state_dict(state_dict, mp)):
+    for r, shard in enumerate(shard_state_dict(state_dict, mp, cfg.n_experts)):
         torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
     write_metadata(out, cfg, tokenizer_file)
     return out

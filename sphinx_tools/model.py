@@ -7,6 +7,13 @@ over the whole sequence and causal attention (32 = ``VisionConfig.qf_queries``, 
 ``VisionConfig.patch_size``)^2; smaller tiny models may use fewer). SPHINX (`llama_ens`) uses one 224 view; SPHINX-1k
 (`llama_ens5`) uses a 448 input split into a global view plus four quadrants.
 
+The other released variants differ only where ``LLAMA_TYPES`` says: SPHINX-Tiny(-1k)
+(`llama_ens_light`, `llama_ens5_light`) have no Q-Former and no CLIP (259 tokens a view) and a
+TinyLlama with grouped-query attention; SPHINX-MoE(-1k) (`mixtral_sparse_ens`,
+`mixtral_sparse_ens5`) have a Mixtral backbone whose feed-forward is a sparse top-2 mixture of
+experts. Their 512 / 1024 inputs give the ConvNeXt trunk 512-px views (a 16x16 grid directly) and
+the ViTs 224-px views.
+
 Parameter names equal the released checkpoint's (``llma.`` prefix stripped), so a state dict loads
 as is. Visual encoders come from transformers (BLIP-2 Q-Former), open_clip (CLIP ViT-L/14) and timm
 (ConvNeXt-XXL trunk, DINOv2 ViT-g/14 blocks); only their forward wiring is ours.
@@ -28,7 +35,27 @@ from fairscale.nn.model_parallel.mappings import (
     reduce_from_model_parallel_region,
 )
 
-LLAMA_TYPES = {"llama_ens": (224, 1), "llama_ens5": (448, 5)}  # llama_type -> (image_size, views)
+@dataclass(frozen=True)
+class Variant:
+    "What a ``llama_type`` fixes: input size, views, encoders and feed-forward."
+
+    image_size: int
+    n_views: int  # 1 (the whole image) or 5 (global + four quadrants)
+    convnext_size: int = 512  # side of the ConvNeXt views (256: nearest from the 224 views)
+    light: bool = False  # ConvNeXt + DINOv2 only: no Q-Former, no CLIP
+    moe: bool = False  # sparse mixture-of-experts feed-forward (Mixtral)
+
+
+LLAMA_TYPES = {
+    "llama_ens": Variant(224, 1, convnext_size=256),
+    "llama_ens5": Variant(448, 5, convnext_size=256),
+    "llama_ens_light": Variant(512, 1, light=True),
+    "llama_ens5_light": Variant(1024, 5, light=True),
+    "mixtral_sparse_ens": Variant(512, 1, moe=True),
+    "mixtral_sparse_ens5": Variant(1024, 5, moe=True),
+}
+MOE_DEFAULTS = dict(num_experts=8, num_experts_per_tok=2)  # the reference's MoE defaults
+MOE_HIDDEN_DEFAULT = 16384  # the reference's hidden_dim default (released Mixtral: 14336)
 VIEW_SIZE = 224
 CONVNEXT_GRID = 8  # the ConvNeXt trunk's output grid on its 256x256 input (stride 32)
 MAX_SEQ_LEN_LIMIT = 1 << 20  # largest accepted max_seq_len (the released SPHINX: 4096)
@@ -163,6 +190,10 @@ class SphinxConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    # MoE variants only (config.json keys of the reference's Mixtral files): each expert's width,
+    # and {"num_experts": E, "num_experts_per_tok": k}
+    hidden_dim: int | None = None
+    moe: dict | None = None
     llama_type: str = "llama_ens5"
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -175,6 +206,7 @@ class SphinxConfig:
             self.vision = VisionConfig(**self.vision)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self._check_moe()
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                      "max_seq_len"):
             check_positive_int(name, getattr(self, name))
@@ -194,17 +226,54 @@ class SphinxConfig:
             raise ValueError(f"dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim} must "
                              "be even (RoPE rotates pairs of features)")
 
+    def _check_moe(self):
+        if not self.variant.moe:
+            for name in ("hidden_dim", "moe"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for the mixtral_sparse_ens* variants, not "
+                                     f"{self.llama_type!r}")
+            return
+        if self.hidden_dim is None:
+            self.hidden_dim = MOE_HIDDEN_DEFAULT
+        check_positive_int("hidden_dim", self.hidden_dim)
+        moe = {**MOE_DEFAULTS, **(self.moe or {})}
+        unknown = sorted(set(moe) - set(MOE_DEFAULTS))
+        if not isinstance(self.moe, (dict, type(None))) or unknown:
+            raise ValueError(f"moe must be a dict with keys {sorted(MOE_DEFAULTS)}, "
+                             f"got {self.moe!r}")
+        for k, v in moe.items():
+            check_positive_int(f"moe.{k}", v)
+        if moe["num_experts_per_tok"] > moe["num_experts"]:
+            raise ValueError(f"moe.num_experts_per_tok {moe['num_experts_per_tok']} is more than "
+                             f"moe.num_experts {moe['num_experts']}")
+        self.moe = moe
+
+    @property
+    def variant(self) -> Variant:
+        return LLAMA_TYPES[self.llama_type]
+
     @property
     def image_size(self) -> int:
-        return LLAMA_TYPES[self.llama_type][0]
+        return self.variant.image_size
 
     @property
     def n_views(self) -> int:
-        return LLAMA_TYPES[self.llama_type][1]
+        return self.variant.n_views
+
+    @property
+    def n_experts(self) -> int:
+        "Experts per MoE layer (0: a dense feed-forward)."
+        return self.moe["num_experts"] if self.variant.moe else 0
+
+    @property
+    def qf_queries(self) -> int:
+        "Q-Former tokens per view (0 in the light variants, which have no Q-Former)."
+        return 0 if self.variant.light else self.vision.qf_queries
 
     @property
     def tokens_per_view(self) -> int:
-        return self.vision.tokens_per_view
+        "start_img + Q-Former queries + fused tokens + end_img (291; 259 in the light variants)."
+        return 1 + self.qf_queries + self.vision.fused_tokens + 1
 
     @property
     def image_tokens(self) -> int:
@@ -216,6 +285,9 @@ class SphinxConfig:
 
     @property
     def ffn_hidden(self) -> int:
+        "The SwiGLU width (of each expert in the MoE variants, ``hidden_dim`` as given)."
+        if self.variant.moe:
+            return self.hidden_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -251,6 +323,8 @@ class SphinxConfig:
         d = asdict(self)
         d["vision"]["convnext_depths"] = list(self.vision.convnext_depths)
         d["vision"]["convnext_dims"] = list(self.vision.convnext_dims)
+        if not self.variant.moe:  # the dense variants' config.json has no MoE keys
+            del d["hidden_dim"], d["moe"]
         return d
 
 
@@ -267,6 +341,24 @@ sphinx_configs = {
     # the benchmark's small preset
     "small": dict(dim=512, n_layers=8, n_heads=8, multiple_of=256, vocab_size=32000, vision="tiny"),
 }
+# SPHINX-Tiny: TinyLlama-1.1B; SPHINX-MoE: Mixtral-8x7B (8 experts of 14336, top-2, RoPE theta 1e6)
+_TINYLLAMA = dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4)
+_MIXTRAL = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=1e6,
+                moe=dict(num_experts=8, num_experts_per_tok=2))
+# the tiny widths of the reference's goldens for these variants (2 K/V heads; 4 experts of 96)
+_TINY_GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, vision="tiny")
+_TINY_MOE = dict(_TINY_GQA, hidden_dim=96, rope_theta=1e6,
+                 moe=dict(num_experts=4, num_experts_per_tok=2))
+sphinx_configs.update({
+    "sphinx-tiny": dict(_TINYLLAMA, llama_type="llama_ens_light"),
+    "sphinx-tiny-1k": dict(_TINYLLAMA, llama_type="llama_ens5_light"),
+    "sphinx-moe": dict(_MIXTRAL, llama_type="mixtral_sparse_ens"),
+    "sphinx-moe-1k": dict(_MIXTRAL, llama_type="mixtral_sparse_ens5"),
+    "tiny-light": dict(_TINY_GQA, multiple_of=32, llama_type="llama_ens_light"),
+    "tiny-light-1k": dict(_TINY_GQA, multiple_of=32, llama_type="llama_ens5_light"),
+    "tiny-moe": dict(_TINY_MOE, llama_type="mixtral_sparse_ens"),
+    "tiny-moe-1k": dict(_TINY_MOE, llama_type="mixtral_sparse_ens5"),
+})
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +468,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if hasattr(self.kv_cache, "attend"):  # a decoding cache attends itself (generate.py)
+            y = self.kv_cache.attend(q, k, v, mask, slots)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(slots, k, v)
         rep = self.n_local_heads // self.n_local_kv_heads
@@ -400,11 +495,55 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts (Mixtral), in the released "sparse" layout.
+
+    ``w1``, ``w2``, ``w3`` (no ``.weight`` suffix) are each (E * H, dim): expert e owns rows
+    ``e*H .. (e+1)*H - 1``. w1/w3 blocks are Linear weights (H, dim); w2 is NOT transposed, the
+    expert output is ``act @ w2_e``. Under model parallelism each expert's H rows are split
+    (rank r holds part r of every expert), and the ranks' partial outputs are all-reduced.
+    """
+
+    def __init__(self, cfg: SphinxConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.moe["num_experts_per_tok"]
+        local = _mp_part(cfg.ffn_hidden, "the expert hidden_dim")
+        self.gate = nn.Linear(cfg.dim, self.n_experts, bias=False)  # replicated
+        self.w1 = nn.Parameter(torch.empty(self.n_experts * local, cfg.dim))
+        self.w2 = nn.Parameter(torch.empty(self.n_experts * local, cfg.dim))
+        self.w3 = nn.Parameter(torch.empty(self.n_experts * local, cfg.dim))
+
+    def route(self, x):
+        # x: (N, dim) -> expert ids (N, k) and their weights (N, k) in x's dtype: softmax over all
+        # experts in float32, top-k, renormalised to sum to 1
+        probs = self.gate(x).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return experts, (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        x = copy_to_model_parallel_region(x.reshape(-1, shape[-1]))  # (N, dim)
+        experts, weights = self.route(x)
+        # the N*k (token, slot) pairs grouped by expert: one batched SwiGLU per expert
+        order = experts.flatten().argsort(stable=True)
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()
+        token = order // self.top_k
+        xs = x[token]  # (N*k, dim)
+        w1, w2, w3 = (w.view(self.n_experts, -1, x.shape[-1]) for w in (self.w1, self.w2, self.w3))
+        ys = []
+        for e, xe in enumerate(xs.split(counts)):
+            if xe.shape[0]:
+                ys.append((F.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e])
+        ys = torch.cat(ys)[order.argsort()] if ys else xs  # back in (token, slot) order
+        out = (ys.view(-1, self.top_k, ys.shape[-1]) * weights[..., None]).sum(dim=1)
+        return reduce_from_model_parallel_region(out).view(shape)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: SphinxConfig):
         super().__init__()
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.variant.moe else FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -556,6 +695,17 @@ def _dinov2_pos_embed(pos_embed: torch.Tensor, h0: int, w0: int) -> torch.Tensor
     return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
 
 
+def _fp16_resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    "Resize (N, 3, H, W) to size x size in float16 and back, as the reference (rounding included)."
+    return F.interpolate(x.half(), size=(size, size), mode=mode).to(x.dtype)
+
+
+def _quadrants(x: torch.Tensor) -> list[torch.Tensor]:
+    "(N, 3, 2s, 2s) -> its four (N, 3, s, s) quadrants: top-left, top-right, bottom-left, -right."
+    s = x.shape[-1] // 2
+    return [x[..., :s, :s], x[..., :s, s:], x[..., s:, :s], x[..., s:, s:]]
+
+
 def convnext_to_grid(trunk: torch.Tensor, g: int) -> torch.Tensor:
     "ConvNeXt trunk (N, C, 8, 8) -> (N, C, g, g): nearest upsampling (the reference's 16 = x2), or pooling."
     n = trunk.shape[-1]
@@ -590,12 +740,16 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size)
 
         v = cfg.vision
-        self.qformer = QFormer(v)
-        self.clip = build_clip(v)
+        self.light = cfg.variant.light  # ConvNeXt + DINOv2 only
+        if not self.light:
+            self.qformer = QFormer(v)
+            self.clip = build_clip(v)
         self.openclip_convnext_xxl = build_convnext(v)
         self.dinov2_vitg14 = build_dinov2(v)
-        self.qformer_proj = nn.Sequential(nn.Linear(v.qf_width, cfg.dim), nn.LayerNorm(cfg.dim))
-        self.visual_proj = nn.Sequential(nn.Linear(v.fused_width, cfg.dim), nn.LayerNorm(cfg.dim))
+        fused = v.fused_width - (v.clip_width if self.light else 0)  # [clip |] convnext | dinov2
+        if not self.light:
+            self.qformer_proj = nn.Sequential(nn.Linear(v.qf_width, cfg.dim), nn.LayerNorm(cfg.dim))
+        self.visual_proj = nn.Sequential(nn.Linear(fused, cfg.dim), nn.LayerNorm(cfg.dim))
         self.start_img = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.end_img = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.freqs_cis: torch.Tensor | None = None  # built on first use, on the weights' device
@@ -620,44 +774,72 @@ class Transformer(nn.Module):
         return self.freqs_cis[positions]
 
     # -- image ---------------------------------------------------------------------------------
-    def views(self, images: torch.Tensor) -> torch.Tensor:
-        # images: (B, 3, S, S) -> (V*B, 3, 224, 224), view-major ([v0 of all rows, TL of all, ...])
-        if self.cfg.n_views == 1:
-            return images
-        g = F.interpolate(images.half(), size=(VIEW_SIZE, VIEW_SIZE), mode="bicubic")
-        s = VIEW_SIZE
-        quads = [images[..., :s, :s], images[..., :s, s:], images[..., s:, :s], images[..., s:, s:]]
-        return torch.cat([g.to(images.dtype)] + quads, dim=0)
+    def views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) -> ``(x, cx)``: ``x`` (V*B, 3, 224, 224) the views of the Q-Former, CLIP and
+        DINOv2, ``cx`` (V*B, 3, C, C) the ConvNeXt views (C = 256 or 512), both view-major
+        ([v0 of all rows, TL of all, TR, BL, BR]); each step as the reference (fp16 = resized in
+        float16 and back)."""
+        dt, var = images.dtype, self.cfg.variant
+        if var.convnext_size == 256:  # llama_ens (224 image) and llama_ens5 (448 image)
+            if var.n_views == 1:
+                x = images
+            else:
+                x = torch.cat([_fp16_resize(images, VIEW_SIZE, "bicubic")] + _quadrants(images))
+            return x, _fp16_resize(x, 256, "nearest")
+        if var.n_views == 1:  # 512 image
+            return _fp16_resize(images, VIEW_SIZE, "bicubic"), _fp16_resize(images, 512, "nearest")
+        # 1024 image: 224 views from fp16 resizes to 224 and 448, ConvNeXt views from an fp16 resize
+        # to 512 and the fp32 image's 512 quadrants
+        half = _fp16_resize(images, 2 * VIEW_SIZE, "bicubic")
+        x = torch.cat([_fp16_resize(images, VIEW_SIZE, "bicubic")] + _quadrants(half))
+        cx = torch.cat([_fp16_resize(images, 512, "bicubic")] + _quadrants(images))
+        return x.to(dt), cx.to(dt)
 
-    def encode_views(self, x: torch.Tensor) -> dict:
-        # x: (N, 3, 224, 224) CLIP-normalized views -> per-encoder features; g = 224 // patch_size
-        # (16 for the released SPHINX), Q = qf_queries (32)
+    def encode_views(self, x, cx: torch.Tensor | None = None) -> dict:
+        # x: (N, 3, 224, 224) CLIP-normalized views (or the pair ``views`` returns); cx: the
+        # ConvNeXt views (N, 3, C, C), by default nearest fp16 of x to 256 -> per-encoder
+        # features; g = 224 // patch_size (16 for the released SPHINX), Q = qf_queries (32)
+        if isinstance(x, tuple):
+            x, cx = x
+        if cx is None:
+            cx = _fp16_resize(x, 256, "nearest")
         dt = x.dtype
-        qf = self.qformer(x)  # (N, Q, qf_width)
-        clip = clip_encode(self.clip.visual, x)  # (N, 1 + g*g, clip_width)
-        cx = F.interpolate(x.half(), size=(256, 256)).to(dt)  # nearest, in fp16 as the reference
-        trunk = self.openclip_convnext_xxl(cx)  # (N, C, 8, 8)
+        f = {}
+        if not self.light:
+            f["qformer"] = self.qformer(x)  # (N, Q, qf_width)
+            f["clip"] = clip_encode(self.clip.visual, x)  # (N, 1 + g*g, clip_width)
+        trunk = self.openclip_convnext_xxl(cx)  # (N, C, 8, 8) from 256, (N, C, 16, 16) from 512
         t = convnext_to_grid(trunk, self.cfg.vision.grid)  # (N, C, g, g)
         t = t.flatten(2).transpose(1, 2)  # (N, g*g, C)
-        convnext = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)  # (N, 1 + g*g, C)
+        f["convnext_trunk"] = trunk
+        f["convnext"] = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)  # (N, 1 + g*g, C)
         mean = torch.tensor(CLIP_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, dtype=dt, device=x.device).view(1, 3, 1, 1)
         im_mean = torch.tensor(IMAGENET_MEAN, dtype=dt, device=x.device).view(1, 3, 1, 1)
         im_std = torch.tensor(IMAGENET_STD, dtype=dt, device=x.device).view(1, 3, 1, 1)
-        dino = dinov2_encode(self.dinov2_vitg14, (x * std + mean - im_mean) / im_std)
-        return dict(qformer=qf, clip=clip, convnext_trunk=trunk, convnext=convnext, dinov2=dino)
+        if self.light:  # the light files factor the re-normalisation (not bit-identical)
+            dino_in = x * (std / im_std) + (mean - im_mean) / im_std
+        else:
+            dino_in = (x * std + mean - im_mean) / im_std
+        f["dinov2"] = dinov2_encode(self.dinov2_vitg14, dino_in)
+        return f
 
     def fused_tokens(self, f: dict) -> torch.Tensor:
-        # encode_views features -> (N, 1 + g*g, dim): CLIP + ConvNeXt + DINOv2, projected
-        return self.visual_proj(torch.cat([f["clip"], f["convnext"], f["dinov2"]], dim=-1))
+        # encode_views features -> (N, 1 + g*g, dim): [CLIP +] ConvNeXt + DINOv2, projected
+        parts = [f["convnext"], f["dinov2"]]
+        if not self.light:
+            parts.insert(0, f["clip"])
+        return self.visual_proj(torch.cat(parts, dim=-1))
 
-    def view_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (N, 3, 224, 224) views -> (N, Q + 1 + g*g, dim): 289 tokens a view for the released
-        f = self.encode_views(x)
+    def view_tokens(self, x, cx: torch.Tensor | None = None) -> torch.Tensor:
+        # views -> (N, Q + 1 + g*g, dim): 289 tokens a view for the released (257 when light)
+        f = self.encode_views(x, cx)
+        if self.light:
+            return self.fused_tokens(f)
         q = self.qformer_proj(f["qformer"])  # (N, Q, dim)
         return torch.cat([q, self.fused_tokens(f)], dim=1)
 
-    def _shared_view_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _shared_view_tokens(self, x: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
         """:meth:`view_tokens` with the views shared out over the model-parallel ranks.
 
         The encoders are replicated on every rank (as in the reference), so each rank encodes
@@ -667,12 +849,12 @@ class Transformer(nn.Module):
         mp = fs_init.get_model_parallel_world_size()
         n = x.shape[0]
         if mp == 1 or n < 2 or torch.is_grad_enabled():
-            return self.view_tokens(x)
+            return self.view_tokens(x, cx)
         per = -(-n // mp)
         rank = fs_init.get_model_parallel_rank()
         # the last ranks may have fewer (or no) views: they repeat the last one so shapes match
         idx = torch.arange(rank * per, (rank + 1) * per, device=x.device).clamp(max=n - 1)
-        mine = self.view_tokens(x[idx]).contiguous()
+        mine = self.view_tokens(x[idx], cx[idx]).contiguous()
         parts = [torch.empty_like(mine) for _ in range(mp)]
         torch.distributed.all_gather(parts, mine, group=fs_init.get_model_parallel_group())
         return torch.cat(parts, dim=0)[:n]
@@ -680,7 +862,7 @@ class Transformer(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         # images: (B, 3, S, S) -> (B, image_tokens, dim) including start/end tokens
         B = images.shape[0]
-        tokens = self._shared_view_tokens(self.views(images))  # (V*B, Q + 1 + g*g, dim)
+        tokens = self._shared_view_tokens(*self.views(images))  # (V*B, Q + 1 + g*g, dim)
         start = self.start_img.expand(B, -1, -1).to(tokens.dtype)
         end = self.end_img.expand(B, -1, -1).to(tokens.dtype)
         parts = []
@@ -752,10 +934,13 @@ def apply_rotary_emb(xq, xk, freqs_cis):
 
 # Model-parallel split dim of each LLaMA tensor (checkpoint key suffix -> dim); everything else
 # (all vision tensors included) is replicated.
+# MoE expert tensors (no .weight suffix) split on dim 0, but per expert (see mp_split_rule).
+_PER_EXPERT = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 _SPLIT_DIMS = {
     "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
     "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
     "attention.wo.weight": 1, "feed_forward.w2.weight": 1, "tok_embeddings.weight": 1,
+    **dict.fromkeys(_PER_EXPERT, 0),
 }
 
 
@@ -767,3 +952,15 @@ def mp_split_dim(name: str) -> int:
         if name == suffix or name.endswith("." + suffix):
             return d
     return -1
+
+
+def mp_split_rule(name: str) -> str:
+    """How a parameter is split over model-parallel ranks: ``"replicated"``, ``"contiguous"``
+    (one contiguous chunk per rank along :func:`mp_split_dim`), or ``"per_expert"`` (an MoE expert
+    tensor (E*H, dim): viewed as (E, H, dim), each expert's H rows are chunked, rank r gets part r
+    of every expert)."""
+    if mp_split_dim(name) < 0:
+        return "replicated"
+    if name.endswith(_PER_EXPERT):
+        return "per_expert"
+    return "contiguous"

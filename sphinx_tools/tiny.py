@@ -15,7 +15,12 @@ from . import dist
 from .checkpoint import save_checkpoint
 from .model import SphinxConfig, Transformer
 
-VARIANT_PRESETS = {"sphinx-1k": "tiny", "sphinx-v2-1k": "tiny", "sphinx": "tiny-224"}
+# released name -> the tiny-width preset of the same code (model.sphinx_configs)
+VARIANT_PRESETS = {
+    "sphinx-1k": "tiny", "sphinx-v2-1k": "tiny", "sphinx": "tiny-224",
+    "sphinx-tiny": "tiny-light", "sphinx-tiny-1k": "tiny-light-1k",
+    "sphinx-moe": "tiny-moe", "sphinx-moe-1k": "tiny-moe-1k",
+}
 
 _WORDS = (
     "a the of and in on with to is are there image picture photo person man woman child dog cat "
@@ -150,7 +155,10 @@ def make_tiny_checkpoint(dir, variant: str = "sphinx-1k", mp: int = 1, seed: int
 
     Args:
         dir: output folder (created).
-        variant: ``"sphinx-1k"`` / ``"sphinx-v2-1k"`` (448 input, 5 views) or ``"sphinx"`` (224).
+        variant: a released model's name, whose code it runs at tiny widths: ``"sphinx-1k"`` /
+            ``"sphinx-v2-1k"`` (448 input, 5 views), ``"sphinx"`` (224), ``"sphinx-tiny"`` (512) /
+            ``"sphinx-tiny-1k"`` (1024, 5 views; no Q-Former / CLIP, grouped-query attention),
+            ``"sphinx-moe"`` (512) / ``"sphinx-moe-1k"`` (1024, 5 views; 4 experts, top-2).
         mp: number of model-parallel shards to write.
         seed: weight seed (the tokenizer is trained on a fixed synthetic corpus).
         **overrides: SphinxConfig fields (e.g. ``dim=128, n_layers=4``).
@@ -164,8 +172,10 @@ def make_tiny_checkpoint(dir, variant: str = "sphinx-1k", mp: int = 1, seed: int
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out / "tokenizer.model")
     cfg = SphinxConfig.from_name(VARIANT_PRESETS[variant], **overrides)
-    if cfg.n_heads % mp:
-        raise ValueError(f"n_heads {cfg.n_heads} is not divisible by mp={mp}")
+    for what, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads),
+                    ("the expert hidden_dim", cfg.ffn_hidden if cfg.n_experts else mp)):
+        if n % mp:
+            raise ValueError(f"{what} {n} is not divisible by mp={mp}")
     if dist.init_model_parallel() != 1:
         raise RuntimeError("make_tiny_checkpoint builds full tensors: call it outside model parallel")
     with torch.device("meta"):

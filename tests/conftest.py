@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (tiny_sam)
 # Tests run in parallel workers on small machines: one math thread each avoids OpenMP
 # oversubscription (which makes small matmuls ~50x slower).
 torch.set_num_threads(1)
-GOLDEN = DATA / "golden"
+GOLDEN = DATA / "golden" / "sphinx-1k-tiny"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from golden_data import golden_image
+
 
 def run(rank: int, world: int, ckpt: str, out: str, golden_io: str):
     from sphinx_tools.dist import init_local_world
@@ -26,21 +28,30 @@ def run(rank: int, world: int, ckpt: str, out: str, golden_io: str):
             result["error"] = str(e)
         else:
             io = torch.load(golden_io, weights_only=True)
+            image = golden_image(Path(golden_io).parent, io)
             encoded = []  # views this rank runs through the encoders, per call
             encode_views = m.transformer.encode_views
-            m.transformer.encode_views = lambda x: encoded.append(x.shape[0]) or encode_views(x)
-            logits = m.logits(io["prompt_token_ids"][None], io["image"][None])
+            def counting(x, cx=None):
+                encoded.append(x.shape[0])
+                return encode_views(x, cx)
+
+            m.transformer.encode_views = counting
+            logits = m.logits(io["prompt_token_ids"][None], image[None])
             result["logits_diff"] = float((logits - io["logits"]).abs().max())
             text_only = m.logits(io["prompt_token_ids"][None], None)
             result["text_only_diff"] = float((text_only - io["logits_text_only"]).abs().max())
-            gen = m.generate([io["prompt"]], [io["image"]], max_gen_len=16, stop=())[0]
+            gen = m.generate([io["prompt"]], [image], max_gen_len=16, stop=())[0]
             result["greedy"] = gen.token_ids
             p = build_prompt([["Describe the image.", None]])
-            sampled = m.generate([p, io["prompt"]], [io["image"], None], max_gen_len=12,
+            sampled = m.generate([p, io["prompt"]], [image, None], max_gen_len=12,
                                  temperature=0.9, top_p=0.9, seed=7)
             result["sampled"] = [g.token_ids for g in sampled]
             result["encoded_views"] = encoded
             result["local_wq"] = list(m.transformer.layers[0].attention.wq.weight.shape)
+            result["local_wk"] = list(m.transformer.layers[0].attention.wk.weight.shape)
+            ffn = m.transformer.layers[0].feed_forward
+            result["local_w1"] = list((ffn.w1 if m.cfg.n_experts else ffn.w1.weight).shape)
+            torch.save(m.state_dict(), Path(out, f"rank{rank}.pt"))  # this rank's slice
     except Exception:
         result["crash"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

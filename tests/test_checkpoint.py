@@ -255,3 +255,26 @@ def test_positions_past_the_rope_range_are_named(golden_dir, golden_io, tmp_path
     with pytest.raises(ValueError, match=r"position 1\d+ is past the RoPE range of this model "
                                          r"\(2 x max_seq_len = 128 positions\)"):
         m.logits(golden_io["prompt_token_ids"][None], golden_io["image"][None])
+
+
+def test_the_name_demo_is_not_shadowed_by_a_folder_without_shards(tmp_path, monkeypatch):
+    "``demo`` is the embedded model unless a real checkpoint folder is called that."
+    from pathlib import Path
+
+    from sphinx_tools import checkpoint
+
+    installed = tmp_path / "installed"
+    installed.mkdir()
+    (installed / "tokenizer.model").write_bytes(b"x")
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", installed)
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.resolve("demo") == installed  # no ./demo at all
+    (tmp_path / "demo" / "run").mkdir(parents=True)  # e.g. `demo build --work demo`
+    assert checkpoint.resolve("demo") == installed
+    (tmp_path / "demo" / "consolidated.00-of-01.model.pth").write_bytes(b"")
+    assert checkpoint.resolve("demo") == Path("demo")  # a checkpoint folder named demo is the user's
+    assert checkpoint.resolve(str(tmp_path / "demo")) == tmp_path / "demo"  # other paths pass
+    monkeypatch.setattr(checkpoint, "DEMO_DIR", tmp_path / "not-installed")
+    (tmp_path / "demo" / "consolidated.00-of-01.model.pth").unlink()
+    with pytest.raises(CheckpointError, match="demo build"):
+        checkpoint.resolve("demo")

@@ -1,4 +1,5 @@
-"The runtime against the reference implementation's outputs (tests/data/golden) and manifest."
+"""The runtime against the reference implementation's SPHINX-1k outputs
+(tests/data/golden/sphinx-1k-tiny) and manifest."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def read_manifest(path):
 
 @pytest.mark.parametrize("preset", ["sphinx-1k", "sphinx"])
 def test_full_model_matches_released_manifest(preset, golden_dir):
-    manifest = read_manifest(golden_dir.parent / "sphinx-full.tsv")
+    manifest = read_manifest(golden_dir.parents[1] / "sphinx-full.tsv")
     assert len(manifest) == 2349
     sd = SphinxModel.from_config(preset, device="meta").state_dict()
     assert {k: tuple(v.shape) for k, v in sd.items()} == {k: s for k, (s, _) in manifest.items()}

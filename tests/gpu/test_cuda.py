@@ -36,7 +36,7 @@ def test_real_checkpoint_answers_grounded_question():
     from PIL import Image
 
     m = SphinxModel.from_pretrained(Path(REAL), device="cuda", dtype=torch.bfloat16)
-    img = Image.open(Path(__file__).parents[1] / "data" / "golden" / "image.png")
+    img = Image.open(Path(__file__).parents[1] / "data" / "golden" / "sphinx-1k-tiny" / "image.png")
     q = "Please provide the bounding box coordinate of the region this sentence describes: the image."
     out = m.generate([build_prompt([[q, None]])], [img], max_gen_len=32)[0]
     assert out.finish_reason in ("stop", "eos") and "[" in out.text
