@@ -245,6 +245,24 @@ class SphinxStableDiffusionPipeline:
             if value is not None and value % 8:
                 raise ValueError(f"`{name}` must be divisible by 8, got {value}")
 
+    def describe(self, images, source: str, sphinx_kwargs=None) -> list[str]:
+        "SPHINX's description of each image (see :func:`describe_image`)."
+        return [describe_image(self.sphinx, img, source, sphinx_kwargs) for img in images]
+
+    def fit_prompts(self, descriptions, style: str, template: str) -> list[str]:
+        """One SD prompt per description, fitted to the text encoder's window; warns for an
+        empty description (its prompt is the style alone)."""
+        tokenizer = self.sd_pipeline.tokenizer
+        for i, description in enumerate(descriptions):
+            if not split_clauses(description):
+                warnings.warn(
+                    f"SPHINX gave no description for image {i}; its prompt is the style alone",
+                    RuntimeWarning,
+                    stacklevel=3,  # the pipeline's caller
+                )
+        return [build_sd_prompt(d, tokenizer, style=style, template=template)
+                for d in descriptions]
+
     def __call__(
         self,
         image,
@@ -287,19 +305,9 @@ class SphinxStableDiffusionPipeline:
         self.check_inputs(images, source, num_images_per_prompt, height, width)
         seeds = seeds_for(len(images) * num_images_per_prompt, seed)
         # 2. Ask SPHINX for a description of each image
-        descriptions = [describe_image(self.sphinx, img, source, sphinx_kwargs) for img in images]
+        descriptions = self.describe(images, source, sphinx_kwargs)
         # 3. Descriptions -> prompts that fit the text encoder
-        tokenizer = self.sd_pipeline.tokenizer
-        for i, description in enumerate(descriptions):
-            if not split_clauses(description):
-                warnings.warn(
-                    f"SPHINX gave no description for image {i}; its prompt is the style alone",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        fitted = [
-            build_sd_prompt(d, tokenizer, style=style, template=template) for d in descriptions
-        ]
+        fitted = self.fit_prompts(descriptions, style, template)
         prompts = [p for p in fitted for _ in range(num_images_per_prompt)]
         # 4. Generate, one seeded generator per image
         generated = generate_images(

@@ -219,6 +219,16 @@ class SphinxSamInpaintPipeline:
             )
         return prompt, DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
+    def find(self, image, phrase: str, all_boxes=False, sphinx_kwargs=None) -> sv.Detections:
+        "SPHINX's box for ``phrase`` (every box with ``all_boxes``): the ``rec`` task."
+        return run_task(self.sphinx, image, "rec", expression=phrase, all_boxes=all_boxes,
+                        **(sphinx_kwargs or {}))
+
+    def segment(self, original: np.ndarray, boxes: sv.Detections, dilate: int):
+        "``(detections with SAM masks, their union grown by dilate pixels)``."
+        detections = segment_detections(self.sam_predictor, original, boxes)
+        return detections, dilate_mask(detections.mask.any(axis=0), dilate)
+
     def __call__(
         self,
         image,
@@ -267,27 +277,13 @@ class SphinxSamInpaintPipeline:
         sd_prompt, sd_negative = self.prompts(phrase, prompt, mode, negative_prompt)
         original = as_rgb_array(image)
         # 2. Find the phrase (REC)
-        boxes = run_task(
-            self.sphinx,
-            image,
-            "rec",
-            expression=phrase,
-            all_boxes=all_boxes,
-            **(sphinx_kwargs or {}),
-        )
-        # 3. Segment it (SAM)
-        detections = segment_detections(self.sam_predictor, original, boxes)
-        mask = dilate_mask(detections.mask.any(axis=0), dilate)
+        boxes = self.find(image, phrase, all_boxes, sphinx_kwargs)
+        # 3. Segment it (SAM) and grow the mask
+        detections, mask = self.segment(original, boxes, dilate)
         if not mask.any():
-            return SphinxInpaintOutput(
-                Image.fromarray(original.copy()),
-                mask,
-                detections,
-                False,
-                sd_prompt,
-                sd_negative,
-                seed,
-            )
+            unchanged = Image.fromarray(original.copy())
+            return SphinxInpaintOutput(unchanged, mask, detections, False, sd_prompt, sd_negative,
+                                       seed)
         # 4. Inpaint the grown mask and blend it back
         edited = inpaint_with_mask(
             self.inpaint_pipeline,

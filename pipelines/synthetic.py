@@ -18,7 +18,6 @@ pipeline's ``name_or_path``) and ``labeler``. Same arguments and seeds -> the sa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ import numpy as np
 import supervision as sv
 
 from sphinx_tools.annotations import CLASS_NAME_FIELD
+from sphinx_tools.coco import coco_annotation, coco_categories, encode_rle, write_json
 from sphinx_tools.run import run_task
 
 from .diffusion import (
@@ -73,27 +73,17 @@ class SphinxLabeler:
 
 
 # -- COCO ------------------------------------------------------------------------------------------
-def coco_annotation(detections: sv.Detections, row: int, ann_id: int, image_id: int, cat_id: int):
-    """One COCO annotation dict: ``bbox`` xywh pixels, ``area`` (mask pixels if there is a
-    mask, else the box), ``iscrowd`` 0, ``score`` when known, RLE ``segmentation`` for masks."""
-    x1, y1, x2, y2 = (float(v) for v in detections.xyxy[row])
-    ann = {
-        "id": ann_id,
-        "image_id": image_id,
-        "category_id": cat_id,
-        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-        "area": round((x2 - x1) * (y2 - y1), 2),
-        "iscrowd": 0,
-    }
+def _annotation(detections: sv.Detections, row: int, ann_id: int, image_id: int, cat_id: int):
+    """One row as a COCO annotation: ``area`` the mask's pixels if there is a mask, else the
+    box's; ``score`` when known; the mask as compressed RLE ``segmentation``."""
+    extra, area = {}, None
     if detections.confidence is not None and np.isfinite(detections.confidence[row]):
-        ann["score"] = float(detections.confidence[row])
+        extra["score"] = float(detections.confidence[row])
     if detections.mask is not None:
-        from pycocotools import mask as mask_utils
-
-        rle = mask_utils.encode(np.asfortranarray(detections.mask[row].astype(np.uint8)))
-        ann["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-        ann["area"] = int(detections.mask[row].sum())
-    return ann
+        extra["segmentation"] = encode_rle(detections.mask[row])
+        area = int(detections.mask[row].sum())
+    return coco_annotation(ann_id, image_id, cat_id, detections.xyxy[row], area=area, digits=2,
+                           **extra)
 
 
 def build_coco(records: list[dict], detections: list[sv.Detections], classes=None) -> dict:
@@ -118,9 +108,7 @@ def build_coco(records: list[dict], detections: list[sv.Detections], classes=Non
             if label not in names:
                 names.append(label)
             annotations.append(
-                coco_annotation(
-                    dets, row, len(annotations) + 1, record["id"], names.index(label) + 1
-                )
+                _annotation(dets, row, len(annotations) + 1, record["id"], names.index(label) + 1)
             )
     return {
         "info": {
@@ -129,9 +117,7 @@ def build_coco(records: list[dict], detections: list[sv.Detections], classes=Non
         },
         "images": records,
         "annotations": annotations,
-        "categories": [
-            {"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(names)
-        ],
+        "categories": coco_categories(names),
     }
 
 
@@ -279,8 +265,7 @@ class SphinxSyntheticDataPipeline:
             paths.append(path)
         # 5. Write COCO
         coco = build_coco(records, detections, classes)
-        coco_path = Path(out_dir) / "annotations.json"
-        coco_path.write_text(json.dumps(coco), encoding="utf-8")
+        coco_path = write_json(Path(out_dir) / "annotations.json", coco)
         return SyntheticDataOutput(coco_path, coco, paths, detections)
 
     def record(self, index, file_name, image, prompt, negative_prompt, seed, labeler) -> dict:

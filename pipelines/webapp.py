@@ -1,8 +1,11 @@
 """Local web demo: ``sphinx-tools serve`` (gradio).
 
-One page: upload an image, pick a task (its prompt is shown and can be edited), chat with the
-model with streaming tokens, and see the parsed result drawn on the image (boxes, labels, key
-points with skeleton, SAM masks with ``--sam``) and as JSON to download.
+One page: upload an image, pick a task (its prompt is shown and can be edited), ask it with
+streaming tokens (each question on its own, or as the next turn with "continue chat"), and see
+the parsed result drawn on the image (boxes, labels, key points with skeleton, SAM masks with
+``--sam``) and as JSON to download (the record labeling keeps, ``sphinx_tools/records.py``). Pose
+without a person box asks detection for the people first. The same page is an HTTP API with the
+named endpoints of :data:`API` (see the README for a ``gradio_client`` example).
 
 Safe by default: it binds ``127.0.0.1``, makes no public share link unless ``--share`` is given,
 limits upload size and image pixels, shows errors in the page instead of stopping, and serves all
@@ -43,9 +46,13 @@ from sphinx_tools.annotations import (
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.hookspecs import hookimpl
+from sphinx_tools.parsing import normalize_label
+from sphinx_tools.records import ALL_FIELDS, detections_to_json, plain, to_record
 from sphinx_tools.registry import get_task, list_tasks
 from sphinx_tools.run import parse_generation
 from sphinx_tools.tasks import MAX_OPTION_CHARS, MAX_PROMPT_CHARS
+
+from .autolabel.engine import PERSON
 
 DEFAULT_MAX_PIXELS = 4096 * 4096  # decoded pixels per uploaded image
 DEFAULT_MAX_FILE_SIZE = "20mb"  # per upload, enforced by gradio before anything is decoded
@@ -68,7 +75,8 @@ TASK_INPUTS = {
     "rec": ("expression", "Referring expression", "text"),
     "detection": ("classes", "Classes, comma-separated (empty: all objects)", "list"),
     "reg": ("region", f"Region ({BOX_HELP})", "box"),
-    "pose": ("box", f"Person box ({BOX_HELP})", "box"),
+    "pose": ("box", "Person box (x1,y1,x2,y2 in pixels; empty: each person detection finds)",
+             "box"),
     "relation": ("expression", "Expression (empty: all relations in the image)", "relation"),
     "vqa": ("question", "Question", "text"),
     "caption": ("variant", "Variant: default, detailed or general", "text"),
@@ -110,7 +118,7 @@ def tiny_checkpoint(cache_dir=None) -> Path:
     return final
 
 
-def load_model(checkpoint=None, device: str = "cpu", dtype=None):
+def load_model(checkpoint=None, device: str = "cpu", dtype=None, quantize: str | None = None):
     """Load the model the demo serves.
 
     Args:
@@ -118,6 +126,7 @@ def load_model(checkpoint=None, device: str = "cpu", dtype=None):
             falls back to a tiny random-weight checkpoint.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: a ``torch.dtype`` (float32 when ``None``).
+        quantize: ``"int8"`` for int8 LLM weights (see ``SphinxModel.from_pretrained``), or None.
 
     Returns:
         ``(model, note)``: the ``SphinxModel`` and a Markdown line saying what was loaded.
@@ -126,7 +135,7 @@ def load_model(checkpoint=None, device: str = "cpu", dtype=None):
 
     from sphinx_tools.sphinx_model import SphinxModel
 
-    kw = {"device": device, "dtype": dtype or torch.float32}
+    kw = {"device": device, "dtype": dtype or torch.float32, "quantize": quantize}
     if checkpoint is not None:
         return SphinxModel.from_pretrained(checkpoint, **kw), f"Model: `{checkpoint}`."
     try:
@@ -220,9 +229,11 @@ def task_options(task_name: str, task_input: str = "", options_json: str = "",
     option, _, kind = TASK_INPUTS.get(task_name, (None, "", None))
     if kind == "list" and text:
         options[option] = [c.strip() for c in text.split(",") if c.strip()]
-    elif kind == "box":
+    elif kind == "box" and text:
+        options[option] = parse_box(text)
+    elif kind == "box" and task_name != "pose":  # pose without a box: the people detection finds
         w, h = image_size or (1000, 1000)
-        options[option] = parse_box(text) if text else (0.0, 0.0, float(w), float(h))
+        options[option] = (0.0, 0.0, float(w), float(h))
     elif kind == "relation":
         options.update({option: text} if text else {"variant": "triplets"})
     elif kind == "text" and text:
@@ -309,86 +320,34 @@ def _draw_relations(scene: np.ndarray, graph: SceneGraph) -> np.ndarray:
     return scene
 
 
-def _plain(value):
-    "numpy scalars/arrays -> JSON types; NaN -> None."
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def mask_rle(mask: np.ndarray) -> dict:
-    "A (H, W) bool mask -> COCO compressed RLE ``{size: [H, W], counts: str}``."
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def detections_json(detections: sv.Detections) -> list[dict]:
-    "One dict per row: ``xyxy`` pixels, ``confidence``, every ``data`` field, mask as RLE."
-    rows = []
-    for i in range(len(detections)):
-        row = {"xyxy": [round(float(v), 2) for v in detections.xyxy[i]]}
-        if detections.confidence is not None:
-            row["confidence"] = detections.confidence[i]
-        if detections.class_id is not None:
-            row["class_id"] = detections.class_id[i]
-        for key, values in detections.data.items():
-            row[key] = values[i]
-        if detections.mask is not None:
-            row["mask"] = mask_rle(detections.mask[i])
-            row["mask_area"] = int(detections.mask[i].sum())
-        rows.append(row)
-    return _plain(rows)
-
-
 def result_json(result, masks: sv.Detections | None = None) -> dict:
-    """A task result as JSON-friendly data.
+    """A task result as JSON: the record labeling writes (``sphinx_tools.records.to_record``,
+    with every per-object field), plus what the page shows besides.
 
     Returns:
-        ``{"type": ..., ...}``: ``detections`` (``objects``, ``metadata``), ``keypoints``
-        (``objects`` with ``keypoints`` ``[x, y, visible]`` and ``names``), ``scene_graph``
-        (``objects``, ``triples``), ``grounded_caption`` (``text``, ``entities``) or ``text``;
-        plus ``masks`` (SAM) when given.
+        The record (``type`` ``detections``, ``keypoints``, ``scene_graph``, ``grounded_caption``
+        or ``text``), with ``names`` (key points), ``named_triples`` (scene graph), ``entities``
+        (grounded caption: ``phrase`` and ``span`` in the caption) and ``masks`` (SAM, as
+        detections whose ``masks`` are compressed RLE) when they apply.
     """
-    if isinstance(result, sv.Detections):
-        out = {"type": "detections", "objects": detections_json(result),
-               "metadata": _plain(result.metadata)}
-    elif isinstance(result, sv.KeyPoints):
-        people = []
-        for i in range(len(result)):
-            visible = result.visible[i] if result.visible is not None else [True] * len(result.xy[i])
-            person = {"keypoints": [[round(float(x), 2), round(float(y), 2), bool(v)]
-                                    for (x, y), v in zip(result.xy[i], visible, strict=True)]}
-            if result.keypoint_confidence is not None:
-                person["keypoint_confidence"] = result.keypoint_confidence[i]
-            if result.detection_confidence is not None:
-                person["confidence"] = result.detection_confidence[i]
-            person.update({k: v[i] for k, v in result.data.items() if len(v) == len(result)})
-            people.append(_plain(person))
-        out = {"type": "keypoints", "names": keypoint_names(result), "objects": people}
+    known = (sv.Detections, sv.KeyPoints, SceneGraph, GroundedCaption)
+    out = to_record(result if isinstance(result, known) else str(result), ALL_FIELDS)
+    if isinstance(result, sv.KeyPoints):
+        out["names"] = keypoint_names(result)
     elif isinstance(result, SceneGraph):
-        out = {"type": "scene_graph", "objects": detections_json(result.detections),
-               "triples": [{"subject": s, "predicate": p, "object": o}
-                           for s, p, o in result.triples],
-               "named_triples": [list(t) for t in result.named_triples()]}
+        out["named_triples"] = [list(t) for t in result.named_triples()]
     elif isinstance(result, GroundedCaption):
-        out = {"type": "grounded_caption", "text": result.text,
-               "entities": [{"phrase": e.phrase, "span": list(e.span), "xyxy": _plain(e.xyxy)}
-                            for e in result.entities]}
-    else:
-        out = {"type": "text", "text": str(result)}
+        out["entities"] = [{"phrase": e.phrase, "span": list(e.span)} for e in result.entities]
     if masks is not None and len(masks):
-        out["masks"] = detections_json(masks)
+        out["masks"] = detections_to_json(masks, ALL_FIELDS)
     return out
+
+
+def _objects(record: dict) -> int:
+    "How many objects a :func:`result_json` record holds."
+    if record.get("type") == "keypoints":
+        return len(record["people"])
+    return len(record.get("detections", record).get("boxes", []))
 
 
 def keypoint_names(key_points: sv.KeyPoints) -> list[str]:
@@ -502,58 +461,99 @@ class DemoBackend:
 
     # one chat turn --------------------------------------------------------------------------
     def respond(self, image_path, task_name, task_input, options_json, prompt, history,
-                max_gen_len=None, temperature=0.0, top_p=0.95) -> Iterator[Turn]:
-        """Ask ``prompt`` as the next turn, stream the answer, then parse it with the task.
+                max_gen_len=None, temperature=0.0, top_p=0.95,
+                continue_chat=False) -> Iterator[Turn]:
+        """Ask ``prompt`` (empty: the task's own prompt), stream the answer, then parse it with
+        the task.
+
+        A question is asked on its own unless ``continue_chat``, which asks it as the next turn
+        of ``history``. Pose without a person box (and with its own prompt) first asks detection
+        for the people, then one pose question per person box found (the whole image when none
+        is found).
 
         Yields a :class:`Turn` after each new piece of text and a final one with the drawn
-        image, the JSON result and its file. Errors end the turn with an error status; they are
-        never raised (the server keeps running).
+        image, the JSON result and its file. Errors end the turn with an error status and the
+        chat as it was; they are never raised (the server keeps running).
         """
-        history = [list(qa) for qa in (history or [])]
-        messages = _messages(history)
+        before = [list(qa) for qa in (history or [])]
+        chat = _Chat(before if continue_chat else [])
         try:
-            if not image_path:
-                raise ValueError("upload an image first")
-            check_length("the prompt", prompt or "", MAX_PROMPT_CHARS)
-            question = (prompt or "").strip()
-            if not question:
-                raise ValueError("the prompt is empty: pick a task or type a question")
-            said = len(question) + sum(len(q) + len(a) for q, a in history)
-            if said > MAX_CONVERSATION_CHARS:
-                raise ValueError(f"the conversation would be {said:,} characters long; at most "
-                                 f"{MAX_CONVERSATION_CHARS:,}: start a new chat")
-            image = open_image(image_path, self.max_pixels)
-            options = task_options(task_name, task_input, options_json, image.size)
-            task = get_task(task_name)
-            budget = int(min(max(1, int(max_gen_len or self.max_gen_len)), self.max_gen_len))
-            messages += [{"role": "user", "content": question},
-                         {"role": "assistant", "content": ""}]
-            answer = ""
+            image, task, options, question = self._read_request(
+                image_path, task_name, task_input, options_json, prompt, chat.history)
+            sampling = {"max_gen_len": self._budget(max_gen_len),
+                        "temperature": float(temperature), "top_p": float(top_p)}
             t0 = time.perf_counter()
-            with self.lock:  # one model, one generation at a time
-                for answer in self.model.stream(
-                        build_prompt([*history, [question, None]]), image, max_gen_len=budget,
-                        temperature=float(temperature), top_p=float(top_p)):
-                    messages[-1]["content"] = answer
-                    yield Turn(messages, history, status="Generating…")
-            seconds = time.perf_counter() - t0
-            answer = answer.strip()
-            messages[-1]["content"] = answer
-            history.append([question, answer])
-            parse_options = {k: v for k, v in options.items() if k != "image_size"}
-            gens = getattr(self.model, "last_generations", None)  # logprobs -> confidences
-            result = (parse_generation(task, gens[0], image.size, parse_options) if gens
-                      else task.parse(answer, image.size, **parse_options))
-            masks = self.segment(image, result)
-            data = {"task": task_name, "prompt": question, "answer": answer,
-                    "image_size": list(image.size), "options": _plain(parse_options),
-                    "result": result_json(result, masks)}
-            yield Turn(messages, history, draw_result(image, result, masks), data,
-                       self.write_json(data), self._summary(data["result"], seconds))
+            questions = [(question, options)]
+            if self._detects_people_first(task, options, question):
+                asked, people_options = _people_question()
+                people = yield from self._ask(chat, image, asked, people_options, sampling,
+                                              "detection")
+                questions = _pose_questions(task, options, person_boxes(people)) or questions
+            results = []
+            for text, opts in questions:
+                results.append((yield from self._ask(chat, image, text, opts, sampling,
+                                                     task_name)))
+            result = results[0] if len(results) == 1 else task.merge(results)
+            yield self._final_turn(chat, image, task_name, questions, result,
+                                   time.perf_counter() - t0)
         except Exception as exc:  # shown in the page, never raised into the server
-            if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-                messages = messages[:-2]
-            yield Turn(messages, history, status=f"**Error:** {exc}")
+            yield Turn(_messages(before), before, status=f"**Error:** {exc}")
+
+    def _read_request(self, image_path, task_name, task_input, options_json, prompt, history):
+        "``(image, task, options, question)`` of a request, checked against the page's limits."
+        if not image_path:
+            raise ValueError("upload an image first")
+        check_length("the prompt", prompt or "", MAX_PROMPT_CHARS)
+        image = open_image(image_path, self.max_pixels)
+        options = task_options(task_name, task_input, options_json, image.size)
+        task = get_task(task_name)
+        question = (prompt or "").strip() or task.prompt(**options)
+        said = len(question) + sum(len(q) + len(a) for q, a in history)
+        if said > MAX_CONVERSATION_CHARS:
+            raise ValueError(f"the conversation would be {said:,} characters long; at most "
+                             f"{MAX_CONVERSATION_CHARS:,}: start a new chat")
+        return image, task, options, question
+
+    def _budget(self, max_gen_len) -> int:
+        "The page's token budget, capped by the server's."
+        return int(min(max(1, int(max_gen_len or self.max_gen_len)), self.max_gen_len))
+
+    @staticmethod
+    def _detects_people_first(task, options, question) -> bool:
+        "Pose with no person box, asked with the task's own (whole-image) prompt."
+        if task.name != "pose" or options.get("box") is not None or "boxes" in options:
+            return False
+        return question == task.prompt(**options)
+
+    def _ask(self, chat: "_Chat", image, question, options, sampling, task_name):
+        """Stream one question's answer into ``chat`` (yielding a :class:`Turn` per piece) and
+        return it parsed by task ``task_name`` with ``options``."""
+        task = get_task(task_name)
+        chat.ask(question)
+        with self.lock:  # one model, one generation at a time
+            for answer in self.model.stream(build_prompt(chat.prompt_turns()), image, **sampling):
+                chat.answer(answer)
+                yield Turn(chat.messages, chat.history, status="Generating…")
+        chat.answer(chat.messages[-1]["content"].strip(), done=True)
+        parse_options = {k: v for k, v in options.items() if k != "image_size"}
+        gens = getattr(self.model, "last_generations", None)  # logprobs -> confidences
+        if gens:
+            return parse_generation(task, gens[0], image.size, parse_options)
+        return task.parse(chat.history[-1][1], image.size, **parse_options)
+
+    def _final_turn(self, chat, image, task_name, questions, result, seconds) -> Turn:
+        "The drawn result, its JSON and file, after the last answer of a request."
+        masks = self.segment(image, result)
+        parse_options = {k: v for k, v in questions[0][1].items() if k != "image_size"}
+        question, answer = chat.history[-1]
+        if len(questions) > 1:  # one question per person: the prompts and answers in order
+            parse_options = {"boxes": [q[1]["box"] for q in questions]}
+            question, answer = (list(t) for t in zip(*chat.history[-len(questions):]))
+        data = {"task": task_name, "prompt": question, "answer": answer,
+                "image_size": list(image.size), "options": plain(parse_options),
+                "result": result_json(result, masks)}
+        return Turn(chat.messages, chat.history, draw_result(image, result, masks), data,
+                    self.write_json(data), self._summary(data["result"], seconds))
 
     def segment(self, image, result) -> sv.Detections | None:
         "SAM masks for the result's boxes (and key points), when a SAM predictor is loaded."
@@ -576,9 +576,8 @@ class DemoBackend:
 
     @staticmethod
     def _summary(result: dict, seconds: float) -> str:
-        n = len(result.get("objects", result.get("entities", [])))
-        what = "text answer" if result["type"] == "text" else f"{n} object(s)"
-        masks = f", {len(result['masks'])} mask(s)" if "masks" in result else ""
+        what = "text answer" if result["type"] == "text" else f"{_objects(result)} object(s)"
+        masks = f", {_objects(result['masks'])} mask(s)" if "masks" in result else ""
         return f"Done in {seconds:.1f} s: {result['type']}, {what}{masks}."
 
 
@@ -589,95 +588,190 @@ def _messages(history: list) -> list[dict]:
     return out
 
 
+class _Chat:
+    "The conversation of one request: the earlier turns it continues, and its own."
+
+    def __init__(self, history: list):
+        self.context = [list(qa) for qa in history]  # asked before each question of the request
+        self.history = [list(qa) for qa in history]
+        self.messages = _messages(history)
+
+    def ask(self, question: str) -> None:
+        self.messages += [{"role": "user", "content": question},
+                          {"role": "assistant", "content": ""}]
+        self.question = question
+
+    def prompt_turns(self) -> list:
+        return [*self.context, [self.question, None]]
+
+    def answer(self, text: str, done: bool = False) -> None:
+        self.messages[-1]["content"] = text
+        if done:
+            self.history.append([self.question, text])
+
+
+def _people_question() -> tuple[str, dict]:
+    "The detection question that finds the people for pose, with its parse options."
+    options = {"classes": [PERSON]}
+    return get_task("detection").prompt(**options), options
+
+
+def person_boxes(detections: sv.Detections) -> list[tuple[float, ...]]:
+    "The boxes of the rows named person (the labeling engine's rule for pose's people)."
+    names = detections.data.get(CLASS_NAME_FIELD, [""] * len(detections))
+    return [tuple(float(v) for v in box) for box, name in zip(detections.xyxy, names, strict=True)
+            if normalize_label(str(name)) == PERSON]
+
+
+def _pose_questions(task, options: dict, boxes) -> list[tuple[str, dict]]:
+    "One pose question per person box: the plugin's own split of ``boxes``."
+    questions = task.split(**{**options, "boxes": boxes})
+    return [(task.prompt(**q), q) for q in questions]
+
+
 # -- gradio ----------------------------------------------------------------------------------------
+# The page's named API (gradio_client: ``Client(url).predict(..., api_name="/run")``).
+API = {
+    "run": "ask a question about the image and parse the answer with the task",
+    "prompt": "the task's prompt for these inputs (a preview; it does not run the model)",
+    "pick_task": "switch the task: its input box and prompt",
+    "new_chat": "clear the chat and the result",
+}
+
+
 def build_app(backend: DemoBackend, queue_size: int = DEFAULT_QUEUE_SIZE):
     """The gradio Blocks page around ``backend`` (queued: one request at a time).
 
     Element ids (for tests and custom CSS): ``input-image``, ``task``, ``task-input``,
-    ``options``, ``prompt``, ``run``, ``clear``, ``chat``, ``annotated``, ``status``,
-    ``result-json``, ``result-file``, ``model-note``.
+    ``options``, ``prompt``, ``continue-chat``, ``run``, ``clear``, ``chat``, ``annotated``,
+    ``status``, ``result-json``, ``result-file``, ``model-note``. API names: :data:`API`.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    names = [t.name for t in list_tasks()]
-    first = "detection" if "detection" in names else names[0]
-    label, example = backend.input_label(first)
-
     with gr.Blocks(title="sphinx-tools demo", analytics_enabled=False) as app:
         gr.Markdown("# sphinx-tools: SPHINX vision demo")
         gr.Markdown(backend.note, elem_id="model-note")
-        history = gr.State([])
+        page = _Page(history=gr.State([]))
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload"],
-                                 label="Image", elem_id="input-image", height=320)
-                task = gr.Dropdown(names, value=first, label="Task", elem_id="task")
-                task_input = gr.Textbox(label=label, value=example, elem_id="task-input",
-                                        max_length=MAX_INPUT_CHARS)
-                with gr.Accordion("More task options (JSON)", open=False):
-                    options = gr.Textbox(label='e.g. {"max_objects": 20}', value="",
-                                         elem_id="options", max_length=MAX_OPTIONS_JSON_CHARS)
-                prompt = gr.Textbox(label="Prompt (editable; sent as your next chat turn)",
-                                    lines=3, elem_id="prompt", max_length=MAX_PROMPT_CHARS)
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    clear = gr.Button("New chat", elem_id="clear")
-                with gr.Accordion("Generation", open=False):
-                    max_len = gr.Slider(1, backend.max_gen_len, value=backend.max_gen_len,
-                                        step=1, label="Max new tokens", elem_id="max-gen-len")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                _input_column(gr, page, backend)
             with gr.Column(scale=1):
-                chat = gr.Chatbot(label="Chat", elem_id="chat", height=260, feedback_options=None)
-                annotated = gr.Image(label="Result", interactive=False, elem_id="annotated",
-                                     format="png")
-                status = gr.Markdown("", elem_id="status")
-                result = gr.JSON(label="Parsed result", elem_id="result-json")
-                download = gr.File(label="Download JSON", elem_id="result-file",
-                                   interactive=False)
-
-        def refresh_prompt(task_name, text, opts, path):
-            return backend.prompt(task_name, text, opts, path)
-
-        def pick_task(task_name, opts, path):
-            new_label, value = backend.input_label(task_name)
-            text, state = backend.prompt(task_name, value, opts, path)
-            return gr.update(label=new_label, value=value), text, state
-
-        def respond(path, task_name, text, opts, question, hist, n, temp, p):
-            for turn in backend.respond(path, task_name, text, opts, question, hist, n, temp, p):
-                yield (turn.messages, turn.history, turn.annotated, turn.result, turn.json_path,
-                       turn.status)
-
-        def new_chat():
-            return [], [], None, None, None, ""
-
-        # Prompt previews and resets never touch the model: they skip the model's queue.
-        light = {"concurrency_limit": None, "trigger_mode": "always_last"}
-        prompt_inputs = [task, task_input, options, image]
-        task.change(pick_task, [task, options, image], [task_input, prompt, status], **light)
-        for box in (task_input, options):  # user edits only, so an edited prompt survives
-            box.input(refresh_prompt, prompt_inputs, [prompt, status], **light)
-        image.change(refresh_prompt, prompt_inputs, [prompt, status], **light)
-        image.change(new_chat, None, [chat, history, annotated, result, download, status],
-                     **light)
-        app.load(refresh_prompt, prompt_inputs, [prompt, status], **light)
-        outputs = [chat, history, annotated, result, download, status]
-        run_inputs = [image, task, task_input, options, prompt, history, max_len, temperature,
-                      top_p]
-        run.click(respond, run_inputs, outputs)
-        prompt.submit(respond, run_inputs, outputs)
-        clear.click(new_chat, None, outputs, **light)
+                _output_column(gr, page)
+        _wire_events(app, page, backend)
     app.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
     return app
 
 
-def _dtype(name: str):
-    import torch
+@dataclass
+class _Page:
+    "The page's components, filled in by the column builders."
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return table[name]
+    history: Any
+    image: Any = None
+    task: Any = None
+    task_input: Any = None
+    options: Any = None
+    prompt: Any = None
+    continue_chat: Any = None
+    run: Any = None
+    clear: Any = None
+    max_len: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    chat: Any = None
+    annotated: Any = None
+    status: Any = None
+    result: Any = None
+    download: Any = None
+
+    @property
+    def outputs(self) -> list:
+        return [self.chat, self.history, self.annotated, self.result, self.download, self.status]
+
+
+def _input_column(gr, page: _Page, backend: DemoBackend) -> None:
+    "Image, task, its inputs and prompt, the buttons and the generation settings."
+    names = [t.name for t in list_tasks()]
+    first = "detection" if "detection" in names else names[0]
+    label, example = backend.input_label(first)
+    page.image = gr.Image(type="filepath", image_mode=None, sources=["upload"], label="Image",
+                          elem_id="input-image", height=320)
+    page.task = gr.Dropdown(names, value=first, label="Task", elem_id="task")
+    page.task_input = gr.Textbox(label=label, value=example, elem_id="task-input",
+                                 max_length=MAX_INPUT_CHARS)
+    with gr.Accordion("More task options (JSON)", open=False):
+        page.options = gr.Textbox(label='e.g. {"max_objects": 20}', value="", elem_id="options",
+                                  max_length=MAX_OPTIONS_JSON_CHARS)
+    page.prompt = gr.Textbox(label="Prompt (editable; empty: the task's own)", value="", lines=3,
+                             elem_id="prompt", max_length=MAX_PROMPT_CHARS)
+    page.continue_chat = gr.Checkbox(False, label="Continue chat (ask as the next turn; "
+                                     "off: each question on its own)", elem_id="continue-chat")
+    with gr.Row():
+        page.run = gr.Button("Run", variant="primary", elem_id="run")
+        page.clear = gr.Button("New chat", elem_id="clear")
+    with gr.Accordion("Generation", open=False):
+        page.max_len = gr.Slider(1, backend.max_gen_len, value=backend.max_gen_len, step=1,
+                                 label="Max new tokens", elem_id="max-gen-len")
+        page.temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature")
+        page.top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+
+
+def _output_column(gr, page: _Page) -> None:
+    "The chat, the drawn result, the status and the JSON with its download."
+    page.chat = gr.Chatbot(label="Chat", elem_id="chat", height=260, feedback_options=None)
+    page.annotated = gr.Image(label="Result", interactive=False, elem_id="annotated",
+                              format="png")
+    page.status = gr.Markdown("", elem_id="status")
+    page.result = gr.JSON(label="Parsed result", elem_id="result-json")
+    page.download = gr.File(label="Download JSON", elem_id="result-file", interactive=False)
+
+
+def _wire_events(app, page: _Page, backend: DemoBackend) -> None:
+    """Connect the components to ``backend``. Prompt previews and resets never touch the model:
+    they skip the model's queue."""
+    import gradio as gr
+
+    def prompt(task, task_input, options, image):
+        return backend.prompt(task, task_input, options, image)
+
+    def pick_task(task, options, image, continue_chat):
+        new_label, value = backend.input_label(task)
+        text, state = backend.prompt(task, value, options, image)
+        fresh = [gr.update()] * 5 if continue_chat else [[], [], None, None, None]
+        return (gr.update(label=new_label, value=value), text, state, *fresh)
+
+    def run(image, task, task_input="", options="", prompt="", history=None,
+            max_new_tokens=backend.max_gen_len, temperature=0.0, top_p=0.95,
+            continue_chat=False):
+        for turn in backend.respond(image, task, task_input, options, prompt, history,
+                                    max_new_tokens, temperature, top_p, continue_chat):
+            yield (turn.messages, turn.history, turn.annotated, turn.result, turn.json_path,
+                   turn.status)
+
+    def new_chat():
+        return [], [], None, None, None, ""
+
+    light = {"concurrency_limit": None, "trigger_mode": "always_last"}
+    hidden = {"api_visibility": "private"}
+    p = page
+    prompt_inputs = [p.task, p.task_input, p.options, p.image]
+    p.task.change(pick_task, [p.task, p.options, p.image, p.continue_chat],
+                  [p.task_input, p.prompt, p.status, p.chat, p.history, p.annotated, p.result,
+                   p.download], api_name="pick_task", api_description=API["pick_task"], **light)
+    for box in (p.task_input, p.options):  # user edits only, so an edited prompt survives
+        box.input(prompt, prompt_inputs, [p.prompt, p.status], api_name=f"{box.elem_id}_edit",
+                  **hidden, **light)
+    p.image.change(prompt, prompt_inputs, [p.prompt, p.status], api_name="prompt",
+                   api_description=API["prompt"], **light)
+    p.image.change(new_chat, None, p.outputs, api_name="new_image", **hidden, **light)
+    app.load(prompt, prompt_inputs, [p.prompt, p.status], api_name="page_load", **hidden, **light)
+    run_inputs = [p.image, p.task, p.task_input, p.options, p.prompt, p.history, p.max_len,
+                  p.temperature, p.top_p, p.continue_chat]
+    p.run.click(run, run_inputs, p.outputs, api_name="run", api_description=API["run"])
+    p.prompt.submit(run, run_inputs, p.outputs, api_name="prompt_enter", **hidden)
+    p.clear.click(new_chat, None, p.outputs, api_name="new_chat",
+                  api_description=API["new_chat"], **light)
 
 
 @click.command(name="serve")
@@ -692,9 +786,12 @@ def _dtype(name: str):
               help="interface to bind; 0.0.0.0 exposes the demo to your network")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--share", is_flag=True, help="also create a public gradio.live link")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 @click.option("--dtype", default="fp32", show_default=True,
               type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="store the LLM's linear weights as int8 (weight-only; needs torchao)")
 @click.option("--max-gen-len", default=512, show_default=True, type=click.IntRange(1),
               help="largest answer, in tokens")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
@@ -703,10 +800,19 @@ def _dtype(name: str):
               help="largest upload, e.g. 20mb")
 @click.option("--queue-size", default=DEFAULT_QUEUE_SIZE, show_default=True,
               type=click.IntRange(1), help="requests that may wait for the model")
-def serve_command(checkpoint, sam, sam_type, host, port, share, device, dtype, max_gen_len,
-                  max_pixels, max_file_size, queue_size):
-    "Serve a local web demo (gradio): upload, tasks, streaming chat, drawn results, JSON."
-    model, note = load_model(checkpoint, device=device, dtype=_dtype(dtype))
+def serve_command(checkpoint, sam, sam_type, host, port, share, device, dtype, quantize,
+                  max_gen_len, max_pixels, max_file_size, queue_size):
+    """Serve a local web demo (gradio): upload, tasks, streaming chat, drawn results, JSON.
+
+    \b
+    Examples:
+      sphinx-tools serve                 # the embedded demo model on 127.0.0.1:7860
+      sphinx-tools serve -c /ckpt/SPHINX-v2-1k --dtype bf16 --sam /ckpt/sam_vit_h_4b8939.pth
+    """
+    from sphinx_tools.cli import _device, _dtype
+
+    device = _device(device)
+    model, note = load_model(checkpoint, device=device, dtype=_dtype(dtype), quantize=quantize)
     sam_predictor = None
     if sam is not None:
         from sphinx_tools.pipelines.segment import load_sam

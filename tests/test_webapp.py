@@ -26,8 +26,15 @@ from PIL import Image
 os.environ.setdefault("SPHINX_TOOLS_LOAD_PLUGINS", "none")  # built-in tasks only
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from sphinx_tools import GroundedCaption, SceneGraph, get_task, list_tasks  # noqa: E402
+from sphinx_tools import (  # noqa: E402
+    GroundedCaption,
+    SceneGraph,
+    build_prompt,
+    get_task,
+    list_tasks,
+)
 from sphinx_tools.pipelines import webapp  # noqa: E402
+from sphinx_tools.records import ALL_FIELDS, to_record  # noqa: E402
 from sphinx_tools.demo.synth import generate_scene, scene_qas  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -163,9 +170,10 @@ def test_respond_streams_parses_draws_and_writes_json(tmp_path, scene, image_pat
     assert final.history == [[qa.question, qa.answer]]
     assert [m["role"] for m in final.messages] == ["user", "assistant"]
     # the result: one triangle box, drawn on the image, in the JSON and its file
-    objects = final.result["result"]["objects"]
-    assert [o["class_name"] for o in objects] == ["triangle"]
-    x1, y1, x2, y2 = (int(round(v)) for v in objects[0]["xyxy"])
+    record = final.result["result"]
+    assert record["type"] == "detections" and record["class_name"] == ["triangle"]
+    assert record["raw_text"] == qa.answer
+    x1, y1, x2, y2 = (int(round(v)) for v in record["boxes"][0])
     assert abs(x1 - scene.objects[0].xyxy[0]) <= 2 and abs(y2 - scene.objects[0].xyxy[3]) <= 2
     drawn = np.array(final.annotated).astype(int)
     changed = np.abs(drawn - np.array(scene.image)).sum(axis=2) > 0
@@ -183,10 +191,51 @@ def test_second_turn_carries_the_conversation(tmp_path, scene, image_path):
     demo = backend(model, tmp_path)
     turn1 = list(demo.respond(image_path, "detection", "", "", first.question, []))[-1]
     question = second.options["question"]
-    turn2 = list(demo.respond(image_path, "vqa", question, "", second.question, turn1.history))[-1]
+    turn2 = list(demo.respond(image_path, "vqa", question, "", second.question, turn1.history,
+                              continue_chat=True))[-1]
     assert turn2.result["result"] == {"type": "text", "text": second.answer}
     assert len(turn2.messages) == 4 and turn2.messages[-1]["content"] == second.answer
     assert f"### Assistant: {first.answer}\n### Human: {second.question}" in model.prompts[1][0]
+
+
+def test_each_question_stands_alone_unless_the_chat_continues(tmp_path, scene, image_path):
+    first, second = answer_for(scene, "detection"), answer_for(scene, "caption")
+    model = ScriptedModel(first.answer, second.answer)
+    demo = backend(model, tmp_path)
+    turn1 = list(demo.respond(image_path, "detection", "", "", first.question, []))[-1]
+    turn2 = list(demo.respond(image_path, "caption", "", "", "", turn1.history))[-1]
+    question = get_task("caption").prompt()  # an empty prompt asks the task's own
+    assert model.prompts[1][0] == build_prompt([[question, None]])  # no earlier turn in it
+    assert turn2.history == [[question, second.answer]]
+    assert [m["content"] for m in turn2.messages] == [question, second.answer]
+
+
+def test_pose_without_a_box_asks_for_the_people_first(tmp_path):
+    "Detection finds two people (and a dog); pose then asks one question per person box."
+    image = Image.new("RGB", (200, 100), "white")
+    path = tmp_path / "people.png"
+    image.save(path)
+    people = ("<p>person</p> [0.10,0.30,0.30,0.70] <p>dog</p> [0.40,0.40,0.50,0.60] "
+              "<p>person</p> [0.60,0.30,0.80,0.70]")
+    pose = "<p>nose</p> [0.20,0.35] <p>left eye</p> [0.21,0.34]"
+    model = ScriptedModel(people, pose, pose.replace("0.2", "0.7"))
+    demo = backend(model, tmp_path)
+    final = list(demo.respond(str(path), "pose", "", "", "", []))[-1]
+    assert final.status.startswith("Done") and "2 object" in final.status, final.status
+    pose_task = get_task("pose")
+    asked = [q for q, _ in final.history]
+    assert asked[0] == get_task("detection").prompt(classes=["person"])
+    boxes = [(20.0, 10.0, 60.0, 90.0), (120.0, 10.0, 160.0, 90.0)]  # 200x200 padded square
+    assert asked[1:] == [pose_task.prompt(box=b, image_size=(200, 100)) for b in boxes]
+    record = final.result["result"]
+    assert record["type"] == "keypoints" and [p["box"] for p in record["people"]] == \
+        [list(b) for b in boxes]
+    assert final.result["options"] == {"boxes": [list(b) for b in boxes]}
+    assert final.result["prompt"] == asked[1:] and len(final.result["answer"]) == 2
+    # a typed box, or a prompt of one's own, asks pose alone
+    model = ScriptedModel(pose)
+    list(backend(model, tmp_path).respond(str(path), "pose", "20,10,60,90", "", "", []))
+    assert len(model.prompts) == 1
 
 
 def test_max_gen_len_is_capped_by_the_server(tmp_path, image_path):
@@ -228,7 +277,6 @@ def test_concurrent_users_share_one_model_one_at_a_time(tmp_path, image_path):
     "case, message",
     [
         ("no image", "upload an image first"),
-        ("empty prompt", "the prompt is empty"),
         ("too many pixels", "at most 1,000"),
         ("not an image", "cannot read the image"),
         ("bad options", "JSON object"),
@@ -241,8 +289,6 @@ def test_respond_errors_are_shown_not_raised(tmp_path, image_path, case, message
     path, prompt, options = image_path, "Describe.", ""
     if case == "no image":
         path = None
-    elif case == "empty prompt":
-        prompt = "  "
     elif case == "not an image":
         path = tmp_path / "fake.png"
         path.write_text("not a png")
@@ -295,9 +341,14 @@ def test_draw_and_json_for_every_result_type(kind, task, options, result_type):
     assert data["type"] == result_type
     json.dumps(data)  # plain JSON types only
     if result_type == "keypoints":
-        assert len(data["names"]) == 17 and len(data["objects"][0]["keypoints"]) == 17
+        assert len(data["names"]) == 17 and len(data["people"][0]["keypoints"]) == 17 * 3
     if task == "ocr":
-        assert {o["text"] for o in data["objects"]} == {w for w, _ in scene.words}
+        assert set(data["text"]) == {w for w, _ in scene.words}
+    if result_type in ("detections", "grounded_caption"):  # labeling's record, every field kept
+        fields = data if result_type == "detections" else data["detections"]
+        assert {"boxes", "scores", "class_name", "parse_notes", "raw_text"} <= set(fields)
+        assert {k: v for k, v in data.items() if k != "entities"} == \
+            {**to_record(result, ALL_FIELDS)}
 
 
 def test_scene_graph_draws_relation_lines():
@@ -315,9 +366,11 @@ def test_scene_graph_draws_relation_lines():
 def test_grounded_caption_json():
     caption = GroundedCaption("a red circle", [("red circle", (2, 12), [[1, 2, 3, 4]])])
     data = webapp.result_json(caption)
-    assert data == {"type": "grounded_caption", "text": "a red circle",
-                    "entities": [{"phrase": "red circle", "span": [2, 12],
-                                  "xyxy": [[1.0, 2.0, 3.0, 4.0]]}]}
+    assert data["caption"] == "a red circle"
+    assert data["entities"] == [{"phrase": "red circle", "span": [2, 12]}]
+    assert data["detections"]["boxes"] == [[1.0, 2.0, 3.0, 4.0]]
+    assert data["detections"]["class_name"] == ["red circle"]
+    assert data["detections"]["entity_index"] == [0]
 
 
 def test_masks_are_drawn_and_exported_as_rle():
@@ -330,8 +383,8 @@ def test_masks_are_drawn_and_exported_as_rle():
     drawn = np.array(webapp.draw_result(image, "text answer", masks))
     assert (drawn[10:20, 5:25] != 255).any(axis=2).all() and (drawn[30:] == 255).all()
     data = webapp.result_json("text answer", masks)
-    rle = data["masks"][0]["mask"]
-    assert data["masks"][0]["mask_area"] == 200
+    (rle,) = data["masks"]["masks"]
+    assert data["masks"]["boxes"] == [[5.0, 10.0, 25.0, 20.0]]
     decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
     assert (decoded.astype(bool) == mask[0]).all()
 
@@ -343,8 +396,9 @@ def test_sam_masks_for_the_boxes(tmp_path, scene, image_path):
     demo = backend(ScriptedModel(qa.answer), tmp_path, sam_predictor=tiny_sam_predictor())
     final = list(demo.respond(image_path, "detection", "", "", qa.question, []))[-1]
     assert final.status.startswith("Done") and "1 mask" in final.status
-    (mask,) = final.result["result"]["masks"]
-    assert mask["mask"]["size"] == [scene.size[1], scene.size[0]] and mask["source_index"] == 0
+    masks = final.result["result"]["masks"]
+    assert [m["size"] for m in masks["masks"]] == [[scene.size[1], scene.size[0]]]
+    assert masks["source_index"] == [0]
 
 
 def tiny_sam_predictor():
@@ -390,8 +444,8 @@ def test_page_builds(tmp_path):
     pytest.importorskip("gradio")
     app = webapp.build_app(backend(ScriptedModel(), tmp_path))
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
-    assert {"input-image", "task", "prompt", "run", "chat", "annotated", "result-json",
-            "result-file", "status"} <= ids
+    assert {"input-image", "task", "prompt", "continue-chat", "run", "chat", "annotated",
+            "result-json", "result-file", "status"} <= ids
 
 
 # -- the real page in a real browser ---------------------------------------------------------------
@@ -502,6 +556,7 @@ def test_browser_upload_run_chat_and_download(server, tmp_path, scene):
             expect(page.locator("#status")).to_contain_text("Error")
             page.locator("#options textarea, #options input").first.fill("")
             # 6. a second turn: a free question in the edited prompt, same conversation
+            page.locator("#continue-chat input").check()
             prompt.fill("What shapes do you see?")
             page.locator("#run").click()
             expect(page.locator("#chat")).to_contain_text("What shapes do you see?")
@@ -509,3 +564,28 @@ def test_browser_upload_run_chat_and_download(server, tmp_path, scene):
             expect(page.locator("#chat [data-testid='user']")).to_have_count(2)
         finally:
             context.close()
+
+
+def test_the_named_api_answers_gradio_client(server, tmp_path, scene, monkeypatch):
+    "The README's gradio_client example, against ``sphinx-tools serve``."
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    picture = tmp_path / "api.png"
+    scene.image.save(picture)
+    client = Client(server, verbose=False, download_files=str(tmp_path / "downloads"))
+    api = client.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {f"/{name}" for name in webapp.API}
+    prompt, status = client.predict("detection", "circle", "", handle_file(str(picture)),
+                                    api_name="/prompt")
+    assert (prompt, status) == ("Detect all circles shown in the image.", "")
+    chat, drawn, result, json_file, status = client.predict(
+        image=handle_file(str(picture)), task="detection", api_name="/run")
+    assert status.startswith("Done"), status
+    assert result["task"] == "detection" and result["image_size"] == list(scene.size)
+    assert result["prompt"] == "Detect all objects shown in the image."  # the task's own prompt
+    assert result["result"]["type"] == "detections"
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert Image.open(drawn).size == scene.size
+    assert json.loads(Path(json_file).read_text()) == result

@@ -96,10 +96,15 @@ def test_a_prompt_over_the_limit_never_reaches_the_model(demo, image_path):
 def test_a_conversation_over_the_limit_asks_for_a_new_chat(demo, image_path):
     long_answer = "y" * (webapp.MAX_CONVERSATION_CHARS // 2)
     history = [["an earlier question", long_answer], ["another one", long_answer]]
-    turns = list(demo.respond(image_path, "caption", "", "", "And now?", history))
+    turns = list(demo.respond(image_path, "caption", "", "", "And now?", history,
+                              continue_chat=True))
     assert "start a new chat" in turns[-1].status and demo.model.prompts == []
-    turns = list(demo.respond(image_path, "caption", "", "", "And now?", history[:1]))
+    turns = list(demo.respond(image_path, "caption", "", "", "And now?", history[:1],
+                              continue_chat=True))
     assert turns[-1].status.startswith("Done") and len(demo.model.prompts) == 1
+    turns = list(demo.respond(image_path, "caption", "", "", "And now?", history))
+    assert turns[-1].status.startswith("Done")  # a question on its own carries no conversation
+    assert "y" * 100 not in demo.model.prompts[-1]
 
 
 def test_the_page_limits_its_text_boxes(demo):

@@ -2,10 +2,15 @@
 
 Layout of the output (a superset of COCO detection / keypoints / captions)::
 
-    info        run metadata: model, tasks, prompts, options, versions, date
-    categories  source / ontology categories first (ids kept), new names appended; ``person``
-                carries the 17 COCO keypoint names and the skeleton
-    images      {id, file_name (relative to the source root), width, height}
+    info        run metadata: model, tasks, prompts, options, versions, date (and ``filters``
+                when ``min_score`` / ``nms`` dropped boxes)
+    categories  given categories first (``--categories`` file, else the source's, else the
+                ontology's in its order; ids kept), new names appended with the id the work log
+                recorded for them, else the next id; ``person`` carries the 17 COCO keypoint
+                names and the skeleton
+    images      {id, file_name (relative to the source root), width, height}; the id is the
+                source's own for a COCO source, else the one the work log recorded for the file
+                name, else the next one (a fresh run numbers the images 1, 2, ... in source order)
     annotations {id, image_id, category_id, bbox [x, y, w, h] px, area, iscrowd 0, score, task,
                  segmentation (with SAM: compressed RLE, or polygons with
                  ``mask_format="polygon"``), keypoints + num_keypoints (pose),
@@ -19,8 +24,16 @@ Layout of the output (a superset of COCO detection / keypoints / captions)::
 The merge reads no image: it finds each source item's content hash in the work log (from the
 item's own result records, or from a ``seen`` record a run wrote when it skipped the item) and
 looks its results up by work key, so duplicated and renamed images get the results of their
-content. The temp folder of section files (``.<out name>.XXXXXXXX/*.part``) and the assembled temp
-file (``.<out name>.tmp-PID``) are removed when the merge fails; :func:`remove_debris` removes
+content.
+
+Ids stay put across re-runs that add or remove images: the first merge that meets a file name
+(or a new category name) gives it an id and records it in the work log (an ``image_id`` /
+``category_id`` record); later merges reuse it, and new names get ids after every recorded one.
+Boxes may be filtered per image (:class:`~.filters.AnnotationFilter`: ``min_score``, NMS); the
+annotation ids count only the annotations written.
+
+The temp folder of section files (``.<out name>.XXXXXXXX/*.part``) and the assembled temp file
+(``.<out name>.tmp-PID``) are removed when the merge fails; :func:`remove_debris` removes
 those that a killed process left behind. File names with lone surrogates (undecodable bytes) are
 written with JSON ``\\u`` escapes, so the file stays valid UTF-8 JSON.
 """
@@ -37,12 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sphinx_tools.coco import rle_area, rle_to_polygons
 from sphinx_tools.parsing import normalize_label
 
 from .engine import SEGMENT, Labeler
-from .segmenting import rle_area, rle_to_polygons
+from .filters import AnnotationFilter
 from .sources import Source
-from .worklog import WorkLog, json_text, log_dir_for
+from .worklog import WorkLog, json_text, log_dir_for, work_key
 
 COCO_KEYPOINT_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -53,6 +67,7 @@ COCO_SKELETON = [
     [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
     [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
 ]
+ID_KINDS = ("image_id", "category_id")  # work-log records of the ids given to names
 SECTIONS = ("images", "annotations", "captions", "vqa", "relations", "failures")
 FAILURE = "__failure__"
 BOX_MATCH_PX = 1.0
@@ -61,31 +76,48 @@ MASK_FORMATS = ("rle", "polygon")
 
 @dataclass
 class MergeSummary:
-    "What the merge wrote: counts per section, images not (yet) labeled, torn log lines."
+    """What the merge wrote: counts per section, images not (yet) labeled, torn log lines, and
+    per reason (``min_score``, ``nms``) the annotations the filter dropped."""
 
     counts: dict = field(default_factory=dict)
     missing: int = 0
     torn_lines: int = 0
     path: Path | None = None
+    dropped: dict = field(default_factory=dict)
 
 
 class Categories:
-    """COCO categories by name: the given ones keep their ids, new names get the next ids.
+    """COCO categories by name: the given ones keep their ids, new names get the id recorded for
+    them (when no given category has it), else the next id after every given and recorded one.
 
     Args:
         given: COCO category dicts to start from.
+        recorded: ``{name: id}`` given to names by earlier merges (see the module docstring).
+
+    Attributes:
+        new: ``{name: id}`` of the names given an id here for the first time (to record).
     """
 
-    def __init__(self, given=()):
+    def __init__(self, given=(), recorded: dict | None = None):
         self.items = [dict(c) for c in given]
         self.by_name = {c["name"]: c for c in self.items}
-        self._next = max((int(c["id"]) for c in self.items), default=0) + 1
+        self.recorded = dict(recorded or {})
+        taken = {int(c["id"]) for c in self.items}
+        self._free = {n: i for n, i in self.recorded.items() if i not in taken}
+        self._next = max([*taken, *self.recorded.values()], default=0) + 1
+        self.new: dict[str, int] = {}
 
     def id(self, name: str) -> int:
         "The id of ``name``, adding it when new."
         if name not in self.by_name:
-            entry = {"id": self._next, "name": name, "supercategory": name}
-            self._next += 1
+            if name in self._free:
+                cid = self._free.pop(name)
+            else:
+                cid = self._next
+                self._next += 1
+                if name not in self.recorded:
+                    self.new[name] = cid
+            entry = {"id": cid, "name": name, "supercategory": name}
             self.items.append(entry)
             self.by_name[name] = entry
         return self.by_name[name]["id"]
@@ -125,6 +157,34 @@ class _ArrayFile:
             pass
 
 
+class ImageIds:
+    """COCO image ids that stay put: the source's own ids for a COCO source, else the id recorded
+    for the file name, else the next id after every recorded and given one.
+
+    Args:
+        recorded: ``{file name: id}`` from the work log.
+        own: use each item's own id (a COCO source's).
+
+    Attributes:
+        new: ``{file name: id}`` of the names given an id here for the first time (to record).
+    """
+
+    def __init__(self, recorded: dict | None = None, own: bool = False):
+        self.recorded = dict(recorded or {})
+        self.own = own
+        self._next = max(self.recorded.values(), default=0) + 1
+        self.new: dict[str, int] = {}
+
+    def __call__(self, item) -> int:
+        if self.own:
+            return item.image_id
+        name = item.file_name
+        if name not in self.recorded:
+            self.recorded[name] = self.new[name] = self._next
+            self._next += 1
+        return self.recorded[name]
+
+
 class CocoBuilder:
     """Turns one image's task records into COCO entries, streamed to section files.
 
@@ -136,10 +196,13 @@ class CocoBuilder:
         mask_format: ``"rle"`` (compressed RLE, exact) or ``"polygon"`` (outer contours, for tools
             that only read polygons; a mask with no 3-point contour stays RLE). ``area`` is the
             mask's pixel count either way.
+        annotation_filter: drops boxes task by task (``min_score``, NMS) before pose and REG
+            attach to detections; ``None``: keep all.
     """
 
     def __init__(self, folder: Path, categories: Categories, ontology=None,
-                 question: str | None = None, mask_format: str = "rle"):
+                 question: str | None = None, mask_format: str = "rle",
+                 annotation_filter: AnnotationFilter | None = None):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"unknown mask format {mask_format!r}; use one of {MASK_FORMATS}")
         self.mask_format = mask_format
@@ -147,6 +210,7 @@ class CocoBuilder:
         self.categories = categories
         self.ontology = ontology
         self.question = question
+        self.filter = annotation_filter if annotation_filter and annotation_filter.active else None
         self.ids = {name: itertools.count(1) for name in ("annotations", "captions", "vqa")}
 
     # -- categories ----------------------------------------------------------------------------
@@ -167,25 +231,33 @@ class CocoBuilder:
         return self.categories.id("object")
 
     # -- images --------------------------------------------------------------------------------
-    def add_image(self, item, wh, results: dict) -> None:
-        "Write one labeled image and everything found on it."
-        image_id = item.image_id
+    def add_image(self, item, wh, results: dict, image_id: int | None = None) -> None:
+        "Write one labeled image (as ``image_id``, default the item's) and everything found on it."
+        image_id = item.image_id if image_id is None else image_id
         self.sections["images"].add({"id": image_id, "file_name": item.file_name,
                                      "width": int(wh[0]), "height": int(wh[1])})
         anns: dict[str, list] = {}  # task -> per box of its record, the annotation (or None)
         for task, result in results.items():
             if task != SEGMENT:
-                anns[task] = self._task(task, result, image_id, anns)
+                anns[task] = self._filtered(self._task(task, result, image_id, anns))
         if SEGMENT in results:
             self._masks(results[SEGMENT], anns)
         for ann in (a for task_anns in anns.values() for a in task_anns if a is not None):
+            ann["id"] = next(self.ids["annotations"])
             self.sections["annotations"].add(ann)
         if "relation" in results:
             self._relations(results["relation"], anns["relation"], image_id)
 
-    def add_failure(self, item, reason: str) -> None:
-        self.sections["failures"].add({"file_name": item.file_name, "image_id": item.image_id,
+    def add_failure(self, item, reason: str, image_id: int | None = None) -> None:
+        self.sections["failures"].add({"file_name": item.file_name,
+                                       "image_id": item.image_id if image_id is None else image_id,
                                        "reason": reason})
+
+    def _filtered(self, anns: list) -> list:
+        "``anns`` with the boxes the filter drops as ``None`` (positions kept for masks)."
+        if self.filter is None:
+            return anns
+        return [a if k else None for a, k in zip(anns, self.filter.keep(anns), strict=True)]
 
     def _task(self, task: str, result: dict, image_id: int, anns: dict) -> list:
         kind = result["type"]
@@ -208,7 +280,7 @@ class CocoBuilder:
     def _annotation(self, image_id, category_id, xyxy, score, task, **extra) -> dict:
         x1, y1, x2, y2 = (float(v) for v in xyxy)
         w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
-        ann = {"id": next(self.ids["annotations"]), "image_id": image_id,
+        ann = {"id": None, "image_id": image_id,  # the id is given when it is written
                "category_id": category_id, "bbox": [round(x1, 2), round(y1, 2), round(w, 2),
                                                     round(h, 2)],
                "area": round(w * h, 2), "iscrowd": 0, "score": 1.0 if score is None else score,
@@ -338,11 +410,15 @@ class LogIndex:
         hashes: file name -> ``{content hash: t}``, the newest time each hash was logged for it
             (by a result or a seen record).
         failures: file name -> ``(t, file number, offset)`` of its newest failure record.
+        image_ids: file name -> the image id recorded for it.
+        category_ids: category name -> the id recorded for it.
     """
 
     results: dict = field(default_factory=dict)
     hashes: dict = field(default_factory=dict)
     failures: dict = field(default_factory=dict)
+    image_ids: dict = field(default_factory=dict)
+    category_ids: dict = field(default_factory=dict)
 
 
 def index_log(log: WorkLog) -> LogIndex:
@@ -350,6 +426,12 @@ def index_log(log: WorkLog) -> LogIndex:
     index = LogIndex()
     for number, offset, r in log.entries():
         kind, t, name = r.get("kind"), r.get("t", 0.0), r.get("file_name")
+        if kind == ID_KINDS[0] and isinstance(r.get("image_id"), int):
+            index.image_ids.setdefault(name, r["image_id"])  # the first one recorded
+            continue
+        if kind == ID_KINDS[1] and isinstance(r.get("category_id"), int):
+            index.category_ids.setdefault(r.get("name"), r["category_id"])
+            continue
         if kind == "failure":
             if name not in index.failures or t >= index.failures[name][0]:
                 index.failures[name] = (t, number, offset)
@@ -378,7 +460,9 @@ def _pick(labeler: Labeler, index: LogIndex, item, tasks) -> tuple[dict | None, 
 
 
 def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = None,
-               metadata: dict | None = None, mask_format: str = "rle") -> MergeSummary:
+               metadata: dict | None = None, mask_format: str = "rle",
+               categories: list | None = None,
+               annotation_filter: AnnotationFilter | None = None) -> MergeSummary:
     """Merge every rank's work log into the COCO file ``out`` (atomically replaced).
 
     Images come in source order; an image is written when every task has a current record (its
@@ -393,6 +477,10 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
         metadata: extra run metadata for ``info``.
         mask_format: SAM masks as ``"rle"`` (compressed RLE) or ``"polygon"`` (see
             :class:`CocoBuilder`).
+        categories: COCO categories whose names and ids to use (e.g. the ground truth's, so
+            that a plain COCOeval against it is right); default the source's, else the
+            ontology's.
+        annotation_filter: drop boxes by score and NMS (counted in ``MergeSummary.dropped``).
 
     Returns:
         A :class:`MergeSummary`.
@@ -404,38 +492,58 @@ def write_coco(out, source: Source, labeler: Labeler, *, limit: int | None = Non
     out = Path(out)
     log = WorkLog(log_dir_for(out), rank=0)
     index = index_log(log)
-    categories = Categories(source.categories or _ontology_categories(labeler.ontology))
+    given = categories or source.categories or _ontology_categories(labeler.ontology)
+    categories = Categories(given, index.category_ids)
     if "pose" in labeler.names:
         categories.add_person_keypoints()
+    image_ids = ImageIds(index.image_ids, own=source.kind == "coco")
     tasks = labeler.work_names
     summary = MergeSummary(torn_lines=log.torn_lines)
+    flt = annotation_filter if annotation_filter is not None and annotation_filter.active else None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         builder = CocoBuilder(Path(tmp), categories, labeler.ontology,
-                              labeler.options.get("vqa", {}).get("question"), mask_format)
+                              labeler.options.get("vqa", {}).get("question"), mask_format, flt)
         try:
             items = source.items() if limit is None else itertools.islice(source.items(), limit)
             for item in items:
+                image_id = image_ids(item)
                 chosen, t = _pick(labeler, index, item, tasks)
                 failure = index.failures.get(item.file_name)
                 if failure is not None and failure[0] > t:
-                    builder.add_failure(item, log.read(failure[1], failure[2])["reason"])
+                    builder.add_failure(item, log.read(failure[1], failure[2])["reason"],
+                                        image_id)
                 elif chosen is not None:
                     records = {task: log.read(*where) for task, where in chosen.items()}
                     wh = next(iter(records.values()))["wh"]
-                    builder.add_image(item, wh, {task: r["result"] for task, r in records.items()})
+                    builder.add_image(item, wh, {task: r["result"] for task, r in records.items()},
+                                      image_id)
                 else:
                     summary.missing += 1
         except BaseException:
             builder.abort()
+            log.close()
             raise
+        summary.counts = builder.close()
+        info = _info(labeler, source, metadata)
+        if flt is not None:
+            info["filters"] = {**flt.settings(), "dropped": dict(flt.dropped)}
+            summary.dropped = dict(flt.dropped)
+        head = {"info": info, "licenses": [], "categories": categories.items}
+        try:
+            _assemble(out, Path(tmp), head)
+            log.append(_id_records(image_ids.new, categories.new))
         finally:
             log.close()
-        summary.counts = builder.close()
-        head = {"info": _info(labeler, source, metadata), "licenses": [],
-                "categories": categories.items}
-        _assemble(out, Path(tmp), head)
     summary.path = out
     return summary
+
+
+def _id_records(image_ids: dict, category_ids: dict) -> list[dict]:
+    "Work-log records of the ids given to names for the first time (see the module docstring)."
+    records = [{"kind": ID_KINDS[0], "key": work_key(ID_KINDS[0], name), "file_name": name,
+                "image_id": i} for name, i in image_ids.items()]
+    return records + [{"kind": ID_KINDS[1], "key": work_key(ID_KINDS[1], name), "name": name,
+                       "category_id": i} for name, i in category_ids.items()]
 
 
 def _ontology_categories(ontology) -> list:

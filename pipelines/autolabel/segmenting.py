@@ -1,4 +1,5 @@
-"""SAM masks for the boxes of box-carrying results, as COCO compressed RLE.
+"""SAM masks for the boxes of box-carrying results, as COCO compressed RLE
+(``sphinx_tools.coco.encode_rle``).
 
 Drives a ``segment_anything.SamPredictor`` the way ``sphinx_tools.pipelines.segment`` does (box
 prompts, three candidate masks each, the one with the best predicted IoU kept), on an image that
@@ -9,8 +10,8 @@ are made at the original size, as SAM itself makes them from its own smaller inp
 from __future__ import annotations
 
 import numpy as np
-import supervision as sv
-from pycocotools import mask as mask_utils
+
+from sphinx_tools.coco import encode_rle
 
 MASK_BUDGET_PX = 1 << 24  # pixels of masks made per SAM call (boxes x height x width)
 
@@ -67,31 +68,3 @@ def _predict(predictor, xyxy: np.ndarray) -> np.ndarray:
         masks, iou, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=True)
     best = iou.argmax(dim=1)
     return masks[torch.arange(len(best), device=best.device), best].cpu().numpy().astype(bool)
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    "Binary (H, W) mask -> COCO compressed RLE ``{size: [H, W], counts: str}``."
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    "COCO compressed RLE ``{size, counts: str}`` -> (H, W) bool mask."
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
-
-
-def rle_to_polygons(rle: dict) -> list[list[float]]:
-    """COCO compressed RLE -> COCO polygons ``[[x1, y1, x2, y2, ...], ...]``: the outer contour of
-    each connected part of the mask (supervision's ``mask_to_polygons``); holes are not kept.
-    Parts too small for a polygon of 3 points are dropped, so a speck gives ``[]``."""
-    return [[float(v) for v in poly.reshape(-1)] for poly in sv.mask_to_polygons(decode_rle(rle))
-            if len(poly) >= 3]
-
-
-def rle_area(rle: dict) -> float:
-    return float(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
-
-
-def rle_to_bbox(rle: dict) -> list[float]:
-    return [float(v) for v in mask_utils.toBbox({"size": rle["size"],
-                                                 "counts": rle["counts"].encode("ascii")})]

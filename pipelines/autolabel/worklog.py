@@ -8,10 +8,12 @@ keys already present in any rank's file, whatever the world size was.
 
 Record fields: ``key``, ``kind`` (``"result"`` | ``"failure"`` | ``"seen"``), ``file_name``,
 ``image_id``, ``index`` (source order), ``hash``, ``wh`` (width, height), ``task``, ``t`` (unix
-time), and ``result`` (see ``records.py``) or ``reason``. A ``seen`` record says that a file name
-had this content hash when a run skipped it because every result for that content was already in
-the log (a renamed or duplicated image): the merge looks results up by key, from the file name's
-newest content hash.
+time), and ``result`` (see ``sphinx_tools/records.py``) or ``reason``. A ``seen`` record says
+that a file name had this content hash when a run skipped it because every result for that
+content was already in the log (a renamed or duplicated image): the merge looks results up by
+key, from the file name's newest content hash. The merge adds ``image_id`` records
+(``file_name``, ``image_id``) and ``category_id`` records (``name``, ``category_id``) the first
+time it gives a name an id, so ids stay put across re-runs (see ``coco.py``).
 
 File names are ``str`` that may hold lone surrogates (undecodable bytes of an OS file name kept
 with ``surrogateescape``). A record holding one is written with ASCII escapes (``\\udcff``), so

@@ -34,6 +34,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..coco import coco_annotation, write_json
 from ..transforms import PaddedResize
 
 KINDS = ("shapes", "words", "pose", "document")
@@ -749,19 +750,18 @@ def coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
     "COCO annotation dicts for the scene's objects (ids from ``first_id``)."
     out = []
     for k, obj in enumerate(scene.objects):
-        x1, y1, x2, y2 = obj.xyxy
-        ann = {"id": first_id + k, "image_id": image_id, "category_id": CATEGORY_ID[obj.category],
-               "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(obj.area), "iscrowd": 0}
+        extra = {}
         if obj.polygon is not None:
-            ann["segmentation"] = [obj.polygon]
+            extra["segmentation"] = [obj.polygon]
         if obj.color is not None:
-            ann["color"] = obj.color
+            extra["color"] = obj.color
         if obj.text is not None:
-            ann["text"] = obj.text
+            extra["text"] = obj.text
         if obj.keypoints is not None:
-            ann["keypoints"] = [round(float(v), 2) for v in obj.keypoints.ravel()]
-            ann["num_keypoints"] = int((obj.keypoints[:, 2] > 0).sum())
-        out.append(ann)
+            extra["keypoints"] = [round(float(v), 2) for v in obj.keypoints.ravel()]
+            extra["num_keypoints"] = int((obj.keypoints[:, 2] > 0).sum())
+        out.append(coco_annotation(first_id + k, image_id, CATEGORY_ID[obj.category], obj.xyxy,
+                                   area=float(obj.area), **extra))
     return out
 
 
@@ -842,7 +842,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
     coco = {"info": {"description": "sphinx-tools synthetic scenes", "seed": int(seed), "kinds": list(kinds)},
             "images": images, "annotations": annotations, "categories": CATEGORIES, "relations": relations}
     for name, data in (("conversations.json", conversations), ("coco.json", coco), ("rec.json", rec)):
-        (out / name).write_text(json.dumps(data, ensure_ascii=False))
+        write_json(out / name, data)
     return {"images": len(images), "conversations": len(conversations), "annotations": len(annotations),
             "rec": len(rec)}
 

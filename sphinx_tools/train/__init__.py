@@ -3,6 +3,8 @@
 - ``config.py``: every key of the training YAML, its default and its check (:class:`TrainConfig`);
 - ``data.py``: conversation text, tokens and loss labels, packed turns, datasets and batches;
 - ``losses.py``: the loss, and the auxiliary ``token_position`` loss (:class:`TokenPlaces`);
+- ``schedule.py``: the learning-rate schedule and the data-parallel gradient average, shared by
+  the loop and the warm-up;
 - ``loop.py``: :func:`train`, :func:`train_local`, checkpoints and the resume state;
 - ``warmup.py``: the dense encoder warm-up that can run first (``encoder_warmup``).
 """
@@ -29,7 +31,6 @@ from .loop import (
     TRAIN_STATE,
     init_model,
     load_train_state,
-    lr_at,
     plain_state,
     save,
     save_train_state,
@@ -39,6 +40,7 @@ from .loop import (
     train_local,
 )
 from .losses import TokenPlaces, coordinate_weights, loss_fn, patch_token_index
+from .schedule import lr_at
 
 __all__ = [
     "IGNORE", "PARTS", "TOKEN_POSITION_DEFAULTS", "TRAIN_STATE", "ConversationData", "TokenPlaces",

@@ -15,7 +15,6 @@ every rank takes its share of each batch and the gradients are averaged, so N ra
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -32,6 +31,7 @@ from ..tokenizer import Tokenizer
 from .config import PARTS, TrainConfig
 from .data import IGNORE, ConversationData, batches
 from .losses import TokenPlaces, coordinate_weights, loss_fn, position_head
+from .schedule import lr_at, sync_grads
 
 
 def set_trainable(model: Transformer, parts: list[str]) -> int:
@@ -42,14 +42,6 @@ def set_trainable(model: Transformer, parts: list[str]) -> int:
         p.requires_grad_(name.startswith(prefixes))
         n += p.numel() if p.requires_grad else 0
     return n
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    "The learning rate of ``step``: linear warm-up, then cosine decay to ``min_lr``."
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def train_device(spec: str = "auto") -> torch.device:
@@ -144,22 +136,6 @@ def save(model: Transformer, tok: Tokenizer, out: Path, state: dict | None = Non
 def _mp_barrier():
     if torch_dist.is_initialized() and dist.mp_world_size() > 1:
         torch_dist.barrier(group=dist.fs_init.get_model_parallel_group())
-
-
-def _sync_grads(params: list[torch.nn.Parameter]):
-    """Average the trainable parameters' gradients over the data-parallel group, in one
-    all-reduce. A parameter no rank used keeps no gradient (the optimizer skips it, as with one
-    process); one used by some ranks only (a batch without images) counts zeros for the rest."""
-    world = dist.dp_world_size()
-    if world == 1:
-        return
-    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                     + [used])
-    torch_dist.all_reduce(flat, group=dist.fs_init.get_data_parallel_group())
-    grads = flat[: -len(params)] / world
-    for p, avg, n in zip(params, grads.split([p.numel() for p in params]), flat[-len(params):].tolist()):
-        p.grad = avg.view_as(p) if n else None  # views of the one reduced buffer, no copies
 
 
 def _spawned(rank: int, world: int, store_file: str, cfg: TrainConfig, progress: bool):
@@ -461,7 +437,7 @@ def _accumulate(run: _Run, feed, token_weight):
 
 def _update(run: _Run, step: int) -> float:
     "Average the gradients over the data-parallel ranks, clip them and step; returns the norm."
-    _sync_grads(run.params)
+    sync_grads(run.params)
     gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.clip))
     for g in run.opt.param_groups:
         g["lr"] = lr_at(step, run.cfg)

@@ -149,5 +149,5 @@ def patch_token_index(cfg: SphinxConfig) -> torch.Tensor:
     "Sequence index (BOS at 0) of each patch token, view-major and row-major like TokenPlaces.targets."
     v = cfg.vision
     per = cfg.tokens_per_view  # start_img, Q-Former queries, cls, grid * grid patches, end_img
-    first = 1 + torch.arange(cfg.n_views)[:, None] * per + 1 + v.qf_queries + 1
+    first = 1 + torch.arange(cfg.n_views)[:, None] * per + 1 + cfg.qf_queries + 1
     return (first + torch.arange(v.grid * v.grid)[None]).reshape(-1)

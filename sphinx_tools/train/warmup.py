@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..errors import SphinxToolsError
 from ..transforms import PaddedResize
+from .schedule import lr_at, sync_grads
 
 TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
 
@@ -240,8 +241,6 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     ``{"warmup_step", "loss"}`` records to ``log``; returns the losses."""
     from tqdm.auto import tqdm
 
-    from .loop import _sync_grads, lr_at
-
     schedule = SimpleNamespace(lr=spec["lr"], min_lr=0.0, warmup=spec["warmup"], steps=spec["steps"])
 
     data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
@@ -288,7 +287,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
         loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync_grads(params)
+        sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, schedule)

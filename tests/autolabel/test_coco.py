@@ -11,6 +11,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sphinx_tools.pipelines.autolabel import Labeler, Ontology, label_dataset, open_source
 from sphinx_tools.pipelines.autolabel import write_coco
+from sphinx_tools.pipelines.autolabel.coco import ID_KINDS
 from sphinx_tools.pipelines.autolabel.worklog import log_dir_for
 
 from .conftest import ScriptedModel
@@ -85,14 +86,17 @@ def test_rerun_is_a_noop_and_overwrite_redoes(labeled, synth_dir):
 def test_torn_last_line_loses_only_that_item(labeled, synth_dir):
     (_, _, first), out = labeled
     log = next(log_dir_for(out).glob("*.jsonl"))
-    data = log.read_bytes()
-    log.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1 + 25])  # cut inside the last line
+    lines = log.read_bytes().splitlines(keepends=True)
+    ids = [line for line in lines if json.loads(line)["kind"] in ID_KINDS]
+    data = b"".join(line for line in lines if line not in ids)  # the merge's id records last
+    log.write_bytes(b"".join(ids) + data[: data.rstrip(b"\n").rfind(b"\n") + 1 + 25])
     model = ScriptedModel()
     summary, _, again = run(model, synth_dir / "images", out)
     assert summary.labeled == 1 and summary.skipped == 5
     assert again["annotations"] == first["annotations"] and again["images"] == first["images"]
-    torn, last = log.read_text().splitlines()[-2:]
-    assert len(torn) == 25 and json.loads(last)["task"] == TASKS[-1]  # appended on a fresh line
+    after = log.read_text().splitlines()
+    torn = next(k for k, line in enumerate(after) if len(line) == 25)
+    assert json.loads(after[torn + 1])["task"] == TASKS[-1]  # appended on a fresh line
 
 
 def test_changed_prompt_redoes_only_what_depends_on_it(labeled, synth_dir):
@@ -191,7 +195,7 @@ def test_sam_masks_as_compressed_rle(synth_dir, tmp_path, box_sam):
 def test_rle_to_polygons_traces_each_part():
     from pycocotools import mask as mask_utils
 
-    from sphinx_tools.pipelines.autolabel.segmenting import encode_rle, rle_to_polygons
+    from sphinx_tools.coco import encode_rle, rle_to_polygons
 
     yy, xx = np.mgrid[:120, :160]
     disk = (xx - 50) ** 2 + (yy - 60) ** 2 <= 30 ** 2

@@ -9,9 +9,9 @@ from PIL import Image
 
 from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source, write_coco
 from sphinx_tools.pipelines.autolabel.engine import Work
-from sphinx_tools.pipelines.autolabel.records import record_boxes
 from sphinx_tools.pipelines.autolabel.run import load_work
 from sphinx_tools.pipelines.autolabel.sources import ImageItem
+from sphinx_tools.records import record_boxes
 
 from .conftest import ScriptedModel
 
