@@ -183,7 +183,8 @@ def list_tasks() -> list[Task]:
 
 
 def task_info(task: Task) -> dict:
-    "One task as a JSON-friendly row: name, plugin, version, output, variants, default prompt."
+    """One task as a JSON-friendly row: name, plugin, version, output, variants, default prompt,
+    and its options (see :func:`option_rows`)."""
     info = _plugin_info.get(task.plugin or "", {})
     return {
         "name": task.name,
@@ -193,20 +194,94 @@ def task_info(task: Task) -> dict:
         "variants": sorted(task.templates),
         "prompt": task.templates.get("default", ""),
         "description": task.description,
+        "options": option_rows(task.Options),
     }
+
+
+def option_rows(options_class) -> list[dict]:
+    """The fields of a task's ``Options`` model: ``[{name, type, default, required, help,
+    common}]``; ``common`` marks the fields every task has (:class:`TaskOptions`'), ``help`` is
+    the field's line under ``Attributes:`` in the class docstring (or its pydantic description).
+    """
+    from sphinx_tools.tasks import TaskOptions
+
+    helps = {**_attribute_help(TaskOptions), **_attribute_help(options_class)}
+    rows = []
+    for name, field in options_class.model_fields.items():
+        required = field.is_required()
+        if required:
+            default = None
+        elif field.default_factory is not None:
+            default = field.default_factory()
+        else:
+            default = field.default
+        rows.append({"name": name, "type": _annotation_name(field.annotation),
+                     "default": _jsonable(default), "required": required,
+                     "help": field.description or helps.get(name, ""),
+                     "common": name in TaskOptions.model_fields})
+    return rows
+
+
+def _annotation_name(annotation) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _attribute_help(cls) -> dict:
+    "``{name: text}`` from the ``name: text`` lines (and their continuations) of a docstring."
+    helps: dict[str, str] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        match = re.match(r"\s*(\w+):\s+(\S.*)", line)
+        if match and match.group(1) not in ("Attributes", "Args", "Example", "Examples"):
+            current = match.group(1)
+            helps[current] = match.group(2).strip()
+        elif current and line.strip() and line.startswith(" " * 8):
+            helps[current] += " " + line.strip()
+        else:
+            current = None
+    return helps
 
 
 @click.command(name="tasks")
 @click.option("json_", "--json", is_flag=True, help="Output as JSON")
 def tasks_command(json_):
-    "List the available tasks: name, plugin, version, output type and default prompt."
+    """List the available tasks: name, plugin, version, output type, default prompt, and each
+    task's options with their types and defaults (pass them as ``run_task(..., name=value)``
+    or ``label --option TASK.NAME=VALUE``)."""
     rows = [task_info(t) for t in list_tasks()]
     if json_:
         click.echo(json.dumps(rows, indent=2))
         return
+    common = []
     for row in rows:
         click.echo(f"{row['name']}  (plugin {row['plugin']}, version {row['version'] or '-'})")
         click.echo(f"  output:  {row['output']}")
         click.echo(f"  prompt:  {row['prompt']}")
         if len(row["variants"]) > 1:
             click.echo(f"  variants: {', '.join(row['variants'])}")
+        own = [o for o in row["options"] if not o["common"]]
+        common = common or [o for o in row["options"] if o["common"]]
+        if own:
+            click.echo("  options:")
+        for option in own:
+            click.echo(_option_line(option))
+    if common:
+        click.echo("every task also takes:")
+        for option in common:
+            click.echo(_option_line(option))
+
+
+def _option_line(option: dict) -> str:
+    default = "required" if option["required"] else f"default {json.dumps(option['default'])}"
+    text = f"    {option['name']}: {option['type']} ({default})"
+    return text + (f"  {option['help']}" if option["help"] else "")

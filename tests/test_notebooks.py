@@ -15,7 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-CELL_TIMEOUT_S = 240  # per cell; each notebook takes well under a minute on 2 CPU cores
+CELL_TIMEOUT_S = 240  # per cell; generous: a whole notebook takes seconds to a minute
 
 
 @pytest.fixture(scope="session")

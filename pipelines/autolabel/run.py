@@ -240,12 +240,12 @@ def label_dataset(labeler: Labeler, source: Source, out, *, batch_size: int = 8,
                                            budget),
                       items, workers, window=2 * batch_size + workers)
     try:
-        for batch in batched(_timed(loaded, labeler.timer), batch_size):
+        for batch in batched(_ticking(_timed(loaded, labeler.timer), bar), batch_size):
             records = _label_batch(labeler, batch, summary, known)
             if write:
                 with labeler.timer("write"):
                     log.append(records)
-            bar.update(len(batch))
+            bar.update(sum(1 for w in batch if _needs_model(w)))
             bar.set_postfix(failed=len(summary.failed), refresh=False)
     finally:
         log.close()
@@ -280,6 +280,18 @@ def _label_batch(labeler: Labeler, batch: list[Work], summary: RunSummary,
     summary.failed += failed
     summary.labeled += len(todo) - (len(failed) - len(unreadable))
     return records + seen
+
+
+def _needs_model(work: Work) -> bool:
+    return work.error is None and bool(work.pending)
+
+
+def _ticking(works, bar) -> Iterator:
+    "Count an image on the bar as soon as it is read when it needs no model (done, or unreadable)."
+    for work in works:
+        if not _needs_model(work):
+            bar.update(1)
+        yield work
 
 
 def _timed(iterator, timer) -> Iterator:

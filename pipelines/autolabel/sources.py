@@ -326,6 +326,26 @@ def _coco_entries(location: Path, data, root: Path,
     return entries
 
 
+def read_categories(path) -> list:
+    """The checked categories of a COCO file (e.g. the ground truth, for ``--categories``).
+
+    Raises:
+        SourceError: naming the file when it cannot be read or has no categories, or naming its
+            first malformed category.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"cannot read categories from {str(path)!r}: {exc}") from None
+    categories = _categories(path, data) if isinstance(data, dict) else None
+    if not categories:
+        raise SourceError(f"{str(path)!r} has no COCO 'categories' list")
+    return categories
+
+
 def _categories(location: Path, data: dict) -> list:
     "A COCO dict's categories, checked: integer ids, unique; string names; list synonyms."
     where = f"COCO source {str(location)!r}"

@@ -58,13 +58,20 @@ def test_dry_run_lists_work_without_writing(synth_dir, tiny_ckpt, tmp_path):
 
 def test_exports(reference, synth_dir, tiny_ckpt, tmp_path):
     out = tmp_path / "e.json"
-    result = label(synth_dir / "images", tiny_ckpt, out, "--format", "yolo", "--format", "voc",
+    result = label(synth_dir / "images", tiny_ckpt, out, "--format", "yolo,voc",
                    "--format", "label-studio", "--limit", "2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "e_yolo" / "data.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "e_yolo" / "images" / "train").iterdir()) == \
+        ["000000.png", "000001.png"]  # the labeled images, linked
     assert (tmp_path / "e_voc").is_dir()
     tasks = json.loads((tmp_path / "e.label-studio.json").read_text())
-    assert [t["data"]["image"] for t in tasks] == ["000000.png", "000001.png"]
+    root = str((synth_dir / "images").resolve()).lstrip("/")
+    assert [t["data"]["image"] for t in tasks] == [
+        f"/data/local-files/?d={root}/{name}" for name in ("000000.png", "000001.png")]
+    assert (tmp_path / "e.label-studio.xml").is_file()
+    bad = label(synth_dir / "images", tiny_ckpt, out, "--format", "yolo,csv")
+    assert bad.exit_code == 2 and "unknown format 'csv'" in bad.output
 
 
 def test_nothing_succeeded_exits_non_zero(tiny_ckpt, tmp_path):
