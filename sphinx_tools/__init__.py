@@ -6,6 +6,7 @@ SPHINX text with the task plugins stays light.
 
 from importlib import import_module
 
+from . import threads  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 from .annotations import Entity, GroundedCaption, SceneGraph
 from .conversation import build_prompt
 from .errors import CheckpointError, SphinxToolsError, UnknownTaskError

@@ -20,6 +20,18 @@ def _dtype(name: str):
     return table[name]
 
 
+def _device(name: str) -> str:
+    "``auto``: ``cuda`` when a GPU is present, else ``cpu``; any other name passes through."
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda, cuda:N"
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -37,7 +49,8 @@ def main():
 @main.command("make-tiny")
 @click.argument("dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--variant", default="sphinx-1k", show_default=True,
-              type=click.Choice(["sphinx-1k", "sphinx-v2-1k", "sphinx"]))
+              type=click.Choice(["sphinx-1k", "sphinx-v2-1k", "sphinx", "sphinx-tiny",
+                                 "sphinx-tiny-1k", "sphinx-moe", "sphinx-moe-1k"]))
 @click.option("--mp", default=1, show_default=True, type=click.IntRange(1, 64),
               help="number of model-parallel shards to write")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -50,26 +63,38 @@ def make_tiny(dir, variant, mp, seed):
 
 
 @main.command()
-@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
-              help="checkpoint folder (consolidated.NN-of-MM.model.pth, tokenizer.model, ...)")
+@click.option("--checkpoint", "-c", default="demo", show_default=True,
+              type=click.Path(path_type=Path),
+              help="checkpoint folder (consolidated.NN-of-MM.model.pth, tokenizer.model, ...), or "
+                   "`demo` for the embedded demo model")
 @click.option("--image", "-i", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("question")
 @click.option("--max-gen-len", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="fp32", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="store the LLM's linear weights as int8 (weight-only; needs torchao)")
 @click.option("--stream/--no-stream", default=True, show_default=True)
-def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, device, dtype, stream):
-    "Ask SPHINX one question about an image and print the answer."
+def ask(checkpoint, image, question, max_gen_len, temperature, top_p, seed, device, dtype, quantize,
+        stream):
+    """Ask SPHINX one question about an image and print the answer.
+
+    \b
+    Examples:
+      sphinx-tools ask -i examples/images/000000.png "What is in the image?"
+      sphinx-tools ask -c /ckpt/SPHINX-v2-1k --dtype bf16 -i cat.jpg "Describe it."
+    """
     from PIL import Image
 
     from . import dist
     from .conversation import build_prompt
     from .sphinx_model import SphinxModel
 
-    model = SphinxModel.from_pretrained(checkpoint, device=device, dtype=_dtype(dtype))
+    model = SphinxModel.from_pretrained(checkpoint, device=_device(device), dtype=_dtype(dtype),
+                                        quantize=quantize)
     img = None
     if image is not None:
         try:

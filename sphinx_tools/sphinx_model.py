@@ -65,7 +65,8 @@ class SphinxModel:
         return cls(model.eval(), tok)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, mp_group=None) -> "SphinxModel":
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, mp_group=None,
+                        quantize: str | None = None) -> "SphinxModel":
         """Load a checkpoint folder (``consolidated.NN-of-MM.model.pth``, ``tokenizer.model``,
         ``config.json``, ``meta.json``) into this process's model-parallel slice.
 
@@ -75,9 +76,13 @@ class SphinxModel:
             dtype: weight dtype (``torch.float32`` or ``torch.bfloat16``...).
             mp_group: the model-parallel size (int) or ``None`` (existing fairscale groups, or the
                 whole torchrun world, or 1 in a plain process).
+            quantize: ``"int8"`` stores the LLM's linear weights as int8 with per-channel scales
+                (weight-only, torchao; see ``quantize.py``), or None.
         """
         from .checkpoint import resolve
+        from .quantize import check_mode, quantize_llm
 
+        check_mode(quantize)
         t0 = time.perf_counter()
         path = resolve(path)
         shards_files = find_shards(path)
@@ -96,10 +101,17 @@ class SphinxModel:
                 f"n_heads {cfg.n_heads} (n_kv_heads {cfg.n_kv_heads}) of {path} is not divisible "
                 f"by the model-parallel size {mp}"
             )
+        if cfg.n_experts and cfg.ffn_hidden % mp:
+            raise CheckpointError(
+                f"the expert hidden_dim {cfg.ffn_hidden} of {path} is not divisible by the "
+                f"model-parallel size {mp} (each expert's rows are split over the ranks)"
+            )
         model = build_meta(cfg)
         check_keys(model, shards[0], path)
         materialize(model, shards, device, dtype, dist.mp_rank(), mp, path)
         del shards
+        if quantize is not None:
+            quantize_llm(model, quantize)
         m = cls(model.eval(), tokenizer)
         m.load_stats = {"load_s": time.perf_counter() - t0, "checkpoint_mp": len(shards_files),
                         "runtime_mp": mp, "path": str(path)}
@@ -228,12 +240,13 @@ class SphinxModel:
     def generate_multi(self, images: Sequence, questions: Sequence[Sequence[str]],
                        max_gen_len: int | Sequence[Sequence[int]] = 512, temperature: float = 0.0,
                        top_p: float = 0.95, stop: Sequence[str] = STOP,
-                       seed: int = 0) -> list[list[Generation]]:
+                       seed: int = 0, max_rows: int | None = None) -> list[list[Generation]]:
         """Answer several prompts per image, sharing the work common to them.
 
         Each image is preprocessed and encoded once; the longest common token prefix of its
-        prompts (BOS + image tokens + system prompt + ...) is prefilled once and its KV cache
-        reused by every prompt; all prompts of all images then decode as one batch. Greedy
+        prompts (BOS + image tokens + system prompt + ...) is prefilled once and attended by
+        every prompt (no copies); the prompts of all images then decode as one batch of at most
+        ``max_rows`` rows (default: all), a finished row's slot going to the next prompt. Greedy
         results equal independent :meth:`generate` calls.
 
         Args:
@@ -241,6 +254,7 @@ class SphinxModel:
             questions: per image, its full conversation prompts.
             max_gen_len: one budget for every prompt, or per image one per prompt (a short
                 answer's row stops at its own budget while longer ones go on).
+            max_rows: most prompts decoded at once (continuous batching), or None for all.
 
         Returns:
             Per image, one Generation per prompt, in order.
@@ -259,7 +273,8 @@ class SphinxModel:
                 raise ValueError("`max_gen_len` per prompt must have the shape of `questions`")
             max_gen_len = [b for bs in max_gen_len for b in bs]
         shared, rows, index = self._shared_rows(images, questions)
-        for _ in self._decode(rows, max_gen_len, temperature, top_p, stop, seed, shared, index):
+        for _ in self._decode(rows, max_gen_len, temperature, top_p, stop, seed, shared, index,
+                              max_rows):
             pass
         out, k = [], 0
         for qs in questions:
@@ -299,7 +314,8 @@ class SphinxModel:
         rows = self._rows(list(prompts), images)
         yield from self._decode(rows, max_gen_len, temperature, top_p, stop, seed)
 
-    def _decode(self, rows, max_gen_len, temperature, top_p, stop, seed, shared=None, index=None):
+    def _decode(self, rows, max_gen_len, temperature, top_p, stop, seed, shared=None, index=None,
+                max_rows=None):
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer: build it with tokenizer_path=...")
         B = len(rows)
@@ -312,12 +328,12 @@ class SphinxModel:
         lps: list[list[float]] = [[] for _ in range(B)]
         gen = dist.make_generator(seed, self.device)
         stream = decode_stream(self.transformer, rows, max(budgets, default=1), temperature, top_p,
-                               gen, self._stop_check(stop, budgets), shared, index)
+                               gen, self._stop_check(stop, budgets), shared, index, max_rows)
         finished = [False] * B
         for nxt, lp, done in stream:
             nxt_l, lp_l = nxt.tolist(), lp.tolist()
             for i in range(B):
-                if not finished[i]:
+                if not finished[i] and nxt_l[i] >= 0:  # -1: no token for row i in this step
                     ids[i].append(nxt_l[i])
                     lps[i].append(lp_l[i])
                     finished[i] = bool(done[i])

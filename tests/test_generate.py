@@ -172,3 +172,105 @@ def test_stream_leaves_the_final_generation(golden_model, golden_io):
     final = golden_model.last_generations[0]
     assert final.text == chunks[-1] and len(final.logprobs) == len(final.token_ids) == 6
     assert final.finish_reason == "length"
+
+
+def test_greedy_decoding_equals_the_full_forward(golden_model, golden_io):
+    # every generated token is the argmax of a cache-free forward over prompt + tokens so far
+    g = golden_model.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=12, stop=())[0]
+    tok = golden_model.tokenizer
+    ids = torch.tensor([tok.encode(golden_io["prompt"], bos=True) + g.token_ids])
+    image = golden_model._image_tensor(golden_io["image"])[None]
+    logits = golden_model.logits(ids, image)[0, -len(g.token_ids) - 1:-1]
+    assert logits.argmax(-1).tolist() == g.token_ids
+    lp = torch.log_softmax(logits, -1).max(-1).values
+    assert torch.allclose(lp, torch.tensor(g.logprobs), atol=1e-4)
+
+
+def test_decoding_attends_only_the_live_cache(golden_model, golden_io, monkeypatch):
+    # after a call that left a large cache, a short call attends only the slots it wrote
+    # (rounded up to LIVE_BUCKET), with the same answer as on a fresh cache
+    from sphinx_tools import generate as gen
+
+    golden_model.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=300, stop=())
+    size = golden_model.transformer.layers[0].attention.kv_cache.k.shape[2]
+    widths = []
+    real = gen._attend
+    monkeypatch.setattr(gen, "_attend", lambda q, k, v, b: widths.append(k.shape[2]) or real(q, k, v, b))
+    short = golden_model.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=5, stop=())[0]
+    n_prompt = len(golden_model.tokenizer.encode(golden_io["prompt"], bos=True)) - 1 + \
+        golden_model.cfg.image_tokens + 1
+    assert max(widths) == gen.live_len(n_prompt + 4, size) < size
+    assert all(w % gen.LIVE_BUCKET == 0 or w == size for w in widths)
+    gen._CACHES.pop(golden_model.transformer)
+    assert golden_model.generate([golden_io["prompt"]], [golden_io["image"]], max_gen_len=5,
+                                 stop=())[0].token_ids == short.token_ids
+
+
+def test_generate_multi_keeps_one_prefix_per_image(golden_model):
+    # the rows of an image read its prefix from one cache: no row holds a copy of it
+    from sphinx_tools.generate import CascadeCache
+
+    ims = images()
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS] for _ in ims]
+    golden_model.generate_multi(ims, qs, max_gen_len=3, stop=())
+    c = golden_model.transformer.layers[0].attention.kv_cache
+    assert isinstance(c, CascadeCache)
+    prefix_len = c.pk.shape[2]
+    assert c.pk.shape[0] == len(ims) and prefix_len > golden_model.cfg.image_tokens
+    assert c.suffix.k.shape[0] == 9 and c.suffix.k.shape[2] < prefix_len / 10
+
+
+def test_generate_multi_with_grouped_query_attention(golden_dir):
+    # rows of a prefix read its K/V heads as they are (two query heads per K/V head here)
+    from sphinx_tools import SphinxConfig, SphinxModel
+
+    cfg = SphinxConfig.from_name("tiny", n_kv_heads=2)
+    m = SphinxModel.from_config(cfg, tokenizer_path=golden_dir / "tokenizer.model", device="cpu",
+                                seed=3)
+    ims = images()[:2]
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS], [build_prompt([["Hi", None]])]]
+    multi = m.generate_multi(ims, qs, max_gen_len=8, stop=())
+    for im, prompts, gens in zip(ims, qs, multi):
+        for p, g in zip(prompts, gens):
+            single = m.generate([p], [im], max_gen_len=8, stop=())[0]
+            assert g.token_ids == single.token_ids
+            assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(g.logprobs, single.logprobs))
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, None])
+def test_continuous_batching_equals_independent_calls(golden_model, max_rows, monkeypatch):
+    # a finished row's slot goes to the next prompt (or leaves the batch): answers do not change
+    from sphinx_tools import generate as gen
+
+    widths = []
+    real = gen.SharedRows.step
+    monkeypatch.setattr(gen.SharedRows, "step",
+                        lambda self, tok, slots=None: widths.append(len(tok)) or real(self, tok, slots))
+    ims = images()
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS], [build_prompt([["Where is the dog?", None]])],
+          [build_prompt([[q, None]]) for q in QUESTIONS[:2]]]
+    budgets = [[2, 9, 4], [6], [1, 7]]
+    multi = golden_model.generate_multi(ims, qs, max_gen_len=budgets, stop=(), max_rows=max_rows)
+    for im, prompts, bs, gens in zip(ims, qs, budgets, multi):
+        for p, b, g in zip(prompts, bs, gens):
+            single = golden_model.generate([p], [im], max_gen_len=b, stop=())[0]
+            assert g.token_ids == single.token_ids and len(g.token_ids) == b
+            assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(g.logprobs, single.logprobs))
+    assert max(widths) == min(max_rows or 6, 5)  # one prompt is done after its first token
+    assert widths[-1] == 1  # the longest answer ends alone: finished rows left the batch
+    # every token of every prompt was computed once: no step for a finished row
+    assert sum(widths) == sum(sum(b) for b in budgets) - sum(len(b) for b in budgets)
+
+
+@pytest.mark.gpu
+def test_cascade_attention_on_cuda(golden_dir):
+    # the log-sum-exp merge off CPU (float32 scores) gives the answers of independent calls
+    from sphinx_tools import SphinxModel
+
+    m = SphinxModel.from_pretrained(golden_dir, device="cuda")
+    ims = images()
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS] for _ in ims]
+    multi = m.generate_multi(ims, qs, max_gen_len=8, stop=(), max_rows=4)
+    for im, prompts, gens in zip(ims, qs, multi):
+        for p, g in zip(prompts, gens):
+            assert g.token_ids == m.generate([p], [im], max_gen_len=8, stop=())[0].token_ids

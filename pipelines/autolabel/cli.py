@@ -1,4 +1,4 @@
-"""``sphinx-tools label`` and ``sphinx-tools evaluate``: the only code here that prints."""
+"""``sphinx-tools label``, ``export`` and ``evaluate``: the only code here that prints."""
 
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ def parse_task_options(values) -> dict:
     return options
 
 
+def parse_formats(values) -> list[str]:
+    """``("yolo,voc", "coco")`` -> ``["yolo", "voc", "coco"]`` (unique, in order).
+
+    Raises:
+        click.BadParameter: naming an unknown format and the known ones.
+    """
+    names = [name for value in values for name in _split_list(value, "--format")]
+    for name in names:
+        if name not in FORMATS:
+            raise click.BadParameter(f"unknown format {name!r}; use one of {', '.join(FORMATS)}",
+                                     param_hint="--format")
+    return list(dict.fromkeys(names))
+
+
 def _split_list(text: str, what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -58,9 +72,10 @@ def _distributed(model_parallel: int):
 
 
 def _load_sam(checkpoint: Path, model_type: str, device: str):
+    from sphinx_tools.cli import _device
     from sphinx_tools.pipelines.segment import load_sam
 
-    return load_sam(checkpoint, model_type, device)
+    return load_sam(checkpoint, model_type, _device(device))
 
 
 def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
@@ -79,11 +94,23 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
               help="the COCO file to write; the work log goes beside it (<out>.worklog/)")
 @click.option("--ontology", "--classes", "ontology",
               help="classes with synonyms: 'person=man|woman,car' or a JSON/YAML file")
+@click.option("--categories", "categories_file",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a COCO file whose categories (names and ids) the output uses, e.g. the "
+                   "ground truth, so that a plain COCOeval against it is right")
 @click.option("--drop-unmapped", is_flag=True, help="drop phrases no class matches")
 @click.option("--option", "task_option", multiple=True, metavar="TASK.KEY=VALUE",
               help="a task option (VALUE as JSON or text), e.g. vqa.question='Is it day?'")
-@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
-              default=("coco",), show_default=True, help="extra exports beside the COCO file")
+@click.option("--format", "formats", multiple=True, default=("coco",), show_default=True,
+              metavar="FORMATS",
+              help="exports beside the COCO file, comma-separated or repeated: "
+                   "coco,yolo,voc,label-studio (as `sphinx-tools export` writes them)")
+@click.option("--min-score", type=click.FloatRange(0, 1),
+              help="drop boxes scored below this from the COCO file and exports [default: off]")
+@click.option("--nms", type=click.FloatRange(0, 1), metavar="IOU",
+              help="per task and class, drop the lower-scored of two boxes overlapping more than "
+                   "IOU, from the COCO file and exports [default: off]")
+@click.option("--nms-class-agnostic", is_flag=True, help="NMS across classes (within a task)")
 @click.option("--sam", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SAM checkpoint: add masks to box annotations")
 @click.option("--mask-format", default="rle", show_default=True, type=click.Choice(["rle", "polygon"]),
@@ -98,8 +125,11 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
 @click.option("--limit", type=click.IntRange(0), help="label only the first N images")
 @click.option("--dry-run", is_flag=True, help="list the work to do and exit")
 @click.option("--overwrite", is_flag=True, help="redo work that is already in the log")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 @click.option("--dtype", default="fp32", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="store the LLM's linear weights as int8 (weight-only; needs torchao)")
 @click.option("--model-parallel", default=1, show_default=True, type=click.IntRange(1),
               help="model-parallel size under torchrun (the rest of the world is data parallel)")
 @click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
@@ -115,11 +145,18 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
 @click.option("--max-pixels", default=89_478_485, show_default=True, type=click.IntRange(1),
               help="larger images are recorded as failures (decompression bombs)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_option, formats,
-                  sam, mask_format, sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit,
-                  dry_run, overwrite, device, dtype, model_parallel, image_root,
+def label_command(src, checkpoint, tasks, out, ontology, categories_file, drop_unmapped,
+                  task_option, formats, min_score, nms, nms_class_agnostic, sam, mask_format,
+                  sam_type, batch_size, max_gen_len, temperature, top_p, seed, limit, dry_run,
+                  overwrite, device, dtype, quantize, model_parallel, image_root,
                   allow_outside_root, allow_failures, workers, max_pixels, progress):
     """Auto-label images (a folder, a list of paths, or a COCO / RefCOCO json) into ONE COCO file.
+
+    \b
+    Examples:
+      sphinx-tools label examples/images --tasks detection,pose --out labels.json
+      sphinx-tools label images/ -c /ckpt/SPHINX-v2-1k --dtype bf16 --tasks detection,ocr \\
+          --categories gt.json --nms 0.6 --format yolo,label-studio --out labels.json
 
     Resumable: results go to a durable work log first, and a re-run skips what is done.
     Multi-GPU: launch with torchrun (``--model-parallel N``); rank 0 merges.
@@ -130,12 +167,15 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
     --allow-failures is given, when an export failed, or when no image could be labeled.
     """
     from .engine import Labeler, model_fingerprint
-    from .ontology import Ontology
-    from .sources import open_source
+    from .filters import AnnotationFilter
+    from .sources import open_source, read_categories
 
     try:
+        formats = parse_formats(formats)
         source = open_source(src, image_root, allow_outside_root=allow_outside_root)
-        onto = _ontology(ontology, drop_unmapped, source)
+        given = None if categories_file is None else read_categories(categories_file)
+        onto = _ontology(ontology, drop_unmapped, source, given)
+        flt = AnnotationFilter(min_score=min_score, nms=nms, class_agnostic=nms_class_agnostic)
         names = _split_list(tasks, "--tasks")
         options = parse_task_options(task_option)
         from sphinx_tools.checkpoint import resolve
@@ -157,7 +197,7 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
     lock = _claim_output(out)  # before the model loads: a busy or unwritable --out fails at once
     try:
         rank, dp_rank, dp_world, writer, barrier = _distributed(model_parallel)
-        labeler.model = _load_model(checkpoint, device, dtype, model_parallel)
+        labeler.model = _load_model(checkpoint, device, dtype, model_parallel, quantize=quantize)
         if sam is not None:
             labeler.sam_predictor = _load_sam(sam, sam_type, device)
         try:
@@ -174,7 +214,7 @@ def label_command(src, checkpoint, tasks, out, ontology, drop_unmapped, task_opt
         if rank != 0:
             return
         _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format,
-                allow_failures)
+                allow_failures, given, flt)
     finally:
         if lock is not None:
             lock.release()
@@ -220,22 +260,23 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _ontology(spec, drop_unmapped: bool, source):
+def _ontology(spec, drop_unmapped: bool, source, categories=None):
     from .ontology import Ontology
 
     if spec:
         return Ontology.parse(spec, keep_unmapped=not drop_unmapped)
-    if source.categories:
-        return Ontology.from_categories(source.categories, keep_unmapped=not drop_unmapped)
+    if categories or source.categories:
+        return Ontology.from_categories(categories or source.categories,
+                                        keep_unmapped=not drop_unmapped)
     return None if not drop_unmapped else Ontology([], keep_unmapped=False)
 
 
-def _load_model(checkpoint, device, dtype, model_parallel):
-    from sphinx_tools.cli import _dtype
+def _load_model(checkpoint, device, dtype, model_parallel, quantize=None):
+    from sphinx_tools.cli import _device, _dtype
     from sphinx_tools.sphinx_model import SphinxModel
 
-    return SphinxModel.from_pretrained(checkpoint, device=device, dtype=_dtype(dtype),
-                                       mp_group=model_parallel)
+    return SphinxModel.from_pretrained(checkpoint, device=_device(device), dtype=_dtype(dtype),
+                                       mp_group=model_parallel, quantize=quantize)
 
 
 def _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world, writer,
@@ -249,7 +290,7 @@ def _label(labeler, source, out, batch_size, limit, overwrite, dp_rank, dp_world
 
 
 def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format="rle",
-            allow_failures=False) -> None:
+            allow_failures=False, categories=None, annotation_filter=None) -> None:
     """Rank 0: merge the logs into the COCO file, export, print the summary, set the exit code.
 
     Each export runs on its own: one that fails is reported in one line and the others still
@@ -257,28 +298,17 @@ def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format
     failed or is missing (unless ``allow_failures``).
     """
     from .coco import write_coco
-    from .export import export
 
     try:
         merged = write_coco(out, source, labeler, limit=limit,
-                            metadata={"data_parallel": dp_world}, mask_format=mask_format)
+                            metadata={"data_parallel": dp_world}, mask_format=mask_format,
+                            categories=categories, annotation_filter=annotation_filter)
     except OSError as exc:
         raise click.ClickException(_write_error(
             exc, str(out), f"the previous {out.name} (if any) is unchanged, and the labels are "
             "kept in the work log: re-run to write it")) from None
-    failed_exports = []
-    for fmt in formats:
-        if fmt == "coco":
-            continue
-        try:
-            where = export(out, fmt, source.root)
-        except Exception as exc:  # one format must not cost the others (or the summary)
-            failed_exports.append(fmt)
-            click.echo(f"export {fmt} failed: {type(exc).__name__}: {exc}", err=True)
-            continue
-        click.echo(f"exported {fmt} to {where.path}"
-                   + (f" ({where.fallbacks} masks written as their boxes)"
-                      if where.fallbacks else ""), err=True)
+    failed_exports = run_exports(out, [f for f in formats if f != "coco"],
+                                 images_root=source.root)
     _print_summary(summary, merged, out)
     failures, missing = merged.counts.get("failures", 0), merged.missing
     status = 0
@@ -296,6 +326,32 @@ def _finish(labeler, source, out, limit, formats, summary, dp_world, mask_format
         sys.exit(status)
 
 
+def run_exports(coco_path, formats, out_dir=None, **options) -> list[str]:
+    """Export ``coco_path`` to each format (see :func:`.export.export`), one line each; returns
+    the formats that failed. One format that fails does not stop the others."""
+    from . import export as export_module
+
+    failed = []
+    for fmt in formats:
+        out = None if out_dir is None else export_module.default_path(coco_path, fmt, out_dir)
+        try:
+            where = export_module.export(coco_path, fmt, out=out, **options)
+        except Exception as exc:  # one format must not cost the others (or the summary)
+            failed.append(fmt)
+            click.echo(f"export {fmt} failed: {type(exc).__name__}: {exc}", err=True)
+            continue
+        notes = []
+        if where.fallbacks:
+            notes.append(f"{where.fallbacks} masks written as their boxes")
+        if where.missing_images:
+            notes.append(f"{where.missing_images} images not found: give --images")
+        notes += [f"{n} dropped by --{reason.replace('_', '-')}"
+                  for reason, n in (where.dropped or {}).items() if n]
+        click.echo(f"exported {fmt} to {where.path}"
+                   + (f" ({'; '.join(notes)})" if notes else ""), err=True)
+    return failed
+
+
 def _print_summary(summary, merged, out) -> None:
     c = merged.counts
     click.echo(
@@ -303,6 +359,9 @@ def _print_summary(summary, merged, out) -> None:
         f"{c.get('captions', 0)} captions, {c.get('relations', 0)} relations, "
         f"{c.get('failures', 0)} failures"
         + (f", {merged.missing} not labeled" if merged.missing else ""), err=True)
+    if merged.dropped:
+        click.echo(f"dropped {merged.dropped.get('min_score', 0)} boxes below --min-score and "
+                   f"{merged.dropped.get('nms', 0)} by --nms", err=True)
     click.echo(f"this run: {summary.labeled} labeled, {summary.skipped} already done, "
                f"{len(summary.failed)} failed in {summary.seconds:.1f}s "
                f"({summary.images_per_s:.2f} images/s)", err=True)
@@ -362,3 +421,64 @@ def evaluate_command(pred, gt, json_out, iou_types, rec_iou):
     click.echo(format_table(metrics))
     if json_out is not None:
         Path(json_out).write_text(json.dumps(metrics, indent=2))
+
+
+@click.command(name="export")
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "formats", multiple=True, default=("yolo",), show_default=True,
+              metavar="FORMATS", help="comma-separated or repeated: coco,yolo,voc,label-studio")
+@click.option("--out", "-o", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="folder to write: yolo/, voc/, label-studio.json (+ .xml config), coco.json")
+@click.option("--tasks", "-t", "task_filter",
+              help="keep only these tasks' annotations, e.g. detection,pose [default: all]")
+@click.option("--images", "images_root", type=click.Path(file_okay=False, path_type=Path),
+              help="folder the file names are relative to [default: the labeled folder "
+                   "recorded in the file, else the file's folder]")
+@click.option("--image-mode", default="symlink", show_default=True,
+              type=click.Choice(["symlink", "copy", "hardlink", "none"]),
+              help="YOLO: how images go into images/{train,val}")
+@click.option("--image-url-prefix",
+              help="Label Studio: data.image is this + the file name (e.g. "
+                   "'/data/local-files/?d=images/' or 'https://host/images/') [default: the "
+                   "local-files form of the absolute path]")
+@click.option("--split", type=click.FloatRange(0, 1, min_open=True),
+              help="YOLO: fraction of images in train, the rest in val [default: all in train, "
+                   "val names the same folder]")
+@click.option("--seed", default=0, show_default=True, type=int, help="YOLO: which images go to val")
+@click.option("--simplify", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Label Studio: polygon tolerance in pixels (0 keeps every point)")
+@click.option("--min-polygon-area", default=16.0, show_default=True, type=click.FloatRange(0),
+              help="Label Studio: mask parts smaller than this many pixels are left out")
+@click.option("--min-score", type=click.FloatRange(0, 1),
+              help="drop annotations scored below this [default: off]")
+@click.option("--nms", type=click.FloatRange(0, 1), metavar="IOU",
+              help="per task and class, drop the lower-scored of two boxes overlapping more "
+                   "than IOU [default: off]")
+@click.option("--nms-class-agnostic", is_flag=True, help="NMS across classes (within a task)")
+def export_command(labels, formats, out_dir, task_filter, images_root, image_mode,
+                   image_url_prefix, split, seed, simplify, min_polygon_area, min_score, nms,
+                   nms_class_agnostic):
+    """Export a COCO labels file (from `label`, or any other) to YOLO, Pascal VOC, Label Studio
+    or a filtered COCO file. No model is loaded.
+
+    \b
+    Examples:
+      sphinx-tools export labels.json --format yolo,label-studio --out export/ --split 0.8
+      sphinx-tools export labels.json --format voc --tasks detection --min-score 0.3 --out voc/
+
+    Exit status 1 when any format failed (the others are still written).
+    """
+    try:
+        names = parse_formats(formats)
+        tasks = None if task_filter is None else _split_list(task_filter, "--tasks")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    failed = run_exports(labels, names, out_dir, images_root=images_root, tasks=tasks,
+                         min_score=min_score, nms=nms, nms_class_agnostic=nms_class_agnostic,
+                         image_url_prefix=image_url_prefix, split=split, seed=seed,
+                         image_mode=image_mode, simplify=simplify,
+                         min_polygon_area=min_polygon_area)
+    if failed:
+        click.echo(f"exit status 1: export failed: {', '.join(failed)}", err=True)
+        sys.exit(1)

@@ -2,10 +2,11 @@
 
 For a batch of images, every question of every first-stage task (detection, OCR, caption, ...)
 goes to one ``model.generate_multi`` call: each image is encoded once, its common prompt prefix
-prefilled once, and all questions decode as one batch. Tasks that need detection's boxes (pose:
-person boxes; REG: every box) run as a second, equally batched stage. SAM masks, when a SAM
-predictor is given, are a third stage. The result of each (image, task) becomes a work-log record
-(``records.py``), keyed by :meth:`Labeler.task_key`.
+prefilled once, and the questions decode together (continuous batching: when an answer ends its
+row leaves the batch, or, with ``max_rows``, goes to the next waiting question). Tasks that need
+detection's boxes (pose: person boxes; REG: every box) run as a second, equally batched stage.
+SAM masks, when a SAM predictor is given, are a third stage. The result of each (image, task)
+becomes a work-log record (``sphinx_tools/records.py``), keyed by :meth:`Labeler.task_key`.
 
 Images are held small: :meth:`Labeler.hold` keeps, per decoded image, only what the stages need:
 the model's input (its preprocessed tensor, or a copy no larger than twice the model's input side)
@@ -14,6 +15,7 @@ and, for SAM, a copy no larger than SAM's input; the original size is kept for c
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from contextlib import contextmanager
@@ -24,11 +26,11 @@ import numpy as np
 import sphinx_tools
 from sphinx_tools.conversation import build_prompt
 from sphinx_tools.parsing import Answer, normalize_label
+from sphinx_tools.records import detections_to_json, record_boxes, to_record
 from sphinx_tools.registry import get_task
 from sphinx_tools.run import parse_generation
 
 from .ontology import Ontology
-from .records import to_record
 from .sources import ImageItem
 
 PARSER_VERSION = "autolabel-1"
@@ -40,6 +42,10 @@ PERSON = "person"
 DEFAULT_INPUT_SIDE = 448  # SPHINX-1k's input, for models that do not say theirs
 DEFAULT_SAM_SIDE = 1024  # SAM's input (ResizeLongestSide), for predictors that do not say theirs
 HOLD_FACTOR = 2  # images without a model tensor are held up to this many input sides
+# Questions decoded at once: None, all the questions of a stage (a finished answer's row leaves
+# the batch). On CPU that beats a cap (bench_speed.py, "continuous"); a cap bounds the memory of
+# the rows (a finished answer's row then goes to the next waiting question).
+DEFAULT_MAX_ROWS = None
 
 
 @dataclass
@@ -109,6 +115,9 @@ class Labeler:
         model_id: names the model in work-log keys (see :func:`model_fingerprint`).
         sam_predictor: a SAM predictor for masks of box results, or ``None``.
         sam_id: names the SAM checkpoint in work-log keys.
+        max_rows: questions decoded at once (continuous batching: when an answer ends, the next
+            question takes its row); ``None`` for all the questions of a stage at once. Labels
+            do not depend on it.
 
     Raises:
         ValueError: for an empty task list, bad task options, or REG without boxes to describe.
@@ -118,7 +127,7 @@ class Labeler:
     def __init__(self, model, tasks, *, task_options=None, ontology: Ontology | None = None,
                  max_gen_len: int | None = None, temperature: float = 0.0, top_p: float = 0.95,
                  seed: int = 0, model_id: str = "model", sam_predictor=None,
-                 sam_id: str | None = None):
+                 sam_id: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS):
         self.model = model
         self.names = list(dict.fromkeys(tasks))
         if not self.names:
@@ -133,6 +142,9 @@ class Labeler:
         self.model_id = model_id
         self.sam_predictor = sam_predictor
         self.sam_id = sam_id
+        if max_rows is not None and int(max_rows) < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        self.max_rows = None if max_rows is None else int(max_rows)
         self.timer = Timer()
         self._check_options()
 
@@ -381,8 +393,12 @@ class Labeler:
         return out
 
     def _generate_multi(self, images, questions, budgets):
+        rows = {} if self.max_rows is None else {"max_rows": self.max_rows}
+        if rows and not _accepts(self.model.generate_multi, "max_rows"):
+            rows = {}  # a model without continuous batching decodes its own way
         with self.timer("generate"):
-            return self.model.generate_multi(images, questions, max_gen_len=budgets, **self.sampling)
+            return self.model.generate_multi(images, questions, max_gen_len=budgets, **rows,
+                                             **self.sampling)
 
     def _parse(self, name: str, work: Work, questions: list[dict], generations):
         task = self.tasks[name]
@@ -414,7 +430,6 @@ class Labeler:
         the boxes the merge reads, even when that task was run again for a second stage; a task
         run now gives its new record's boxes.
         """
-        from .records import record_boxes
         from .segmenting import masks_for_boxes
 
         boxes = {}
@@ -461,12 +476,19 @@ class SequentialModel:
         self.transform = getattr(model, "transform", None)
         self.preprocess = getattr(model, "preprocess", None)
 
-    def generate_multi(self, images, questions, max_gen_len=512, **sampling):
+    def generate_multi(self, images, questions, max_gen_len=512, max_rows=None, **sampling):
+        # max_rows is moot: every question is its own call
         if isinstance(max_gen_len, int):
             max_gen_len = [[max_gen_len] * len(qs) for qs in questions]
         return [[self.model.generate([q], [image], max_gen_len=b, **sampling)[0]
                  for q, b in zip(qs, bs, strict=True)]
                 for image, qs, bs in zip(images, questions, max_gen_len, strict=True)]
+
+
+def _accepts(fn, name: str) -> bool:
+    "Whether ``fn`` takes a keyword argument ``name``."
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def failure_record(item: ImageItem, reason: str, content_hash: str | None = None) -> dict:
@@ -479,13 +501,11 @@ def failure_record(item: ImageItem, reason: str, content_hash: str | None = None
 
 
 def _task_record(name: str, value) -> dict:
-    "A task's result as its work-log record (``records.py``)."
+    "A task's result as its work-log record (``sphinx_tools/records.py``)."
     return _rec_record(value) if name == "rec" else to_record(value)
 
 
 def _rec_record(items) -> dict:
-    from .records import detections_to_json
-
     return {"type": "rec", "items": [{"question_id": qid, "expression": expr,
                                       **detections_to_json(d)} for qid, expr, d in items]}
 

@@ -179,7 +179,8 @@ def test_sam_on_the_held_image_gives_the_masks_of_the_full_image(tmp_path):
     from tiny_sam import tiny_sam
 
     from sphinx_tools.pipelines.autolabel.run import load_work
-    from sphinx_tools.pipelines.autolabel.segmenting import decode_rle, masks_for_boxes
+    from sphinx_tools.coco import decode_rle
+    from sphinx_tools.pipelines.autolabel.segmenting import masks_for_boxes
 
     full, item = big_image(tmp_path, (300, 200))
     predictor = SamPredictor(tiny_sam())
@@ -226,3 +227,33 @@ def test_pixel_budget_bounds_the_pixels_decoded_at_once(scripted, tmp_path):
     _, item = big_image(tmp_path, (400, 300))  # larger than the whole budget: decoded alone
     work = load_work(item, Labeler(scripted, ["caption"]), set(), budget=PixelBudget(1000))
     assert work.error is None and work.wh == (400, 300) and budget.used == 0
+
+
+def test_continuous_batching_keeps_the_labels(tiny_model):
+    # questions decoded a few rows at a time (a finished answer's row goes to the next question)
+    # give the labels of all questions at once, in the same order
+    calls = []
+    real = tiny_model.generate_multi
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("max_rows"))
+        return real(*args, **kwargs)
+
+    tiny_model.generate_multi = spy
+    try:
+        tasks = ["detection", "ocr", "caption"]
+        ims = [Image.new("RGB", (200, 100), (30 * i, 80, 200 - 30 * i)) for i in range(3)]
+
+        def run(max_rows):
+            labeler = Labeler(tiny_model, tasks, max_gen_len=12, max_rows=max_rows)
+            items = [ImageItem(i, None, f"{i}.png", i + 1) for i in range(len(ims))]
+            batch = [Work(it, tiny_model.preprocess(im), f"h{i}", labeler.keys(f"h{i}", it),
+                          list(tasks), size=im.size) for i, (it, im) in enumerate(zip(items, ims))]
+            return labeler.label(batch)
+
+        assert run(2) == run(None)
+        assert calls == [2, None]
+    finally:
+        del tiny_model.generate_multi
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        Labeler(tiny_model, ["caption"], max_rows=0)
