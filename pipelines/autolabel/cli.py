@@ -84,6 +84,21 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
     return f"{model_type}:{Path(checkpoint).name}:{Path(checkpoint).stat().st_size}"
 
 
+def _box_filter_options(command):
+    "``--min-score``, ``--nms`` and ``--nms-class-agnostic``, shared by ``label`` and ``export``."
+    for option in reversed([
+        click.option("--min-score", type=click.FloatRange(0, 1),
+                     help="drop boxes scored below this [default: off]"),
+        click.option("--nms", type=click.FloatRange(0, 1), metavar="IOU",
+                     help="per task and class, drop the lower-scored of two boxes overlapping "
+                          "more than IOU [default: off]"),
+        click.option("--nms-class-agnostic", is_flag=True,
+                     help="NMS across classes (within a task)"),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.command(name="label")
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", "-c", default="demo", show_default=True, type=click.Path(path_type=Path),
@@ -105,12 +120,7 @@ def _sam_id(checkpoint: Path | None, model_type: str) -> str | None:
               metavar="FORMATS",
               help="exports beside the COCO file, comma-separated or repeated: "
                    "coco,yolo,voc,label-studio (as `sphinx-tools export` writes them)")
-@click.option("--min-score", type=click.FloatRange(0, 1),
-              help="drop boxes scored below this from the COCO file and exports [default: off]")
-@click.option("--nms", type=click.FloatRange(0, 1), metavar="IOU",
-              help="per task and class, drop the lower-scored of two boxes overlapping more than "
-                   "IOU, from the COCO file and exports [default: off]")
-@click.option("--nms-class-agnostic", is_flag=True, help="NMS across classes (within a task)")
+@_box_filter_options
 @click.option("--sam", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SAM checkpoint: add masks to box annotations")
 @click.option("--mask-format", default="rle", show_default=True, type=click.Choice(["rle", "polygon"]),
@@ -450,12 +460,7 @@ def evaluate_command(pred, gt, json_out, iou_types, rec_iou):
               help="Label Studio: polygon tolerance in pixels (0 keeps every point)")
 @click.option("--min-polygon-area", default=16.0, show_default=True, type=click.FloatRange(0),
               help="Label Studio: mask parts smaller than this many pixels are left out")
-@click.option("--min-score", type=click.FloatRange(0, 1),
-              help="drop annotations scored below this [default: off]")
-@click.option("--nms", type=click.FloatRange(0, 1), metavar="IOU",
-              help="per task and class, drop the lower-scored of two boxes overlapping more "
-                   "than IOU [default: off]")
-@click.option("--nms-class-agnostic", is_flag=True, help="NMS across classes (within a task)")
+@_box_filter_options
 def export_command(labels, formats, out_dir, task_filter, images_root, image_mode,
                    image_url_prefix, split, seed, simplify, min_polygon_area, min_score, nms,
                    nms_class_agnostic):

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sphinx_tools.coco import rle_area, rle_to_polygons
+from sphinx_tools.coco import coco_annotation, rle_area, rle_to_polygons
 from sphinx_tools.parsing import normalize_label
 
 from .engine import SEGMENT, Labeler
@@ -279,14 +279,10 @@ class CocoBuilder:
 
     def _annotation(self, image_id, category_id, xyxy, score, task, **extra) -> dict:
         x1, y1, x2, y2 = (float(v) for v in xyxy)
-        w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
-        ann = {"id": None, "image_id": image_id,  # the id is given when it is written
-               "category_id": category_id, "bbox": [round(x1, 2), round(y1, 2), round(w, 2),
-                                                    round(h, 2)],
-               "area": round(w * h, 2), "iscrowd": 0, "score": 1.0 if score is None else score,
-               "task": task}
-        ann.update({k: v for k, v in extra.items() if v is not None})
-        return ann
+        extra = {k: v for k, v in extra.items() if v is not None}
+        # the id is given when the annotation is written; an inverted box has no width/height
+        return coco_annotation(None, image_id, category_id, (x1, y1, max(x1, x2), max(y1, y2)),
+                               digits=2, score=1.0 if score is None else score, task=task, **extra)
 
     def _boxes(self, task, det: dict, image_id, common=None) -> list:
         out = []
