@@ -152,11 +152,14 @@ class Layout:
         table: (P, n) for each prefix, the forward rows that read it (smaller groups repeat one).
         where: (B,) each forward row's position in ``table.flatten()``.
         rows: (B,) the suffix-cache row of each forward row, or None: row i is cache row i.
+        in_order: the rows are grouped by prefix, in order, n per prefix (``table`` is
+            ``0 .. B-1`` row-major and ``where`` is ``0 .. B-1``): no gather is needed.
     """
 
     table: torch.Tensor
     where: torch.Tensor
     rows: torch.Tensor | None = None
+    in_order: bool = False
 
     @classmethod
     def of(cls, owner: list[int], n_prefixes: int, device, rows: list[int] | None = None):
@@ -165,8 +168,9 @@ class Layout:
         n = max(len(g) for g in groups)
         table = [g + [g[-1]] * (n - len(g)) if g else [0] * n for g in groups]
         where = [p * n + groups[p].index(r) for r, p in enumerate(owner)]
+        in_order = where == list(range(len(owner))) == [r for g in table for r in g]
         return cls(torch.tensor(table, device=device), torch.tensor(where, device=device),
-                   None if rows is None else torch.tensor(rows, device=device))
+                   None if rows is None else torch.tensor(rows, device=device), in_order)
 
 
 class CascadeCache(nn.Module):
@@ -194,14 +198,16 @@ class CascadeCache(nn.Module):
         self.suffix.write(slots, k, v, lay.rows)
         y_s, lse_s = _attend_lse(q, *self.suffix.live(bias.shape[-1], lay.rows), bias)
         P, n = lay.table.shape
-        qp = q[lay.table.flatten()].view(P, n, nh, T, hd).transpose(1, 2)  # (P, nh, n, T, hd)
+        qp = q if lay.in_order else q[lay.table.flatten()]
+        qp = qp.view(P, n, nh, T, hd).transpose(1, 2)  # (P, nh, n, T, hd)
         y_p, lse_p = _attend_lse(qp.reshape(P, nh, n * T, hd), self.pk, self.pv, self.prefix_bias)
-        y_p = y_p.view(P, nh, n, T, hd).transpose(1, 2).reshape(P * n, nh, T, hd)[lay.where]
-        lse_p = lse_p.view(P, nh, n, T).transpose(1, 2).reshape(P * n, nh, T)[lay.where]
-        m = torch.maximum(lse_s, lse_p)
-        w_s, w_p = torch.exp(lse_s - m), torch.exp(lse_p - m)
-        w = (w_s / (w_s + w_p))[..., None]
-        return (y_s.float() * w + y_p.float() * (1 - w)).to(q.dtype)
+        y_p = y_p.view(P, nh, n, T, hd).transpose(1, 2).reshape(P * n, nh, T, hd)
+        lse_p = lse_p.view(P, nh, n, T).transpose(1, 2).reshape(P * n, nh, T)
+        if not lay.in_order:
+            y_p, lse_p = y_p[lay.where], lse_p[lay.where]
+        # the suffix's share of the softmax mass: exp(lse_s) / (exp(lse_s) + exp(lse_p))
+        w = torch.sigmoid(lse_s - lse_p)[..., None]
+        return torch.lerp(y_p.float(), y_s.float(), w).to(q.dtype)
 
 
 # Per model, its decoding caches by role: reused while batch, length, dtype and device fit, so a
@@ -375,7 +381,8 @@ class SharedRows:
         h = self.model.tok_embeddings(tok[:, None])
         logits = self.model(h, (pos0 + cur)[:, None], _bias(see[:, None, None], self.dtype),
                             cur[:, None])[:, -1]
-        self._set(None)
+        if slots is not None:
+            self._set(None)
         if idx is None:
             self.cur += 1
         else:
@@ -475,10 +482,13 @@ def _decode_shared(model, rows, max_gen_len, temperature, top_p, generator, is_d
     dev = logits.device
     while True:
         nxt, lp = sample(logits, temperature, top_p, generator)
-        out_ids = torch.full((N,), -1, dtype=nxt.dtype, device=dev)
-        out_lp = torch.zeros(N, dtype=lp.dtype, device=dev)
-        at = torch.tensor(dec.slot_row, device=dev)
-        out_ids[at], out_lp[at] = nxt, lp
+        if len(dec.slot_row) == N and dec.slot_row == list(range(N)):
+            out_ids, out_lp = nxt, lp  # slot i holds row i
+        else:
+            out_ids = torch.full((N,), -1, dtype=nxt.dtype, device=dev)
+            out_lp = torch.zeros(N, dtype=lp.dtype, device=dev)
+            at = torch.tensor(dec.slot_row, device=dev)
+            out_ids[at], out_lp[at] = nxt, lp
         finished = []
         for s, (r, t) in enumerate(zip(dec.slot_row, nxt.tolist())):
             ids[r].append(t)
@@ -488,6 +498,9 @@ def _decode_shared(model, rows, max_gen_len, temperature, top_p, generator, is_d
         yield out_ids, out_lp, done.clone()
         if bool(done.all()):
             return
+        if not finished:  # every slot goes on: no rows to pick or refill
+            logits = dec.step(nxt)
+            continue
         refill = finished[:len(waiting)]
         new_rows = [waiting.pop() for _ in refill]
         going = [s for s in range(len(dec.slot_row)) if s not in set(finished)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -240,7 +240,8 @@ class SphinxModel:
     def generate_multi(self, images: Sequence, questions: Sequence[Sequence[str]],
                        max_gen_len: int | Sequence[Sequence[int]] = 512, temperature: float = 0.0,
                        top_p: float = 0.95, stop: Sequence[str] = STOP,
-                       seed: int = 0, max_rows: int | None = None) -> list[list[Generation]]:
+                       seed: int = 0, max_rows: int | None = None,
+                       on_image: Callable[[int], None] | None = None) -> list[list[Generation]]:
         """Answer several prompts per image, sharing the work common to them.
 
         Each image is preprocessed and encoded once; the longest common token prefix of its
@@ -255,6 +256,8 @@ class SphinxModel:
             max_gen_len: one budget for every prompt, or per image one per prompt (a short
                 answer's row stops at its own budget while longer ones go on).
             max_rows: most prompts decoded at once (continuous batching), or None for all.
+            on_image: called with an image's index as soon as all its prompts are answered
+                (while other images' prompts may still be decoding); once per image.
 
         Returns:
             Per image, one Generation per prompt, in order.
@@ -263,6 +266,8 @@ class SphinxModel:
             raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
         flat = [p for qs in questions for p in qs]
         if not flat:
+            for j in range(len(images) if on_image is not None else 0):
+                on_image(j)
             return [[] for _ in images]
         if not all(isinstance(p, str) for p in flat):
             raise ValueError("every prompt must be a str")
@@ -273,8 +278,20 @@ class SphinxModel:
                 raise ValueError("`max_gen_len` per prompt must have the shape of `questions`")
             max_gen_len = [b for bs in max_gen_len for b in bs]
         shared, rows, index = self._shared_rows(images, questions)
+        on_row = None
+        if on_image is not None:
+            image_of = [j for j, qs in enumerate(questions) for _ in qs]
+            left = [len(qs) for qs in questions]
+            for j in (j for j, n in enumerate(left) if n == 0):
+                on_image(j)
+
+            def on_row(row: int) -> None:
+                j = image_of[row]
+                left[j] -= 1
+                if left[j] == 0:
+                    on_image(j)
         for _ in self._decode(rows, max_gen_len, temperature, top_p, stop, seed, shared, index,
-                              max_rows):
+                              max_rows, on_row):
             pass
         out, k = [], 0
         for qs in questions:
@@ -315,7 +332,7 @@ class SphinxModel:
         yield from self._decode(rows, max_gen_len, temperature, top_p, stop, seed)
 
     def _decode(self, rows, max_gen_len, temperature, top_p, stop, seed, shared=None, index=None,
-                max_rows=None):
+                max_rows=None, on_row: Callable[[int], None] | None = None):
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer: build it with tokenizer_path=...")
         B = len(rows)
@@ -331,12 +348,14 @@ class SphinxModel:
                                gen, self._stop_check(stop, budgets), shared, index, max_rows)
         finished = [False] * B
         for nxt, lp, done in stream:
-            nxt_l, lp_l = nxt.tolist(), lp.tolist()
+            nxt_l, lp_l, done_l = nxt.tolist(), lp.tolist(), done.tolist()
             for i in range(B):
                 if not finished[i] and nxt_l[i] >= 0:  # -1: no token for row i in this step
                     ids[i].append(nxt_l[i])
                     lps[i].append(lp_l[i])
-                    finished[i] = bool(done[i])
+                    finished[i] = done_l[i]
+                    if finished[i] and on_row is not None:
+                        on_row(i)
             yield ids
         self.last_generations = [self._finish(ids[i], lps[i], stop) for i in range(B)]
 

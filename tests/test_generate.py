@@ -157,6 +157,28 @@ def test_per_prompt_budgets(golden_model):
         golden_model.generate(qs[0], [ims[0]] * 3, max_gen_len=[2, 0, 1])
 
 
+def test_generate_multi_reports_each_image_when_its_answers_end(golden_model, monkeypatch):
+    # on_image(j) comes once per image, right after the step that ends its last answer (an image
+    # without prompts at once), while the other images go on decoding
+    import sphinx_tools.generate as gen
+
+    steps = []
+    real = gen.sample
+    monkeypatch.setattr(gen, "sample", lambda *a, **k: steps.append(1) or real(*a, **k))
+    ims = images() + [images()[0]]
+    qs = [[build_prompt([[q, None]]) for q in QUESTIONS], [build_prompt([["Where is it?", None]])],
+          [build_prompt([["Why?", None]])], []]
+    reports = []
+    multi = golden_model.generate_multi(ims, qs, max_gen_len=[[3, 9, 1], [6], [2], []], stop=(),
+                                        on_image=lambda j: reports.append((j, len(steps))))
+    assert reports == [(3, 0), (2, 2), (1, 6), (0, 9)]
+    assert multi == golden_model.generate_multi(ims, qs, max_gen_len=[[3, 9, 1], [6], [2], []],
+                                                stop=())
+    reports.clear()
+    golden_model.generate_multi(ims[:2], [[], []], on_image=lambda j: reports.append((j, 0)))
+    assert reports == [(0, 0), (1, 0)]
+
+
 def test_generate_multi_with_identical_prompts_and_stop(golden_model, golden_io):
     p = golden_io["prompt"]
     free = golden_model.generate([p], [golden_io["image"]], max_gen_len=16, stop=())[0]

@@ -20,6 +20,7 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -308,8 +309,16 @@ class Labeler:
         return [build_prompt([[self.tasks[name].prompt(**q), None]]) for q in questions]
 
     # -- running -----------------------------------------------------------------------------
-    def label(self, batch: list[Work]) -> list[dict]:
+    def label(self, batch: list[Work], on_image: Callable[[Work], None] | None = None
+              ) -> list[dict]:
         """Run the pending tasks of a batch of loaded images.
+
+        Args:
+            batch: the loaded images.
+            on_image: called once per image of ``batch`` as soon as its last stage is done for
+                it (with a model whose ``generate_multi`` takes ``on_image``: when its last
+                answer is decoded, while other images' answers may still be decoding), or when
+                it failed; every image is reported before this returns.
 
         Returns:
             Work-log records: one per (image, pending task), or one failure per image that
@@ -317,19 +326,31 @@ class Labeler:
         """
         results: dict[int, dict] = {i: {} for i in range(len(batch))}
         failed: dict[int, str] = {}
+        report = _Reporter(batch, on_image)
         stage1 = {i: [n for n in self.stage1_tasks() if n in w.pending or
                       (n == "detection" and any(t in w.pending for t in self.stage2_tasks()))]
                   for i, w in enumerate(batch)}
-        self._stage(batch, stage1, results, failed, None)
+        # the stage after which each image is done: 1, 2 (a box task) or 3 (SAM masks)
+        last = {i: 3 if self.uses_sam and SEGMENT in w.pending else
+                2 if any(n in w.pending for n in self.stage2_tasks()) else 1
+                for i, w in enumerate(batch)}
+        self._stage(batch, stage1, results, failed, None, report.when(last, 1))
+        report.each(failed)
         stage2 = {i: [n for n in self.stage2_tasks() if n in batch[i].pending]
                   for i in range(len(batch)) if i not in failed}
-        self._stage(batch, stage2, results, failed, results)
+        self._stage(batch, stage2, results, failed, results, report.when(last, 2))
+        report.each(failed)
         if self.uses_sam:
-            self._segment(batch, results, failed)
+            self._segment(batch, results, failed, report)
+        report.rest()
         return self._records(batch, results, failed)
 
-    def _stage(self, batch, wanted: dict, results, failed, previous) -> None:
-        "Ask every wanted task of every image in one ``generate_multi``; parse into ``results``."
+    def _stage(self, batch, wanted: dict, results, failed, previous,
+               done: Callable[[int], None] | None = None) -> None:
+        """Ask every wanted task of every image in one ``generate_multi``; parse into ``results``.
+
+        ``done(i)`` is called for image ``i`` when its answers are decoded (or after parsing,
+        with a model that does not report images), and for every image after the stage."""
         plan = {}  # image index -> [(task, questions, prompts)]
         for i, names in wanted.items():
             if i in failed or not names:
@@ -338,16 +359,17 @@ class Labeler:
                 plan[i] = [self._plan(n, batch[i], previous and previous[i]) for n in names]
             except Exception as exc:  # a prompt that cannot be built for this image
                 failed[i] = f"cannot build the prompts: {exc}"
-        if not plan:
-            return
-        generations = self._generate(batch, plan, failed)
-        with self.timer("parse"):
-            for i, per_task in generations.items():
-                try:
-                    for (name, questions, _), gens in zip(plan[i], per_task, strict=True):
-                        results[i][name] = self._parse(name, batch[i], questions, gens)
-                except Exception as exc:
-                    failed[i] = f"cannot parse the answers: {exc!r}"
+        if plan:
+            generations = self._generate(batch, plan, failed, done)
+            with self.timer("parse"):
+                for i, per_task in generations.items():
+                    try:
+                        for (name, questions, _), gens in zip(plan[i], per_task, strict=True):
+                            results[i][name] = self._parse(name, batch[i], questions, gens)
+                    except Exception as exc:
+                        failed[i] = f"cannot parse the answers: {exc!r}"
+        for i in range(len(batch) if done is not None else 0):
+            done(i)
 
     def _plan(self, name: str, work: Work, previous) -> tuple:
         boxes = self._stage2_boxes(name, previous) if self._is_stage2(name) else None
@@ -367,21 +389,22 @@ class Labeler:
             return self.ontology.map(class_name) == PERSON
         return normalize_label(class_name) == PERSON
 
-    def _generate(self, batch, plan: dict, failed: dict) -> dict:
+    def _generate(self, batch, plan: dict, failed: dict, done=None) -> dict:
         "``{image index: per task, its generations}``; on a batch error, retry image by image."
         order = list(plan)
         try:
             flat = self._generate_multi([batch[i].image for i in order],
                                         [[p for _, _, ps in plan[i] for p in ps] for i in order],
                                         [[self.budget(n) for n, _, ps in plan[i] for _ in ps]
-                                         for i in order])
+                                         for i in order],
+                                        None if done is None else lambda j: done(order[j]))
         except Exception:
             if len(order) == 1:
                 failed[order[0]] = "generation failed"
                 return {}
             out = {}
             for i in order:
-                out.update(self._generate(batch, {i: plan[i]}, failed))
+                out.update(self._generate(batch, {i: plan[i]}, failed, done))
             return out
         out = {}
         for i, gens in zip(order, flat, strict=True):
@@ -392,10 +415,12 @@ class Labeler:
             out[i] = per_task
         return out
 
-    def _generate_multi(self, images, questions, budgets):
+    def _generate_multi(self, images, questions, budgets, on_image=None):
         rows = {} if self.max_rows is None else {"max_rows": self.max_rows}
         if rows and not _accepts(self.model.generate_multi, "max_rows"):
             rows = {}  # a model without continuous batching decodes its own way
+        if on_image is not None and _names(self.model.generate_multi, "on_image"):
+            rows["on_image"] = on_image  # else images are reported once the stage is done
         with self.timer("generate"):
             return self.model.generate_multi(images, questions, max_gen_len=budgets, **rows,
                                              **self.sampling)
@@ -413,7 +438,7 @@ class Labeler:
         return task.merge(parsed)
 
     # -- SAM ---------------------------------------------------------------------------------
-    def _segment(self, batch, results, failed) -> None:
+    def _segment(self, batch, results, failed, report=None) -> None:
         with self.timer("segment"):
             for i, work in enumerate(batch):
                 if i in failed or SEGMENT not in work.pending:
@@ -422,6 +447,8 @@ class Labeler:
                     results[i][SEGMENT] = self._masks(work, results[i])
                 except Exception as exc:
                     failed[i] = f"SAM failed: {exc!r}"
+                if report is not None:
+                    report(i)
 
     def _masks(self, work: Work, results: dict) -> dict:
         """Masks of every box of the masked tasks, in the order of their records.
@@ -476,13 +503,46 @@ class SequentialModel:
         self.transform = getattr(model, "transform", None)
         self.preprocess = getattr(model, "preprocess", None)
 
-    def generate_multi(self, images, questions, max_gen_len=512, max_rows=None, **sampling):
+    def generate_multi(self, images, questions, max_gen_len=512, max_rows=None, on_image=None,
+                       **sampling):
         # max_rows is moot: every question is its own call
         if isinstance(max_gen_len, int):
             max_gen_len = [[max_gen_len] * len(qs) for qs in questions]
-        return [[self.model.generate([q], [image], max_gen_len=b, **sampling)[0]
-                 for q, b in zip(qs, bs, strict=True)]
-                for image, qs, bs in zip(images, questions, max_gen_len, strict=True)]
+        out = []
+        for j, (image, qs, bs) in enumerate(zip(images, questions, max_gen_len, strict=True)):
+            out.append([self.model.generate([q], [image], max_gen_len=b, **sampling)[0]
+                        for q, b in zip(qs, bs, strict=True)])
+            if on_image is not None:
+                on_image(j)
+        return out
+
+
+class _Reporter:
+    "Calls ``on_image(work)`` at most once per image of a batch (by its index)."
+
+    def __init__(self, batch: list[Work], on_image):
+        self.batch, self.on_image, self.sent = batch, on_image, set()
+
+    def __call__(self, i: int) -> None:
+        if self.on_image is not None and i not in self.sent:
+            self.sent.add(i)
+            self.on_image(self.batch[i])
+
+    def when(self, last: dict, stage: int) -> Callable[[int], None]:
+        "Reports image i once ``stage`` is done for it, if that is its last stage."
+        return lambda i: self(i) if last[i] == stage else None
+
+    def each(self, indices) -> None:
+        for i in list(indices):
+            self(i)
+
+    def rest(self) -> None:
+        self.each(range(len(self.batch)))
+
+
+def _names(fn, name: str) -> bool:
+    "Whether ``fn`` has a parameter called ``name`` (not only ``**kwargs``)."
+    return name in inspect.signature(fn).parameters
 
 
 def _accepts(fn, name: str) -> bool:

@@ -241,11 +241,11 @@ def label_dataset(labeler: Labeler, source: Source, out, *, batch_size: int = 8,
                       items, workers, window=2 * batch_size + workers)
     try:
         for batch in batched(_ticking(_timed(loaded, labeler.timer), bar), batch_size):
-            records = _label_batch(labeler, batch, summary, known)
+            # images that need the model tick as each one's labels are done
+            records = _label_batch(labeler, batch, summary, known, lambda _: bar.update(1))
             if write:
                 with labeler.timer("write"):
                     log.append(records)
-            bar.update(sum(1 for w in batch if _needs_model(w)))
             bar.set_postfix(failed=len(summary.failed), refresh=False)
     finally:
         log.close()
@@ -256,8 +256,12 @@ def label_dataset(labeler: Labeler, source: Source, out, *, batch_size: int = 8,
 
 
 def _label_batch(labeler: Labeler, batch: list[Work], summary: RunSummary,
-                 known: dict | None = None) -> list[dict]:
+                 known: dict | None = None,
+                 on_image: Callable[[Work], None] | None = None) -> list[dict]:
     """Label the pending images of a batch; unreadable images and model failures become records.
+
+    ``on_image(work)`` is called once per image given to the model, as soon as it is done (see
+    :meth:`Labeler.label`).
 
     An image with nothing pending gets a ``seen`` record (its file name and content hash) unless
     ``known`` (file name -> the hash the log last gave it) already says so: that is how the merge
@@ -274,7 +278,7 @@ def _label_batch(labeler: Labeler, batch: list[Work], summary: RunSummary,
         if known.get(w.item.file_name) != w.hash:
             seen.append(seen_record(w.item, w.hash))
             known[w.item.file_name] = w.hash
-    labeled = labeler.label(todo) if todo else []
+    labeled = labeler.label(todo, on_image) if todo else []
     records = unreadable + labeled
     failed = [(r["file_name"], r["reason"]) for r in records if r["kind"] == "failure"]
     summary.failed += failed
