@@ -56,11 +56,14 @@ class VqaOptions(TaskOptions):
 
 _PREFIX_RE = re.compile(r"^(?:the answer is|answer:)\s*", re.IGNORECASE)
 _LETTER_RE = re.compile(r"^\(?([A-Z])(?:[.):\s]|$)")
+# SPHINX-X may answer in lower case ("d."); a lower-case letter needs ".", ")" or ":" or nothing
+# after it, so the article in "a cat" is not read as option A
+_LOWER_LETTER_RE = re.compile(r"^\(?([a-z])(?:[.):]|$)")
 
 
 def normalize_answer(text: str, choices=None) -> str:
     """Normalize a short answer: ``"Yes."`` -> ``"yes"``, ``"Paris."`` -> ``"Paris"``, and with
-    choices ``"B. a cat"`` -> ``"B"``.
+    choices ``"B. a cat"`` -> ``"B"`` (``"d."`` -> ``"D"`` when no choice reads ``d``).
 
     A multiple-choice answer that names no valid letter or choice text is returned cleaned, never
     replaced by a guess.
@@ -75,6 +78,9 @@ def normalize_answer(text: str, choices=None) -> str:
         for letter, choice in zip(letters, choices, strict=False):
             if lowered == choice.lower().strip().rstrip("."):
                 return letter
+        m = _LOWER_LETTER_RE.match(text)
+        if m and m.group(1).upper() in letters:
+            return m.group(1).upper()
     first = re.split(r"[\s,.!]+", text.lower(), maxsplit=1)[0] if text else ""
     if first in ("yes", "no"):
         return first

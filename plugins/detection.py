@@ -3,14 +3,23 @@
 docs/formats.md §4.5: prompt VERIFIED, output INFERRED.
 
 Expected answer: ``<p>{label}</p> [b1;b2;...]`` per category, possibly inside prose (``There are
-<p>13 ships</p>[...] in the image.``). Labels are normalized (counts and number words removed,
+<p>13 ships</p>[...] in the image.``), or without tags (SPHINX-X: ``There are two people[...] in
+the image.``), where the noun phrase before a bare bracket is its phrase unless a single class was
+asked for. Labels are normalized (counts and number words removed,
 singular) and matched to the requested classes; ``class_id`` indexes ``metadata["classes"]``, which
 lists the requested classes and then any other label the model used. The phrase as written is
 kept in ``data["phrase"]``.
 """
 
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import ground_boxes, join_words, normalize_label, plural
+from sphinx_tools.parsing import (
+    find_mentions,
+    ground_boxes,
+    join_words,
+    name_bare_boxes,
+    normalize_label,
+    plural,
+)
 from sphinx_tools.tasks import DetectionsTask, TaskOptions
 
 
@@ -62,16 +71,16 @@ class Detection(DetectionsTask):
         return {"classes": join_words(classes) if classes else "objects"}
 
     def parse_answer(self, answer, image_wh, opts):
+        mentions = find_mentions(answer.text, opts.recover_decimals)
         boxes, notes = ground_boxes(
-            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+            answer, image_wh, mentions, opts.recover_decimals, opts.max_objects
         )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no box found"])
-        default = (
-            normalize_label(opts.classes[0])
-            if opts.classes and len(opts.classes) == 1
-            else "object"
-        )
+        one_class = opts.classes and len(opts.classes) == 1
+        default = normalize_label(opts.classes[0]) if one_class else "object"
+        if not one_class:  # tag-less form: the words before a bare bracket name it
+            name_bare_boxes(answer.text, mentions, boxes)
         labels = []
         for box in boxes:
             label = normalize_label(box.phrase) if box.phrase else ""

@@ -49,19 +49,31 @@ _STARTERS = {
     "one",
 }
 _BOUNDARY_RE = re.compile(r"[.!?;:,\n]")
+_WORD_RE = re.compile(r"[A-Za-z0-9']+")
+_WORD_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'"
 _LAST_BOUNDARY_RE = re.compile(r".*[.!?;:,\n]", re.DOTALL)
 
 
 def guess_phrase_start(chunk: str) -> int:
     "Start of the noun phrase ending ``chunk``: its last determiner or number word, else its start."
+    return _phrase_start(chunk)[0]
+
+
+def _phrase_start(chunk: str, skip_first: bool = False) -> tuple[int, bool]:
+    """``guess_phrase_start`` and whether a clause boundary or a starter word decided it.
+
+    ``skip_first``: a word at the very start of ``chunk`` continues an earlier one: no starter.
+    """
     cut = max((m.end() for m in _BOUNDARY_RE.finditer(chunk)), default=0)
     start = None
-    for m in re.finditer(r"[A-Za-z0-9']+", chunk[cut:]):
+    for m in _WORD_RE.finditer(chunk[cut:]):
+        if skip_first and cut == 0 and m.start() == 0:
+            continue
         if m.group().lower() in _STARTERS or m.group().isdigit():
             start = cut + m.start()
-    if start is None:
-        start = cut + len(chunk[cut:]) - len(chunk[cut:].lstrip())
-    return start
+    if start is not None:
+        return start, True
+    return cut + len(chunk[cut:]) - len(chunk[cut:].lstrip()), cut > 0
 
 
 class GroundedCaptionTask(Task):
@@ -107,6 +119,11 @@ class GroundedCaptionTask(Task):
         "Caption without tags/brackets, and each mention's phrase span in it (None if none)."
         out, spans, guessed, pos = _Pieces(), [], set(), 0
         last_end = 0  # the end of the last span so far
+        # A guess over MAX_PHRASE_CHARS is no phrase. The guesses after it read only from where
+        # it ended (``floor``, the start of its last word, which more text may continue), so a
+        # long clause is not read again for every bracket; if nothing after ``floor`` decides a
+        # start, the guess would reach back as far: no phrase either.
+        floor, skip, rejected = 0, False, False
         for index, mention in enumerate(mentions):
             start, end = mention.span
             out.append(_TAG_RE.sub("", text[pos:start]))
@@ -115,16 +132,23 @@ class GroundedCaptionTask(Task):
                 out.append(mention.phrase.text)
                 spans.append((length, length + len(mention.phrase.text)))
                 last_end = max(last_end, length + len(mention.phrase.text))
+                rejected = False
                 # drop what sits between the phrase and its bracket; keep text after an unbound tag
                 pos = end if mention.bracket is not None else mention.phrase.tag_span[1]
                 continue
             out.rstrip()
-            first = out.phrase_start(last_end)
-            if first < out.length and out.length - first <= MAX_PHRASE_CHARS:
+            after = floor if rejected else last_end
+            first, decided = out.phrase_start(after, skip and rejected)
+            too_long = rejected and not decided  # as long as the rejected guess before it
+            if not too_long and first < out.length and out.length - first <= MAX_PHRASE_CHARS:
                 spans.append((first, out.length))
                 last_end = max(last_end, out.length)
+                rejected = False
             else:
                 spans.append(None)
+                if too_long or first < out.length:  # too long, not empty
+                    floor, skip = out.word_floor(after, MAX_PHRASE_CHARS + 1, skip and rejected)
+                    rejected = True
             guessed.add(index)
             pos = end
         out.append(_TAG_RE.sub("", text[pos:]))
@@ -190,10 +214,14 @@ class _Pieces:
             self.pieces.pop(), self.offsets.pop(), self.boundaries.pop()
             self.length -= len(last)
 
-    def phrase_start(self, after: int) -> int:
-        "``after + guess_phrase_start(caption[after:])``, reading only the caption's last clause."
+    def phrase_start(self, after: int, skip_first: bool = False) -> tuple[int, bool]:
+        """``after + guess_phrase_start(caption[after:])``, reading only the caption's last clause.
+
+        Also says whether a clause boundary or a starter word at or after ``after`` decided it;
+        ``skip_first``: a word at ``after`` continues an earlier one and starts nothing.
+        """
         if after >= self.length:
-            return after
+            return after, False
         cut, i = after, len(self.pieces) - 1
         while i >= 0 and self.offsets[i] + len(self.pieces[i]) > after:
             boundary = self.boundaries[i]
@@ -206,7 +234,28 @@ class _Pieces:
         while i + 1 < len(self.pieces) and self.offsets[i + 1] <= cut:
             i += 1
         tail = self.pieces[i][cut - self.offsets[i] :] + "".join(self.pieces[i + 1 :])
-        return cut + guess_phrase_start(tail) if tail else cut
+        if not tail:
+            return cut, cut > after
+        start, decided = _phrase_start(tail, skip_first and cut == after)
+        return cut + start, decided or cut > after
+
+    def word_floor(self, lower: int, limit: int, continued: bool = False) -> tuple[int, bool]:
+        """Where the caption's last word starts (not before ``lower``) and whether it continues
+        an earlier word (it reaches ``lower`` and ``continued``); for a word longer than ``limit``,
+        the caption's end and ``True`` (more text would continue it)."""
+        pos, i = self.length, len(self.pieces) - 1
+        while i >= 0 and pos > lower and self.length - pos <= limit:
+            piece = self.pieces[i]
+            room = min(len(piece), pos - lower, limit + 1 - (self.length - pos))
+            chunk = piece[len(piece) - room :]
+            run = len(chunk) - len(chunk.rstrip(_WORD_CHARS))
+            pos -= run
+            if run < len(piece):
+                break
+            i -= 1
+        if self.length - pos > limit:
+            return self.length, True
+        return pos, continued and pos == lower
 
     def text(self) -> str:
         return "".join(self.pieces)

@@ -1,6 +1,10 @@
-"""Document layout detection (docs/formats.md §4.8; prompt, output and class names all UNKNOWN).
+"""Document layout detection (docs/formats.md §4.8).
 
-Read like detection: ``<p>{class}</p> [b1;b2;...]``. The raw label is normalized and mapped
+Prompt: ``Detect the layout of the document in the image.`` (SPHINX-X's training prompt, VERIFIED in
+its paper); the ``classes`` variant lists the vocabulary's classes in the question instead.
+Read like detection: ``<p>{class}</p> [b1;b2;...]``, or SPHINX-X's tag-less form ``There are
+seven text[b1;...;b7], figure[b8], and title[b9] in the image.``, where the noun phrase before
+each bare bracket is its label. The raw label is normalized and mapped
 through a synonym table into the chosen vocabulary (PubLayNet or DocLayNet);
 ``data["raw_class_name"]`` keeps the label as written. Extend or replace entries with
 ``synonyms={"heading": "title"}``.
@@ -11,7 +15,13 @@ from typing import Literal
 
 from sphinx_tools.annotations import RAW_CLASS_NAME_FIELD
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import ground_boxes, join_words, normalize_label
+from sphinx_tools.parsing import (
+    find_mentions,
+    ground_boxes,
+    join_words,
+    name_bare_boxes,
+    normalize_label,
+)
 from sphinx_tools.tasks import DetectionsTask, TaskOptions
 
 VOCABULARIES = {
@@ -149,7 +159,10 @@ class Layout(DetectionsTask):
 
     name = "layout"
     description = "Document layout regions, class names mapped to PubLayNet/DocLayNet"
-    templates = {"default": "Detect all layout regions ({classes}) shown in the document image."}
+    templates = {
+        "default": "Detect the layout of the document in the image.",
+        "classes": "Detect all layout regions ({classes}) shown in the document image.",
+    }
     Options = LayoutOptions
     max_gen_len = 1024
 
@@ -158,9 +171,11 @@ class Layout(DetectionsTask):
         return {"classes": join_words([n.lower().replace("-", " ") for n in names], "or")}
 
     def parse_answer(self, answer, image_wh, opts):
+        mentions = find_mentions(answer.text, opts.recover_decimals)
         boxes, notes = ground_boxes(
-            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+            answer, image_wh, mentions, opts.recover_decimals, opts.max_objects
         )
+        name_bare_boxes(answer.text, mentions, boxes)  # tag-less: "seven text[...], figure[...]"
         classes = list(VOCABULARIES.get(opts.vocabulary, []))
         class_ids = {name: i for i, name in enumerate(classes)}
         table = synonym_table(opts.synonyms)

@@ -3,6 +3,8 @@
 Spotting (default variant; prompt VERIFIED, output INFERRED): ``<p>{text}</p> [box]`` per word or
 line, one ``sv.Detections`` row per box with the string in ``data["text"]``. The phrase is the text
 between ``<p>`` and the nearest ``</p>``, so brackets or digits inside the string do not break it.
+SPHINX-X writes no tags (``There are "Virtual[b1], Office[b2], ..., and Competence[bn] in the
+image.``): the string of a bare bracket is the word right before it, quotes trimmed.
 
 Reading (``variant="read"``; prompt UNKNOWN): the answer is plain text; the result is one row
 covering the whole image with that text.
@@ -12,7 +14,13 @@ import numpy as np
 
 from sphinx_tools.annotations import TEXT_FIELD
 from sphinx_tools.hookspecs import hookimpl
-from sphinx_tools.parsing import GroundedBox, ground_boxes, strip_markup
+from sphinx_tools.parsing import (
+    GroundedBox,
+    find_mentions,
+    ground_boxes,
+    name_bare_boxes,
+    strip_markup,
+)
 from sphinx_tools.tasks import DetectionsTask, TaskOptions
 
 TEXT_CLASS = "text"
@@ -33,11 +41,13 @@ class Ocr(DetectionsTask):
     def parse_answer(self, answer, image_wh, opts):
         if opts.variant == "read":
             return self._read(answer, image_wh, opts)
+        mentions = find_mentions(answer.text, opts.recover_decimals)
         boxes, notes = ground_boxes(
-            answer, image_wh, recover_decimals=opts.recover_decimals, max_objects=opts.max_objects
+            answer, image_wh, mentions, opts.recover_decimals, opts.max_objects
         )
         if not boxes:
             return self.empty(answer, image_wh, opts, notes + ["no text box found"])
+        name_bare_boxes(answer.text, mentions, boxes, word=True)  # tag-less: "Virtual[...]"
         for box in boxes:
             if not box.phrase:
                 box.notes.append("box without text")

@@ -6,7 +6,9 @@ Prompt: ``Detect the key points of the person in the region [x1,y1,x2,y2].`` wit
 SPHINX's coordinate form (the whole image if no box is given). Expected answer: one
 ``<p>{name}</p> [x,y]`` per visible key point, names as COCO with spaces (``left eye``). The demo
 reads one person per answer, so several people are asked one box at a time (``boxes=[...]`` with
-``run_task``); a name repeated within one answer starts another person.
+``run_task``); a name repeated within one answer starts another person. SPHINX-X writes one
+flat list of 17 x,y pairs in COCO order with no names (``... human keypoints [0.64,0.32, ...,
+0.68,0.74]``): a group of exactly 34 numbers is one person read that way.
 
 Result: ``sv.KeyPoints`` with ``xy`` (n, 17, 2) pixels in COCO order and ``visible`` (n, 17): a
 point that is missing, written as ``[0,0]`` or lying in the padding band is not visible (its xy is
@@ -69,6 +71,7 @@ COCO_SKELETON = (
     (5, 7),
 )
 _INDEX = {name: i for i, name in enumerate(COCO_KEYPOINTS)}
+FLAT_VALUES = 2 * len(COCO_KEYPOINTS)  # one unnamed list of every point: x1,y1,...,x17,y17
 MAX_SHARED_NOTES = 50  # answer-level notes repeated in each person's parse_notes
 _ALIASES = {"l": "left", "r": "right", "lt": "left", "rt": "right"}
 
@@ -135,12 +138,22 @@ class Pose(Task):
     def _read_points(self, answer, image_wh, opts):
         "One dict per person: xy (17, 2), visible (17,), spans (17 lists), notes."
         placed, notes, unnamed = [], [], []  # placed: (person, key point, group, spans)
+        flats = []  # (person, group of 34 numbers)
         written = [set()]  # the key points of each person so far
         for mention in find_mentions(answer.text, opts.recover_decimals):
             if mention.bracket is None:
                 continue
+            flat = [g for g in mention.bracket.groups if len(g.values) == FLAT_VALUES]
+            for group in flat:  # SPHINX-X: one person's 17 points as one list, no names
+                if written[-1]:
+                    written.append(set())
+                written[-1].update(range(len(COCO_KEYPOINTS)))
+                flats.append((len(written) - 1, group))
+                notes.extend(group.notes)
+            if flat:
+                notes.append(f"{len(flat)} unnamed list(s) of 17 points read in COCO order")
             points = [g for g in mention.bracket.groups if len(g.values) == 2]
-            dropped = len(mention.bracket.groups) - len(points)
+            dropped = len(mention.bracket.groups) - len(points) - len(flat)
             if dropped:
                 notes.append(f"{dropped} group(s) that are not x,y points dropped")
             if mention.phrase is None:
@@ -148,7 +161,8 @@ class Pose(Task):
                 continue
             index = keypoint_index(mention.phrase.text)
             if index is None:
-                notes.append(f"unknown key point {mention.phrase.text!r} ignored")
+                if not flat:  # the phrase of a flat list names the person, not a point
+                    notes.append(f"unknown key point {mention.phrase.text!r} ignored")
                 continue
             for group in points[:1]:
                 if index in written[-1]:
@@ -163,6 +177,7 @@ class Pose(Task):
         elif unnamed:
             notes.append(f"{len(unnamed)} point(s) without a name ignored")
         people = self._people(len(written), placed, image_wh)
+        _place_flat(people, flats, image_wh)
         return self._dedupe(people, notes), notes
 
     @staticmethod
@@ -256,6 +271,25 @@ class Pose(Task):
             visible=np.empty((0, 17), dtype=bool),
             data=self._data(0, np.empty((0, 4)), "", []),
         )
+
+
+def _place_flat(people, flats, image_wh) -> None:
+    "Fill the people written as 34 numbers (x,y pairs in COCO order), all mapped at once."
+    if not flats:
+        return
+    values = np.array([group.values for _, group in flats], dtype=np.float64).reshape(-1, 2)
+    pixels, seen, point_notes = points_to_pixels(values, image_wh)
+    pixels = pixels.reshape(len(flats), len(COCO_KEYPOINTS), 2)
+    seen = seen.reshape(len(flats), len(COCO_KEYPOINTS))
+    for k, (i, group) in enumerate(flats):
+        person = people[i]
+        person["xy"][:], person["visible"][:], person["written"][:] = pixels[k], seen[k], True
+        person["spans"] = [[group.span]] * len(COCO_KEYPOINTS)  # one list, read only
+        for j in np.flatnonzero(~seen[k]):
+            person["notes"] += [
+                f"{COCO_KEYPOINTS[j]}: {note}"
+                for note in point_notes[k * len(COCO_KEYPOINTS) + j]
+            ]
 
 
 def _shared_notes(notes: list[str]) -> list[str]:

@@ -488,6 +488,93 @@ def _remove_brackets(text: str) -> str:
     return "".join(pieces)
 
 
+# -- tag-less display form: the words before a bare bracket ---------------------------------------
+# SPHINX-X writes grounded text without tags (``There are seven text[...], figure[...] ...``): the
+# words right before a bare bracket name it. Only the text since the previous mention is read, at
+# most MAX_PHRASE_CHARS characters of it, so all brackets together read the answer about once.
+_WORD_RE = re.compile(r"\S+")
+_PHRASE_WORD_RE = re.compile(r"[\w'\-]+")
+_CLAUSE_BOUNDARY_RE = re.compile(r"[.!?;:,()\n\"\u201c\u201d]")
+_QUOTES = "\"'\u2018\u2019\u201c\u201d`,;:()"
+# words that lead into a noun phrase without belonging to it ("There are", "and", "with")
+_LEAD_WORDS = frozenset(
+    "there here are is was were and or with plus also include includes including contain "
+    "contains containing has have see shows show detected found".split()
+)
+# words that start a noun phrase ("a dog", "two people")
+_PHRASE_STARTERS = frozenset(
+    "a an the this that these those his her their its my our your some several many one two "
+    "three four five six seven eight nine ten".split()
+)
+BARE_PHRASE_NOTE = "phrase read from the words before the box (no <p> tags)"
+
+
+def words_before(text: str, end: int, floor: int = 0, word: bool = False) -> Span | None:
+    """The span of the words naming a bare bracket that starts at ``end``, or ``None``.
+
+    ``word=True`` gives the one whitespace-separated word before the bracket with quotes and
+    separators trimmed (OCR: ``"Virtual[...]`` -> ``Virtual``, ``1.21[...]`` -> ``1.21``).
+    Otherwise it is the noun phrase ending there: the words after the last clause boundary, from
+    the last determiner or number word, after any lead-in word (``There are seven text[...]`` ->
+    ``seven text``, ``, and title[...]`` -> ``title``).
+
+    Args:
+        text: cleaned answer text.
+        end: where the bracket starts.
+        floor: the end of the previous mention; nothing before it is read.
+        word: one word instead of a noun phrase.
+    """
+    start = max(floor, end - MAX_PHRASE_CHARS, 0)
+    window = text[start:end].rstrip()
+    if word:
+        words = list(_WORD_RE.finditer(window))
+        if not words:
+            return None
+        token = words[-1].group()
+        inner = token.strip(_QUOTES)
+        if not inner:
+            return None
+        a = start + words[-1].start() + token.index(inner)
+        return a, a + len(inner)
+    window = window.rstrip(":").rstrip()
+    cut = max((m.end() for m in _CLAUSE_BOUNDARY_RE.finditer(window)), default=0)
+    first = None
+    for m in _PHRASE_WORD_RE.finditer(window, cut):
+        low = m.group().lower()
+        if low in _LEAD_WORDS:
+            first = None
+        elif first is None or low in _PHRASE_STARTERS or m.group().isdigit():
+            first = m.start()
+    if first is None:
+        return None
+    return start + first, start + len(window)
+
+
+def name_bare_boxes(text: str, mentions, boxes, word: bool = False) -> None:
+    """Give each box of a bare bracket the words before it as its phrase (in place, noted).
+
+    Args:
+        text: cleaned answer text.
+        mentions: the :func:`find_mentions` result the boxes came from.
+        boxes: :class:`GroundedBox` list from :func:`ground_boxes` with those mentions.
+        word: one word (OCR) instead of a noun phrase (see :func:`words_before`).
+    """
+    found = {}
+    for box in boxes:
+        if box.phrase is not None:
+            continue
+        i = box.mention
+        if i not in found:
+            floor = mentions[i - 1].span[1] if i > 0 else 0
+            found[i] = words_before(text, mentions[i].span[0], floor, word)
+        span = found[i]
+        if span is None:
+            continue
+        box.phrase = text[span[0] : span[1]]
+        box.spans.append(span)
+        box.notes.append(BARE_PHRASE_NOTE)
+
+
 # -- geometry --------------------------------------------------------------------------------------
 @dataclass
 class GroundedBox:

@@ -12,7 +12,7 @@ os.environ["SPHINX_TOOLS_LOAD_PLUGINS"] = "none"
 
 # Scripted answers, chosen by a phrase of the task's prompt.
 ANSWERS = {
-    "layout regions": "<p>title</p> [0.10,0.05,0.90,0.15]",
+    "layout": "<p>title</p> [0.10,0.05,0.90,0.15]",
     "Detect all": "<p>person</p> [0.10,0.10,0.40,0.90] <p>2 dogs</p> [0.50,0.50,0.70,0.70;"
                   "0.75,0.50,0.95,0.70]",
     "key points": "<p>nose</p> [0.25,0.30] <p>left eye</p> [0.27,0.29] <p>right eye</p> "

@@ -73,6 +73,15 @@ ANSWERS = {
     "long phrase then boxes": lambda: "<p>" + "a" * (SIZE // 2) + "</p>[0.1,0.2,0.3,0.4]"
     + varied("<p>x</p>[{a:.2f},{b:.2f},{c:.2f},{d:.2f}]", SIZE // 2),
     "box product": product_of_boxes,
+    # SPHINX-X forms: tag-less names before bare brackets, flat key-point lists, mark lines
+    "words before bare boxes": lambda: repeated("There are two people[0.1,0.2,0.3,0.4], "),
+    "long words before bare boxes": lambda: repeated("x" * 5000 + " [0.1,0.2,0.3,0.4]"),
+    "bare boxes after long clauses": lambda: repeated("word " * 300 + "[0.1,0.2,0.3,0.4]"),
+    "bare boxes inside a long word": lambda: repeated("x" * 1200 + "[0.1,0.2,0.3,0.4]two"),
+    "flat key points": lambda: varied(
+        "human keypoints [" + ",".join(["{a:.2f},{b:.2f}"] * 17) + "] "
+    ),
+    "mark lines": lambda: repeated("- Mark 1: a cat\n"),
 }
 
 
@@ -95,6 +104,16 @@ def test_every_task_parses_a_pathological_megabyte_in_under_a_second(kind):
         if seconds >= BOUND_S:
             slow[task.name] = round(seconds, 2)
     assert not slow, f"{kind}: {slow}"
+
+
+@pytest.mark.parametrize("kind", ["marks", "mark lines", "words before bare boxes", "digits"])
+def test_reg_marks_parse_a_pathological_megabyte_in_under_a_second(kind):
+    text = ANSWERS[kind]()
+    reg = get_task("reg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        seconds = cpu_seconds(lambda: reg.parse(text, (640, 480), marks=[(1, 2)] * 3))
+    assert seconds < BOUND_S, (kind, seconds)
 
 
 def test_a_megabyte_with_token_logprobs_in_under_a_second():
