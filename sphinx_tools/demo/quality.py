@@ -49,7 +49,10 @@ def label(model, src: Path, tasks: list[str], out: Path, max_gen_len: int) -> di
     "Label ``src`` with the auto-labeling pipeline; returns the COCO json it writes to ``out``."
     from sphinx_tools.pipelines.autolabel import Labeler, label_dataset, open_source, write_coco
 
-    labeler = Labeler(model, tasks, max_gen_len=max_gen_len, model_id="bench")
+    # the demo model is asked layout in the wording it was trained on
+    options = {"layout": {"variant": "classes"}} if "layout" in tasks else None
+    labeler = Labeler(model, tasks, task_options=options, max_gen_len=max_gen_len,
+                      model_id="bench")
     source = open_source(src)
     label_dataset(labeler, source, out, batch_size=8, progress=False, workers=1)
     write_coco(out, source, labeler)
@@ -117,8 +120,12 @@ def _coordinates(pieces: list[str], labels: list[int], pred: list[str]):
             axis += 1
 
 
+TEACHER_FORCED = (("shapes", "rec"), ("shapes", "detection"), ("pose", "pose"), ("document", "layout"),
+                  ("words", "ocr"))
+
+
 @torch.inference_mode()
-def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
+def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_FORCED) -> dict:
     """Coordinates predicted under teacher forcing, per task, on ``n`` fresh scenes per kind.
 
     For boxes also the error of the first corner (x1, y1: where the object is; x2, y2 follow
@@ -126,12 +133,12 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
     these scenes: a model that has learned where objects are beats it. For REC on scenes of
     several objects also how often the first x guessed is nearest the named object's x1 among all
     the scene's objects (``named_object_nearest``; chance: one in the number of objects): a model
-    that finds objects but cannot tell which one the question names stays at chance."""
+    that finds objects but cannot tell which one the question names stays at chance; also split
+    by the number of objects (``named_object_by_objects``). ``tasks``: ``(scene kind, task)``."""
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
-    for kind, task in [("shapes", "rec"), ("shapes", "detection"), ("pose", "pose"),
-                       ("document", "layout"), ("words", "ocr")]:
+    for kind, task in tasks:
         first = total = 0
         errors = ([], [])  # x, y
         first_corner = []  # (axis, truth, guess, objects in the scene) of x1 and y1, hundredths
@@ -151,7 +158,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
                 for slot, truth, guess in _coordinates(pieces, labels, pred):
                     if task == "rec" and slot == 0 and guess is not None and len(xs) > 1:
-                        named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs)))
+                        named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs), len(xs)))
                     total += 1
                     first += guess is not None and guess // 10 == truth // 10
                     if guess is not None:
@@ -171,10 +178,44 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3) -> dict:
             out[task]["first_corner_by_objects"] = {k: corner_stats(v)
                                                     for k, v in sorted(groups.items())}
         if named:
-            out[task]["named_object_nearest"] = round(sum(h for h, _ in named) / len(named), 4)
-            out[task]["named_object_nearest_chance"] = round(sum(c for _, c in named) / len(named), 4)
-            out[task]["named_object_questions"] = len(named)
+            out[task].update(named_stats(named))
+            groups = {}
+            for row in named:
+                groups.setdefault("3+" if row[2] >= 3 else str(row[2]), []).append(row)
+            out[task]["named_object_by_objects"] = {k: named_stats(v) for k, v in sorted(groups.items())}
     return out
+
+
+def named_stats(named: list[tuple[bool, float, int]]) -> dict:
+    "``named_object_nearest``, its chance and the number of questions of ``(hit, chance, objects)`` rows."
+    return {"named_object_nearest": round(sum(r[0] for r in named) / len(named), 4),
+            "named_object_nearest_chance": round(sum(r[1] for r in named) / len(named), 4),
+            "named_object_questions": len(named)}
+
+
+def pilot_quality(model, seed: int, n: int, min_objects: int = 3) -> dict:
+    """A pilot's measures on ``n`` fresh shapes scenes: teacher-forced REC and detection (with
+    ``named_object_nearest`` and the first-corner error split by objects) and REC Acc@0.5 on the
+    REC questions of the scenes with ``min_objects`` or more objects (``rec_acc50_3plus``)."""
+    from sphinx_tools.pipelines.autolabel import evaluate
+
+    t0 = time.time()
+    res = {"seed": seed, "scenes": n,
+           "teacher_forced": teacher_forced(model, seed, n, tasks=TEACHER_FORCED[:2])}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_dataset(tmp, n, seed=seed, kinds=("shapes",), progress=False)
+        objects = {}
+        for a in json.loads((tmp / "coco.json").read_text())["annotations"]:
+            objects[a["image_id"]] = objects.get(a["image_id"], 0) + 1
+        items = [r for r in json.loads((tmp / "rec.json").read_text())
+                 if objects[int(r["question_id"][:6]) + 1] >= min_objects]
+        (tmp / "rec_many.json").write_text(json.dumps(items))
+        pred = label(model, tmp / "rec_many.json", ["rec"], tmp / "pred.json", 64)
+        res["rec_acc50_3plus"] = evaluate(pred, items)["rec"]["accuracy"]
+        res["rec_questions_3plus"] = len(items)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
 
 
 def nearest_is_named(guess: int, xs: list[int], named: int) -> bool:

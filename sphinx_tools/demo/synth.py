@@ -692,7 +692,9 @@ def _document_qas(scene: Scene, rng) -> list[QA]:
     names = {"title": ("title", "titles"), "text": ("paragraph", "paragraphs"), "list": ("list", "lists"),
              "table": ("table", "tables"), "figure": ("figure", "figures")}
     parts = [_count_phrase(len(groups[c]), *names[c]) for c in order]
-    qas = [_qa("layout", layout, [i for c in order for i in groups[c]])] if order else []
+    # the wording the demo model is trained on (the task's "classes" variant)
+    qas = [_qa("layout", layout, [i for c in order for i in groups[c]],
+               variant="classes")] if order else []
     caption = f"A document page with {_join(parts)}." if parts else "An empty document page."
     qas.append(_qa("caption", caption))
     return qas
@@ -767,12 +769,12 @@ def coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
 
 def _render(args) -> tuple:
     "Worker: generate scene ``index``, save its PNG, return its annotations (picklable)."
-    out_dir, index, seed, kind, turns = args
+    out_dir, index, seed, kind, turns, tasks = args
     scene = generate_scene(kind, scene_seed(seed, index))
     name = f"{index:06d}.png"
     scene.image.save(Path(out_dir) / "images" / name, format="PNG", optimize=False)
     qas = scene_qas(scene)
-    records = _records(qas, f"images/{name}", turns)
+    records = _records([q for q in qas if tasks is None or q.task in tasks], f"images/{name}", turns)
     annotations = coco_annotations(scene, index + 1, 0)
     (w, h), rec = scene.size, []
     for k, qa in enumerate(q for q in qas if q.task == "rec"):
@@ -785,7 +787,7 @@ def _render(args) -> tuple:
 
 
 def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1, turns: int = 1,
-                  absolute_paths: bool = False, progress: bool = True) -> dict:
+                  absolute_paths: bool = False, progress: bool = True, tasks=None) -> dict:
     """Generate ``n`` scenes (kinds in turn) and write images and ground truth.
 
     Files: ``images/NNNNNN.png``; ``conversations.json`` (LLaMA2-Accessory records, image paths
@@ -804,6 +806,8 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
         turns: questions per conversation record (see :func:`make_conversations`).
         absolute_paths: write absolute image paths into ``conversations.json``.
         progress: show a tqdm progress bar.
+        tasks: only these tasks' questions in ``conversations.json`` (``None``: every task); the
+            ground truth files are the same.
 
     Returns:
         ``{"images", "conversations", "annotations", "rec"}`` counts.
@@ -819,7 +823,8 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
         raise ValueError(f"need n >= 0 and kinds from {', '.join(KINDS)}; got n={n}, kinds={kinds!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), i, int(seed), kinds[i % len(kinds)], turns) for i in range(n)]
+    tasks = None if tasks is None else tuple(tasks)
+    jobs = [(str(out), i, int(seed), kinds[i % len(kinds)], turns, tasks) for i in range(n)]
     if workers > 1:
         import multiprocessing
 

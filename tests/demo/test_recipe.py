@@ -97,3 +97,61 @@ def test_python_m_demo_offers_build_quality_and_probe():
     out = subprocess.run([sys.executable, "-m", "sphinx_tools.demo", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert all(f"  {name} " in out for name in ("build", "quality", "probe"))
+
+
+TINY_PILOT = {
+    **TINY_RECIPE, "scenes": 6, "kinds": ["shapes"], "tasks": ["rec", "detection"],
+    "model": {"preset": "tiny-224", "seed": 0, "overrides": {"vision": {"patch_size": 28, "qf_queries": 2}}},
+}
+
+
+def test_the_single_view_pilot_trains_one_224_view_on_rec_and_detection(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from sphinx_tools import SphinxModel
+
+    assert recipe.PILOT["model"]["preset"] == "tiny-224" and "token_position" not in recipe.PILOT["train"]
+    monkeypatch.setattr(recipe, "PILOT", TINY_PILOT)
+    monkeypatch.setattr(recipe, "PILOT_SCENES", 3)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--pilot", "--work", "w",
+                                          "--dest", "m", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    convs = json.loads((tmp_path / "w" / "data" / "conversations.json").read_text())
+    assert {t for c in convs for t in c["tasks"]} == {"rec", "detection"}
+    kinds = {i["kind"] for i in json.loads((tmp_path / "w" / "data" / "coco.json").read_text())["images"]}
+    assert kinds == {"shapes"}
+    cfg = SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg
+    assert (cfg.llama_type, cfg.n_views, cfg.image_size, cfg.vision.grid) == ("llama_ens", 1, 224, 8)
+    res = json.loads((tmp_path / "m" / "pilot.json").read_text())
+    rec = res["teacher_forced"]["rec"]
+    assert set(res["teacher_forced"]) == {"rec", "detection"} and rec["first_corners"] > 0
+    assert 0 <= res["rec_acc50_3plus"] <= 1 and res["rec_questions_3plus"] > 0
+
+
+def test_there_is_no_full_single_view_recipe_yet_and_a_pilot_needs_its_own_dest(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    full = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--work", "w"])
+    assert full.exit_code == 2 and "no full recipe for the single-view shape yet" in full.output
+    pilot = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--pilot", "--work", "w"])
+    assert pilot.exit_code == 2 and "give it its own --dest" in pilot.output
+    alone = CliRunner().invoke(recipe.cli, ["build", "--hypothesis", "deeper-llm", "--work", "w", "--dest", "m"])
+    assert alone.exit_code == 2 and "add --pilot" in alone.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_pilot_hypothesis_changes_only_the_model_overrides_it_names():
+    base, deeper = recipe.PILOT, recipe.pilot_recipe("deeper-llm")
+    assert recipe.pilot_recipe("base") == base
+    assert {k: v for k, v in deeper.items() if k not in ("model", "train")} == {
+        k: v for k, v in base.items() if k not in ("model", "train")}
+    changed = recipe.HYPOTHESES["deeper-llm"]
+    assert deeper["model"]["overrides"]["n_layers"] == changed["model"]["n_layers"]
+    assert deeper["model"]["overrides"]["vision"] == {**base["model"]["overrides"]["vision"],
+                                                      **changed["model"]["vision"]}
+    assert deeper["train"] == {**base["train"], **changed["train"]}
+    assert base["model"]["overrides"]["n_layers"] == recipe.RECIPE["model"]["overrides"]["n_layers"]
