@@ -320,15 +320,22 @@ def measure(model, checkpoint: str, n: int, seed: int, max_gen_len: int | None, 
 @click.option("--out", type=click.Path(path_type=Path),
               help="result JSON  [default: quality.json in the checkpoint folder]")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N")
-def quality_command(checkpoint, n, seed, max_gen_len, out, device):
+@click.option("--pilot", is_flag=True,
+              help="a pilot's measures (REC and detection on shapes scenes with 3+ objects) on --n "
+                   "scenes, written to pilot.json")
+def quality_command(checkpoint, n, seed, max_gen_len, out, device, pilot):
     "Measure a model's label quality on fresh synthetic scenes."
     from . import resolve
     from ..sphinx_model import SphinxModel
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     model = SphinxModel.from_pretrained(checkpoint, device=device)
-    res = measure(model, str(checkpoint), n, seed, max_gen_len, device)
-    out = Path(out) if out is not None else resolve(checkpoint) / "quality.json"
+    if pilot:
+        res = pilot_quality(model, seed=seed, n=n)
+    else:
+        res = measure(model, str(checkpoint), n, seed, max_gen_len, device)
+    name = "pilot.json" if pilot else "quality.json"
+    out = Path(out) if out is not None else resolve(checkpoint) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     click.echo(json.dumps(res, indent=1))

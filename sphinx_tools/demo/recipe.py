@@ -253,8 +253,8 @@ def cli():
 @click.option("--shape", default="sphinx-1k", show_default=True, type=click.Choice(["sphinx-1k", "single-view"]),
               help="the model's shape: SPHINX-1k (5 views, the shipped model) or SPHINX (one 224 view)")
 @click.option("--pilot", is_flag=True,
-              help="the shape's pilot (PILOT: shapes scenes, REC and detection); writes pilot.json, "
-                   "its measurements, next to the weights; needs --dest")
+              help="the shape's pilot (PILOT: shapes scenes, REC and detection; measure it with "
+                   "`quality --pilot`); needs --dest")
 @click.option("--hypothesis", default="base", show_default=True, type=click.Choice(list(HYPOTHESES)),
               help="with --pilot: the pilot's model changes (HYPOTHESES)")
 def build(work, dest, threads, device, scale, procs, loader_workers, shape, pilot, hypothesis):
@@ -295,13 +295,8 @@ def build(work, dest, threads, device, scale, procs, loader_workers, shape, pilo
         shutil.copyfile(log, dest / "train_log.jsonl")
     click.echo(f"installed demo model at {dest}")
     if pilot:
-        from ..sphinx_model import SphinxModel
-        from .quality import pilot_quality
-
-        torch.set_num_threads(threads)
-        res = pilot_quality(SphinxModel.from_pretrained(dest), seed=777, n=PILOT_SCENES)
-        (Path(dest) / "pilot.json").write_text(json.dumps(res, indent=1))
-        click.echo(json.dumps(res, indent=1))
+        click.echo(f"measure it: python -m sphinx_tools.demo quality --pilot --checkpoint {dest} "
+                   f"--n {PILOT_SCENES} (writes {Path(dest) / 'pilot.json'})")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,6 @@ def test_the_single_view_pilot_trains_one_224_view_on_rec_and_detection(tmp_path
 
     assert recipe.PILOT["model"]["preset"] == "tiny-224" and "token_position" not in recipe.PILOT["train"]
     monkeypatch.setattr(recipe, "PILOT", TINY_PILOT)
-    monkeypatch.setattr(recipe, "PILOT_SCENES", 3)
     monkeypatch.chdir(tmp_path)
     run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--pilot", "--work", "w",
                                           "--dest", "m", "--threads", "1"])
@@ -125,6 +124,12 @@ def test_the_single_view_pilot_trains_one_224_view_on_rec_and_detection(tmp_path
     assert kinds == {"shapes"}
     cfg = SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg
     assert (cfg.llama_type, cfg.n_views, cfg.image_size, cfg.vision.grid) == ("llama_ens", 1, 224, 8)
+    assert "quality --pilot" in run.output  # the build says how to measure it
+    from sphinx_tools.demo.quality import quality_command
+
+    measured = CliRunner().invoke(quality_command, ["--pilot", "--checkpoint", str(tmp_path / "m"),
+                                                    "--n", "3"])
+    assert measured.exit_code == 0, measured.output
     res = json.loads((tmp_path / "m" / "pilot.json").read_text())
     rec = res["teacher_forced"]["rec"]
     assert set(res["teacher_forced"]) == {"rec", "detection"} and rec["first_corners"] > 0
