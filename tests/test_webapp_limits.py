@@ -129,21 +129,31 @@ def test_serve_listens_only_on_its_own_host_and_port(tmp_path_factory, tmp_path)
     pytest.importorskip("gradio")
     psutil = pytest.importorskip("psutil")
     checkpoint = webapp.tiny_checkpoint(tmp_path_factory.getbasetemp().parent)
-    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost",
            "no_proxy": "127.0.0.1,localhost", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sphinx_tools.cli", "serve", "--checkpoint", str(checkpoint),
-         "--port", str(port), "--max-gen-len", "8"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
+
+    def start():
+        port = free_port()  # free now; another process may take it before the server binds
+        return port, subprocess.Popen(
+            [sys.executable, "-m", "sphinx_tools.cli", "serve", "--checkpoint", str(checkpoint),
+             "--port", str(port), "--max-gen-len", "8"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    port, proc = start()
+    retries = 3
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                pytest.fail(f"the server did not start:\n{log.read()}")
+                text = log.read()
+                if proc.poll() is not None and f"cannot serve on 127.0.0.1:{port}" in text and retries:
+                    retries -= 1  # the port was taken between choosing it and binding it
+                    port, proc = start()
+                    continue
+                pytest.fail(f"the server did not start:\n{text}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
                     if r.status == 200:
