@@ -75,48 +75,33 @@ RECIPE = {
     "procs": 2,
 }
 
+def _changed(recipe: dict, changes: dict) -> dict:
+    "A copy of ``recipe`` with ``changes`` merged in (nested dicts key by key, other values replaced)."
+    import copy
+
+    out = copy.deepcopy(recipe)
+    for key, value in changes.items():
+        out[key] = (_changed(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else copy.deepcopy(value))
+    return out
+
+
 # The single-view pilot (``build --shape single-view --pilot``): the same LLM in the SPHINX (224)
 # shape, on shapes scenes and their REC and detection questions only. One 224 view, so each patch
 # token's ViT position embedding says where it is in the whole image (a SPHINX-1k quadrant token
 # only knows its place in its quadrant): no token_position stage. 28-px patches (8 x 8) and 4
-# Q-Former queries: 70 image tokens a step instead of 115. Measured by pilot_quality.
-PILOT = {
-    "scenes": 12000,  # steps x procs x batch_size
-    "data_seed": 0,
+# Q-Former queries: 70 image tokens a step instead of 115. Measured by `quality --pilot`.
+PILOT = _changed({k: v for k, v in RECIPE.items() if k != "train"}, {
     "kinds": ["shapes"],
     "tasks": ["rec", "detection"],
-    "turns": 32,
-    "independent_turns": True,
     "vocab_size": 512,  # the REC and detection texts hold fewer than 1024 pieces
-    "coordinate_tokens": True,
-    "model": {
-        "preset": "tiny-224", "seed": 0,
-        "overrides": {"dim": 128, "n_layers": 4, "n_heads": 4,
-                      "vision": {"patch_size": 28, "qf_queries": 4,
-                                 "clip_width": 96, "clip_head_width": 16, "dino_width": 96, "dino_heads": 4,
-                                 "qf_vision_width": 96, "qf_vision_heads": 4, "qf_vision_mlp": 192,
-                                 "convnext_dims": [16, 32, 64, 128]}},
-    },
-    "train": {
-        "encoder_warmup": {"coco": "data/coco.json", "images": "data/images", "steps": 1200,
-                           "batch_size": 4, "categories": list(SHAPES), "position": True},
-        "train": ["llm", "proj", "tokens"],
-        "steps": 3000,
-        "batch_size": 2,  # per process
-        "grad_accum": 1,
-        "lr": 2.0e-3,
-        "min_lr": 5.0e-5,
-        "warmup": 100,
-        "weight_decay": 0.0,
-        "clip": 1.0,
-        "max_len": 2560,
-        "save_every": 250,
-        "log_every": 10,
-        "seed": 0,
-        "max_minutes": 30,  # the pilot's budget, encoder warm-up included
-    },
-    "procs": 2,
-}
+    "model": {"preset": "tiny-224", "overrides": {"vision": {"patch_size": 28}}},
+})
+PILOT["train"] = _changed({k: v for k, v in RECIPE["train"].items() if k != "token_position"}, {
+    "encoder_warmup": {"steps": 1200},
+    "steps": 3000,
+    "max_minutes": 30,  # the pilot's budget, encoder warm-up included
+})
 PILOT_SCENES = 48  # fresh shapes scenes (seed 777) that measure a pilot
 # The pilot's next hypotheses (``--hypothesis NAME``), each a change of PILOT's model overrides
 # and training keys: a deeper LLM, partly paid for by one Q-Former query instead of 4 (67 image
@@ -127,18 +112,10 @@ HYPOTHESES = {"base": {},
 
 
 def pilot_recipe(hypothesis: str = "base") -> dict:
-    "PILOT with the changes of ``HYPOTHESES[hypothesis]``."
-    import copy
-
-    out = copy.deepcopy(PILOT)
+    "PILOT with the changes of ``HYPOTHESES[hypothesis]`` (its model keys are model overrides)."
     change = HYPOTHESES[hypothesis]
-    overrides = out["model"]["overrides"]
-    for k, v in change.get("model", {}).items():
-        overrides[k] = {**overrides[k], **v} if isinstance(v, dict) else v
-    out["train"].update(change.get("train", {}))
-    return out
-
-
+    return _changed(PILOT, {"model": {"overrides": change.get("model", {})},
+                            "train": change.get("train", {})})
 
 
 def base_recipe(shape: str, pilot: bool) -> dict | None:
