@@ -385,8 +385,11 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(_mp_part(out_features, "out_features"), in_features))
+        self.split = fs_init.get_model_parallel_world_size() > 1
 
     def forward(self, x):
+        if not self.split:  # one rank: the collectives are identities, skip their overhead
+            return F.linear(x, self.weight)
         y = F.linear(copy_to_model_parallel_region(x), self.weight)
         return gather_from_model_parallel_region(y) if self.gather_output else y
 
@@ -397,9 +400,11 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, _mp_part(in_features, "in_features")))
+        self.split = fs_init.get_model_parallel_world_size() > 1
 
     def forward(self, x):
-        return reduce_from_model_parallel_region(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        return reduce_from_model_parallel_region(y) if self.split else y
 
 
 class ParallelEmbedding(nn.Module):
@@ -408,9 +413,11 @@ class ParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, _mp_part(embedding_dim, "dim")))
+        self.split = fs_init.get_model_parallel_world_size() > 1
 
     def forward(self, tokens):
-        return gather_from_model_parallel_region(F.embedding(tokens, self.weight))
+        y = F.embedding(tokens, self.weight)
+        return gather_from_model_parallel_region(y) if self.split else y
 
 
 class RMSNorm(nn.Module):

@@ -50,3 +50,40 @@ def test_heads_not_divisible_by_mp_size(golden_dir, tmp_path):
     results = run_mp(2, ckpt, tmp_path, golden_dir / "golden_io.pt")
     for r in results:
         assert "n_heads 3" in r["error"] and "model-parallel size 2" in r["error"]
+
+
+def test_one_rank_skips_the_collectives_with_the_same_numbers(golden_model, golden_io):
+    # at one rank fairscale's copy/reduce/gather are identities: the layers call F.linear and
+    # F.embedding directly (no fairscale autograd node in the graph) and compute the same bits
+    import torch
+
+    from sphinx_tools.model import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+    tr = golden_model.transformer
+    layers = [m for m in tr.modules()
+              if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding))]
+    assert layers and not any(m.split for m in layers)
+    ids = golden_io["generated_token_ids"][None, :8]
+    positions = torch.arange(8)[None]
+
+    def forward():  # the embeddings require grad, so the graph holds every layer after them
+        with torch.enable_grad():
+            return tr(tr.tok_embeddings(ids).detach().requires_grad_(), positions)
+
+    y = forward()
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert names and not any("ModelParallel" in n for n in names), names
+    for m in layers:
+        m.split = True  # the collectives' path (what 2+ ranks take)
+    try:
+        assert torch.equal(forward(), y.detach())
+    finally:
+        for m in layers:
+            m.split = False
