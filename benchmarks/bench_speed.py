@@ -2,9 +2,11 @@
 prefixes, int8 weights and the memory-bandwidth bound of a decode step.
 
 Run:  .venv/bin/python benchmarks/bench_speed.py [--only threads,bandwidth,...]
-      [--out benchmarks/results/speed.json]
+      [--out benchmarks/results/speed.json] [--device cuda]
 
 Each section writes its own key of the JSON file (a run of some sections keeps the others).
+With ``--device cuda`` the sections but ``threads`` (a CPU matter) run on the GPU and write
+under the file's ``gpu`` key, with the GPU's name; nothing else fills that key.
 Models are random-weight presets on CPU ("small": dim 512, 8 layers, vocab 32000) unless a
 section says otherwise. Targets:
 
@@ -35,6 +37,13 @@ import sphinx_tools  # noqa: F401  (before torch: the threading policy, see sphi
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cpu")  # where the models and tensors of a run live (--device)
+
+
+def _sync():
+    "Wait for the device's queued work (CUDA runs asynchronously)."
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 # -- threads ----------------------------------------------------------------------------------
 
@@ -125,8 +134,10 @@ def small_checkpoint(folder: Path) -> Path:
 def _best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -138,7 +149,7 @@ def bench_shared_prefix(tmp: Path, max_gen_len: int = 32, repeats: int = 4) -> d
     from sphinx_tools import SphinxModel, build_prompt
 
     torch.manual_seed(0)
-    model = SphinxModel.from_pretrained(small_checkpoint(tmp / "small"))
+    model = SphinxModel.from_pretrained(small_checkpoint(tmp / "small"), device=DEVICE)
     image = Image.fromarray((torch.rand(300, 400, 3) * 255).byte().numpy())
     prompts = [build_prompt([[q, None]]) for q in QUESTIONS]
     kw = dict(max_gen_len=max_gen_len, stop=())
@@ -155,6 +166,7 @@ def bench_shared_prefix(tmp: Path, max_gen_len: int = 32, repeats: int = 4) -> d
                        "max_gen_len": max_gen_len, "threads": torch.get_num_threads()},
             "generate_multi_s": round(t_multi, 3), "five_generate_s": round(t_single, 3),
             "speedup": round(t_single / t_multi, 2), "identical_greedy_tokens": same,
+            "device": DEVICE.type,
             "target_met": same and t_single / t_multi >= 4}
 
 
@@ -170,7 +182,7 @@ def bench_continuous(tmp: Path, images: int = 4, budgets=(4, 8, 16, 32, 96),
 
     from sphinx_tools import SphinxModel, build_prompt
 
-    model = SphinxModel.from_pretrained(small_checkpoint(tmp / "small"))
+    model = SphinxModel.from_pretrained(small_checkpoint(tmp / "small"), device=DEVICE)
     g = torch.Generator().manual_seed(0)
     ims = [Image.fromarray((torch.rand(300, 400, 3, generator=g) * 255).byte().numpy())
            for _ in range(images)]
@@ -186,9 +198,7 @@ def bench_continuous(tmp: Path, images: int = 4, budgets=(4, 8, 16, 32, 96),
         answers[name] = [g.token_ids[:b] for gs, bs in zip(gens, per) for g, b in zip(gs, bs)]
     for _ in range(rounds):  # arms interleaved: a busy spell of the machine hits each alike
         for name, kw in arms.items():
-            t0 = time.perf_counter()
-            model.generate_multi(ims, prompts, stop=(), **kw)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_best(lambda: model.generate_multi(ims, prompts, stop=(), **kw), 1))
     for name, ts in times.items():
         t = min(ts)
         out[name] = {"seconds": round(t, 3), "useful_tok_s": round(useful / t, 1),
@@ -209,14 +219,14 @@ def bench_continuous(tmp: Path, images: int = 4, budgets=(4, 8, 16, 32, 96),
 
 def memcpy_gb_s(mb: int = 256, repeats: int = 5) -> float:
     "Bytes read plus bytes written per second by a large tensor copy (the machine's bandwidth)."
-    src = torch.ones(mb * 2**20 // 4)
+    src = torch.ones(mb * 2**20 // 4, device=DEVICE)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeats) / 1e9
 
 
 def read_gb_s(mb: int = 256, repeats: int = 5) -> float:
     "Bytes per second of a read-only pass (a sum) over a large tensor."
-    src = torch.ones(mb * 2**20 // 4)
+    src = torch.ones(mb * 2**20 // 4, device=DEVICE)
     return src.numel() * 4 / _best(lambda: src.sum(), repeats) / 1e9
 
 
@@ -227,7 +237,7 @@ def decode_step_s(model, steps: int = 40, prompt: int = 16) -> float:
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         rows = [model.transformer.tok_embeddings(
-            torch.randint(3, model.cfg.vocab_size, (1, prompt), generator=g))[0]]
+            torch.randint(3, model.cfg.vocab_size, (1, prompt), generator=g).to(DEVICE))[0]]
     times, last = [], None
     for _ in decode_stream(model.transformer, rows, steps):
         now = time.perf_counter()
@@ -257,7 +267,7 @@ def bench_bandwidth(tmp: Path, rounds: int = 5) -> dict:
     from sphinx_tools.generate import LIVE_BUCKET
 
     ckpt = small_checkpoint(tmp / "small")
-    arms = {name: SphinxModel.from_pretrained(ckpt, **kw) for name, kw in (
+    arms = {name: SphinxModel.from_pretrained(ckpt, device=DEVICE, **kw) for name, kw in (
         ("fp32", {}), ("bf16", {"dtype": torch.bfloat16}), ("int8", {"quantize": "int8"}))}
     runs = {name: [] for name in arms}  # (memcpy GB/s, read GB/s, step s) per round
     for _ in range(rounds):
@@ -324,7 +334,7 @@ def bench_int8(tmp: Path) -> dict:
     for name, kw in (("fp32", {}), ("bf16", {"dtype": torch.bfloat16}),
                      ("int8", {"quantize": "int8"}), ("bf16_int8", {"dtype": torch.bfloat16,
                                                                     "quantize": "int8"})):
-        model = SphinxModel.from_pretrained(ckpt, **kw)
+        model = SphinxModel.from_pretrained(ckpt, device=DEVICE, **kw)
         out[name] = {"llm_weight_mb": round(weight_bytes(model.transformer) / 1e6, 1),
                      "decode_tok_s_batch1": round(1 / decode_step_s(model), 1)}
     out["released_llm_memory"] = llm_memory_gb()
@@ -341,20 +351,38 @@ def main():
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections: {', '.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: run on the GPU, results under the file's 'gpu' key")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible")
+        if "threads" in names:
+            ap.error("the threads section measures the CPU's thread pool: leave it out of --only")
     torch.set_num_threads(args.threads)
     path = Path(args.out)
     result = json.loads(path.read_text()) if path.is_file() else {}
-    result["machine"] = {"cpu": platform.processor() or platform.machine(),
-                         "cores": os.cpu_count(), "torch": torch.__version__,
-                         "python": platform.python_version()}
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version()}
+    section = result
+    if DEVICE.type == "cuda":
+        section = result.setdefault("gpu", {})
+        machine["gpu"] = torch.cuda.get_device_name()
+        machine["cuda"] = torch.version.cuda
+    section["machine"] = machine
     tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
-    for name in args.only.split(","):
+    for name in names:
         t0 = time.perf_counter()
         fn = SECTIONS[name]
-        result[name] = fn(tmp) if "tmp" in fn.__code__.co_varnames else fn()
-        result[name]["bench_s"] = round(time.perf_counter() - t0, 1)
-        print(name, json.dumps(result[name], indent=1), flush=True)
+        section[name] = fn(tmp) if "tmp" in fn.__code__.co_varnames else fn()
+        section[name]["bench_s"] = round(time.perf_counter() - t0, 1)
+        print(name, json.dumps(section[name], indent=1), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
