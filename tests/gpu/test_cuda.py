@@ -90,3 +90,20 @@ def test_data_parallel_finetuning_on_two_gpus(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "dp_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["dp"]) for r in log] == [(1, 2), (2, 2)]
     assert SphinxModel.from_pretrained(out).transformer.cfg.dim > 0
+
+
+def test_speed_benchmark_runs_on_cuda(tmp_path):
+    # the GPU section of benchmarks/results/speed.json comes from this script on a GPU
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    out = tmp_path / "speed.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_speed.py"), "--device", "cuda",
+                    "--only", "bandwidth,int8,shared_prefix", "--out", str(out)], check=True,
+                   cwd=root, timeout=900)
+    gpu = json.loads(out.read_text())["gpu"]
+    assert gpu["machine"]["gpu"]
+    assert gpu["shared_prefix"]["identical_greedy_tokens"]
+    assert gpu["bandwidth"]["fp32"]["step_ms"] > 0 and gpu["int8"]["int8"]["decode_tok_s_batch1"] > 0
