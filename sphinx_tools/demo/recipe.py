@@ -105,10 +105,18 @@ PILOT["train"] = _changed({k: v for k, v in RECIPE["train"].items() if k != "tok
 PILOT_SCENES = 48  # fresh shapes scenes (seed 777) that measure a pilot
 # The pilot's next hypotheses (``--hypothesis NAME``), each a change of PILOT's model overrides
 # and training keys: a deeper LLM, partly paid for by one Q-Former query instead of 4 (67 image
-# tokens), with fewer steps in 22 minutes (what was left of its session)
+# tokens), with fewer steps in 22 minutes (what was left of its session); the same with the
+# shipped recipe's token_position loss back (both pilots read y from one-object scenes but not x,
+# which the 5-view model, trained with that loss, reads on both axes); and that with the
+# object_pointer loss, a signal for picking the named object among the patch tokens
+_DEEPER = {"model": {"n_layers": 6, "vision": {"qf_queries": 1}},
+           "train": {"steps": 2000, "max_minutes": 22}}
+_PLACES = _changed(_DEEPER, {"train": {"token_position": RECIPE["train"]["token_position"]}})
 HYPOTHESES = {"base": {},
-              "deeper-llm": {"model": {"n_layers": 6, "vision": {"qf_queries": 1}},
-                             "train": {"steps": 2000, "max_minutes": 22}}}
+              "deeper-llm": _DEEPER,
+              "token-places": _PLACES,
+              "object-pointer": _changed(_PLACES, {"train": {
+                  "object_pointer": {"layer": 3, "weight": 1.0, "width": 32}}})}
 
 
 def pilot_recipe(hypothesis: str = "base") -> dict:

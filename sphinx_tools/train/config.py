@@ -30,6 +30,9 @@ Example::
     token_position: {coco: data/synth/coco.json, images: data/synth/images, layer: 1, weight: 10.0}
                                                 # optional: auxiliary loss (losses.TokenPlaces);
                                                 # images default to the json's folder
+    object_pointer: {layer: 3, weight: 1.0, width: 32}
+                                                # optional, with token_position: auxiliary loss
+                                                # (losses.pointer_loss)
     loader_workers: 0                           # processes preparing the next batches
     save_every: 500
     log_every: 20
@@ -61,6 +64,8 @@ WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
 # ``token_position:`` (see losses.TokenPlaces); ``coco`` is required, ``images`` defaults to its
 # folder
 TOKEN_POSITION_DEFAULTS = {"layer": 1, "weight": 10.0}
+# ``object_pointer:`` (see losses.pointer_loss); needs ``token_position`` (its patch boxes)
+OBJECT_POINTER_DEFAULTS = {"layer": 2, "weight": 1.0, "width": 32}
 
 
 @dataclass
@@ -97,6 +102,10 @@ class TrainConfig:
     # auxiliary loss: each image patch token's hidden state after LLM layer ``layer`` predicts
     # where its object is in the whole image (losses.TokenPlaces); {coco, images, layer, weight}
     token_position: dict | None = None
+    # auxiliary loss: before the first coordinate of each answer, the hidden state after LLM layer
+    # ``layer`` points at the patch tokens of the object whose box follows (losses.pointer_loss);
+    # {layer, weight, width}; needs token_position
+    object_pointer: dict | None = None
 
     def __post_init__(self):
         self.check()
@@ -157,11 +166,19 @@ class TrainConfig:
             self.encoder_warmup = check_encoder_warmup(self.encoder_warmup, Path("."))
         if self.token_position is not None:
             self.token_position = check_token_position(self.token_position, Path("."))
+        if self.object_pointer is not None:
+            self.object_pointer = check_object_pointer(self.object_pointer)
+            if self.token_position is None:
+                raise SphinxToolsError("object_pointer needs token_position (the boxes of the "
+                                       "objects under the patches)")
 
     def check_model(self, n_layers: int):
         "Check the keys that depend on the model: an auxiliary loss's layer must exist."
         if self.token_position and self.token_position["layer"] >= n_layers:
             raise SphinxToolsError(f"token_position.layer {self.token_position['layer']} is past "
+                                   f"the model's {n_layers} layers")
+        if self.object_pointer and self.object_pointer["layer"] >= n_layers:
+            raise SphinxToolsError(f"object_pointer.layer {self.object_pointer['layer']} is past "
                                    f"the model's {n_layers} layers")
 
 
@@ -213,4 +230,23 @@ def check_token_position(spec, base: Path) -> dict:
         raise SphinxToolsError(f"token_position.weight must be positive, got {weight!r}")
     out["coco"] = str((base / out["coco"]).resolve())
     out["images"] = str((base / out.get("images", Path(out["coco"]).parent)).resolve())
+    return out
+
+
+def check_object_pointer(spec) -> dict:
+    "The ``object_pointer`` config with its defaults; a clear error if malformed."
+    if not isinstance(spec, dict):
+        raise SphinxToolsError(f"object_pointer must be a mapping, got {spec!r}")
+    unknown = set(spec) - set(OBJECT_POINTER_DEFAULTS)
+    if unknown:
+        raise SphinxToolsError(f"unknown object_pointer keys {sorted(unknown)}; "
+                               f"known: {sorted(OBJECT_POINTER_DEFAULTS)}")
+    out = {**OBJECT_POINTER_DEFAULTS, **spec}
+    for key in ("layer", "width"):
+        value = out[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "layer" else 1):
+            raise SphinxToolsError(f"object_pointer.{key} must be an int >= "
+                                   f"{0 if key == 'layer' else 1}, got {value!r}")
+    if not _number(out["weight"]) or out["weight"] <= 0:
+        raise SphinxToolsError(f"object_pointer.weight must be positive, got {out['weight']!r}")
     return out

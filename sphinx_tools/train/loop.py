@@ -30,7 +30,14 @@ from ..model import SphinxConfig, Transformer
 from ..tokenizer import Tokenizer
 from .config import PARTS, TrainConfig
 from .data import IGNORE, ConversationData, batches
-from .losses import TokenPlaces, coordinate_weights, loss_fn, position_head
+from .losses import (
+    PointerHead,
+    TokenPlaces,
+    coordinate_values,
+    coordinate_weights,
+    loss_fn,
+    position_head,
+)
 from .schedule import lr_at, sync_grads
 
 
@@ -263,6 +270,8 @@ class _Run:
     opt: torch.optim.Optimizer
     params: list  # the trainable parameters, the position head's included
     head: torch.nn.Module | None  # the token_position head, when that loss is on
+    pointer: PointerHead | None  # the object_pointer head, when that loss is on
+    values: torch.Tensor | None  # coordinate_values of the tokenizer, for object_pointer
     n_train: int  # trainable parameters of the model
     log: object  # the job's jsonl log (data-parallel rank 0), else None
 
@@ -275,6 +284,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     state = _resume_state(last)
     model, tok = _init_or_resume(cfg, device, state, last)
     cfg.check_model(len(model.layers))  # before the warm-up, not after it
+    if cfg.object_pointer:
+        _pointer_values(tok)  # a tokenizer without coordinate pieces fails before the warm-up too
     data = _conversation_data(cfg, model, tok)  # a bad file fails before the warm-up too
     log = _open_log(Path(cfg.out))
     try:
@@ -387,9 +398,26 @@ def _prepare(cfg: TrainConfig, device, model: Transformer, tok: Tokenizer, state
             head.load_state_dict(state["position_head"])
         params += list(head.parameters())
         groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
+    pointer = values = None
+    if cfg.object_pointer:
+        values = _pointer_values(tok, device)
+        pointer = PointerHead(model.cfg.dim, cfg.object_pointer["width"]).to(device)
+        if state is not None and state.get("pointer_head") is not None:
+            pointer.load_state_dict(state["pointer_head"])
+        params += list(pointer.parameters())
+        groups.append({"params": list(pointer.parameters()), "weight_decay": 0.0})
     # fused: one kernel, not one per tensor
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-    return _Run(cfg, device, model, tok, opt, params, head, n_train, log)
+    return _Run(cfg, device, model, tok, opt, params, head, pointer, values, n_train, log)
+
+
+def _pointer_values(tok: Tokenizer, device=None) -> torch.Tensor:
+    "coordinate_values of the tokenizer, which object_pointer needs."
+    values = coordinate_values(tok, device)
+    if values is None:
+        raise SphinxToolsError("object_pointer reads the answers' boxes from coordinate pieces "
+                               "('0.41' as one token): this tokenizer has none")
+    return values
 
 
 def _restore(run: _Run, state: dict | None) -> tuple[int, int, int]:
@@ -415,16 +443,19 @@ def _accumulate(run: _Run, feed, token_weight):
         tensors, place = next(feed)
         ids, labels, images, segments, batch_places = (
             None if t is None else t.to(device, non_blocking=True) for t in tensors)
-        position = None
+        position = pointer = None
         if run.head is not None and batch_places is not None:
             tp = cfg.token_position
             position = (run.head, tp["layer"], batch_places, tp["weight"])
+        if run.pointer is not None and batch_places is not None:
+            op = cfg.object_pointer
+            pointer = (run.pointer, op["layer"], batch_places, run.values, op["weight"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            if position is None:
+            if position is None and pointer is None:
                 loss = language = loss_fn(run.model, ids, labels, images, segments, token_weight)
             else:
                 loss, language, aux = loss_fn(run.model, ids, labels, images, segments, token_weight,
-                                              position)
+                                              position, pointer)
                 for name, value in aux.items():
                     share = float(value.detach()) / cfg.grad_accum
                     aux_totals[name] = aux_totals.get(name, 0.0) + share
@@ -462,6 +493,7 @@ def _checkpoint(run: _Run, last: Path, step: int, epoch: int, pos: int):
     save(run.model, run.tok, last, dict(
         optimizer=run.opt.state_dict(), step=step, epoch=epoch, pos=pos, py_rng=random.getstate(),
         position_head=None if run.head is None else run.head.state_dict(),
+        pointer_head=None if run.pointer is None else run.pointer.state_dict(),
         torch_rng=torch.get_rng_state(), config=asdict(run.cfg),
         cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None))
     run.model.train()

@@ -1,7 +1,8 @@
 """The finetuning loss: next-token cross entropy on the answer tokens, with optional per-token
-weights (:func:`coordinate_weights`) and the auxiliary ``token_position`` loss
+weights (:func:`coordinate_weights`) and two auxiliary losses: ``token_position``
 (:class:`TokenPlaces`), which teaches the LLM's first layers where each image patch token's object
-lies in the whole image.
+lies in the whole image, and ``object_pointer`` (:func:`pointer_loss`), which teaches the LLM to
+find, before it writes a box, the patch tokens of the object the box is about.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .data import IGNORE, packed_mask, packed_positions
 
 
 def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None,
-            position=None):
+            position=None, pointer=None):
     """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
 
     With ``segments`` (packed independent turns) the positions and attention mask make each turn
@@ -27,12 +28,16 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
     (vocabulary-sized) weights each target token by its id: the weighted mean.
 
     ``position = (head, layer, places, weight)`` adds ``weight`` x the auxiliary loss of
-    :class:`TokenPlaces`; the result is then ``(total, language loss, {"position": loss})``.
+    :class:`TokenPlaces`, and ``pointer = (head, layer, places, values, weight)`` adds ``weight``
+    x :func:`pointer_loss` (``values``: :func:`coordinate_values`); with either the result is
+    ``(total, language loss, {"position": loss, "pointer": loss})`` (the ones that are on).
     """
     seen, hooks = {}, []
-    if position is not None:
-        hooks.append(model.layers[position[1]].register_forward_hook(
-            lambda m, args, out: seen.setdefault("h", out)))
+    for spec in (position, pointer):
+        if spec is not None and spec[1] not in seen:
+            seen[spec[1]] = None
+            hooks.append(model.layers[spec[1]].register_forward_hook(
+                lambda m, args, out, k=spec[1]: seen.__setitem__(k, out)))
     try:
         img = model.encode_image(images) if images is not None else None
         h = model.embed(ids, img)
@@ -48,11 +53,19 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
             hook.remove()
     language = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), weight=token_weight, ignore_index=IGNORE)
-    if position is None:
+    if position is None and pointer is None:
         return language
-    head, _, places, weight = position
-    loss = position_loss(model.cfg, head, seen["h"], places)
-    return language + weight * loss, language, {"position": loss}
+    total, aux = language, {}
+    if position is not None:
+        head, layer, places, weight = position
+        aux["position"] = position_loss(model.cfg, head, seen[layer], places)
+        total = total + weight * aux["position"]
+    if pointer is not None:
+        head, layer, places, values, weight = pointer
+        targets = pointer_targets(labels, segments, places, values, n_image)
+        aux["pointer"] = pointer_loss(model.cfg, head, seen[layer], targets)
+        total = total + weight * aux["pointer"]
+    return total, language, aux
 
 
 def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
@@ -66,6 +79,88 @@ def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor
     pred = head(hidden[:, index].float())
     known = ~places[..., 0].isnan()
     return F.mse_loss(pred[known], places[known]) if bool(known.any()) else pred.sum() * 0
+
+
+class PointerHead(torch.nn.Module):
+    """Scores of patch tokens as the one an answer is about to locate: a query projection of the
+    hidden state before the box, a key projection of each patch token's, scaled dot products.
+    Discarded after training; only its gradients shape the LLM."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.q = torch.nn.Linear(dim, width, bias=False)
+        self.k = torch.nn.Linear(dim, width, bias=False)
+        g = torch.Generator().manual_seed(0)  # the same start on every data-parallel rank
+        with torch.no_grad():
+            for w in (self.q.weight, self.k.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * dim ** -0.5)
+
+    def forward(self, query: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        # query: (N, dim); patches: (N, P, dim) -> scores (N, P)
+        q, k = self.q(query), self.k(patches)
+        return (k @ q[:, :, None])[..., 0] * q.shape[-1] ** -0.5
+
+
+def coordinate_values(tok: Tokenizer, device=None) -> torch.Tensor | None:
+    """Vocabulary-sized: the number each coordinate piece writes (``"0.41"`` -> 0.41), NaN for
+    every other piece; None when the tokenizer has no coordinate pieces."""
+    from ..tiny import COORDINATE_PIECES
+
+    out = torch.full((tok.n_words,), float("nan"))
+    for piece in COORDINATE_PIECES:
+        i = tok.sp.piece_to_id(piece)
+        if tok.sp.id_to_piece(i) == piece:
+            out[i] = float(piece)
+    return None if bool(out.isnan().all()) else out.to(device)
+
+
+def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places: torch.Tensor,
+                    values: torch.Tensor, n_image: int, tol: float = 0.011):
+    """Where each answer's first box is read from, and the patch tokens of its object.
+
+    For each answer (each packed turn, or a row's first answer without packing) whose labels hold
+    at least four coordinate pieces, the first four are a box; the patches whose object box
+    (``places``, :meth:`TokenPlaces.targets`) equals it to ``tol`` (the answer rounds to two
+    decimals) are its object's. Returns ``(rows (N,), query (N,), hit (N, P) bool)``: the batch
+    row, the sequence index (image tokens counted) of the hidden state that predicts the first
+    coordinate, and the object's patches; answers whose box matches no patch are left out."""
+    known = labels >= 0
+    v = torch.where(known, values[labels.clamp(min=0)], torch.full_like(labels, -1, dtype=values.dtype))
+    coord = ~v.isnan() & known
+    seg = segments if segments is not None else torch.zeros_like(labels)
+    rows, query, hit = [], [], []
+    for b in range(labels.shape[0]):
+        firsts: dict[int, list[int]] = {}
+        for t in coord[b].nonzero().flatten().tolist():
+            firsts.setdefault(int(seg[b, t]), []).append(t)
+        for s, ts in firsts.items():
+            if s < 0 or len(ts) < 4:
+                continue
+            box = v[b, ts[:4]].to(places.dtype)
+            match = ((places[b] - box).abs() <= tol).all(dim=-1)  # NaN (background): False
+            if bool(match.any()):
+                rows.append(b)
+                query.append(ts[0] - 1 + n_image)  # text index t - 1 >= 1 sits after the image
+                hit.append(match)
+    if not rows:
+        return (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, places.shape[1], dtype=torch.bool))
+    return torch.tensor(rows), torch.tensor(query), torch.stack(hit)
+
+
+def pointer_loss(cfg: SphinxConfig, head: PointerHead, hidden: torch.Tensor, targets) -> torch.Tensor:
+    """Cross entropy of ``head``'s choice among the patch tokens: minus the log of the probability
+    it gives the patches of the answer's object (:func:`pointer_targets`), mean over answers."""
+    rows, query, hit = (t.to(hidden.device) for t in targets)
+    if len(rows) == 0:
+        return hidden.sum() * 0
+    index = patch_token_index(cfg).to(hidden.device)
+    if hit.shape[1] != len(index):
+        raise SphinxToolsError(f"pointer targets for {hit.shape[1]} patch tokens, "
+                               f"the model has {len(index)}")
+    scores = head(hidden[rows, query].float(), hidden[rows][:, index].float())
+    logp = scores.log_softmax(dim=-1)
+    return -logp.masked_fill(~hit, float("-inf")).logsumexp(dim=-1).mean()
 
 
 def coordinate_weights(tok: Tokenizer, weight: float, device=None) -> torch.Tensor | None:

@@ -160,3 +160,15 @@ def test_a_pilot_hypothesis_changes_only_the_model_overrides_it_names():
                                                       **changed["model"]["vision"]}
     assert deeper["train"] == {**base["train"], **changed["train"]}
     assert base["model"]["overrides"]["n_layers"] == recipe.RECIPE["model"]["overrides"]["n_layers"]
+
+
+def test_every_pilot_hypothesis_is_a_valid_training_config(tmp_path):
+    from sphinx_tools.train import TrainConfig
+
+    for name in recipe.HYPOTHESES:
+        train = recipe.pilot_recipe(name)["train"]
+        cfg = TrainConfig(init={"preset": "tiny"}, data=[], out=str(tmp_path / name), **train)
+        assert cfg.steps == train["steps"]
+    pointer = recipe.pilot_recipe("object-pointer")["train"]
+    assert pointer["object_pointer"]["layer"] < recipe.pilot_recipe("object-pointer")["model"]["overrides"]["n_layers"]
+    assert pointer["token_position"] == recipe.RECIPE["train"]["token_position"]

@@ -83,3 +83,32 @@ def test_a_loaded_config_resolves_its_paths_against_the_yaml_folder(synth_data):
     assert cfg.init["tokenizer"] == str((synth_data / "tok.model").resolve())
     with pytest.raises(SphinxToolsError, match="coordinate_weight must be positive, got -1"):
         TrainConfig.load(write_config(synth_data, "negative", coordinate_weight=-1))
+
+
+def test_object_pointer_config_errors(synth_data, tmp_path):
+    base = dict(init={"preset": "tiny"}, data=[], out=str(tmp_path / "run"))
+    tp = {"coco": "d/c.json"}
+    for spec, message in [
+        ([1], "object_pointer must be a mapping"),
+        ({"layers": 1}, r"unknown object_pointer keys \['layers'\]"),
+        ({"layer": -1}, "object_pointer.layer must be an int >= 0, got -1"),
+        ({"width": 0}, "object_pointer.width must be an int >= 1, got 0"),
+        ({"weight": -2}, "object_pointer.weight must be positive, got -2"),
+    ]:
+        with pytest.raises(SphinxToolsError, match=message):
+            TrainConfig(**base, token_position=tp, object_pointer=spec)
+    with pytest.raises(SphinxToolsError, match="object_pointer needs token_position"):
+        TrainConfig(**base, object_pointer={})
+    assert TrainConfig(**base, token_position=tp, object_pointer={"layer": 0}).object_pointer == {
+        "layer": 0, "weight": 1.0, "width": 32}
+    # the layer, and a tokenizer without coordinate pieces, fail before the encoder warm-up
+    warm = {"coco": "missing.json", "steps": 1}
+    tpd = {"coco": "data/coco.json"}
+    cfg = TrainConfig.load(write_config(synth_data, "op_deep", token_position=tpd, encoder_warmup=warm,
+                                        object_pointer={"layer": 5}))
+    with pytest.raises(SphinxToolsError, match="object_pointer.layer 5 is past the model's 2 layers"):
+        train(cfg, progress=False)
+    cfg = TrainConfig.load(write_config(synth_data, "op_tok", token_position=tpd, encoder_warmup=warm,
+                                        object_pointer={"layer": 1}))
+    with pytest.raises(SphinxToolsError, match="object_pointer reads the answers' boxes from coordinate pieces"):
+        train(cfg, progress=False)

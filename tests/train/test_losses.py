@@ -99,3 +99,83 @@ def test_token_position_loss_trains_the_first_layers_only(synth_data):
     aux.backward()
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.layers[1].parameters())  # above the read-out layer
+
+
+def _coordinate_tokenizer(synth_data, tmp_path):
+    return Tokenizer(train_tokenizer(tmp_path / "coord.model", 512, corpus=[
+        conversation_text(c["conversations"])[0]
+        for c in json.loads((synth_data / "data" / "conversations.json").read_text())],
+        coordinate_tokens=True))
+
+
+def test_pointer_targets_find_the_object_whose_box_the_answer_writes(synth_data, tmp_path):
+    from sphinx_tools.train.losses import coordinate_values, pointer_targets
+
+    tok = _coordinate_tokenizer(synth_data, tmp_path)
+    values = coordinate_values(tok)
+    assert values[tok.sp.piece_to_id("0.41")] == 0.41 and values[tok.sp.piece_to_id("1.00")] == 1.0
+    assert int((~values.isnan()).sum()) == 101
+    c = lambda x: tok.sp.piece_to_id(f"{x:.2f}")  # noqa: E731
+    word = tok.sp.piece_to_id("\u2581the")
+    # row 0: turn 1 writes box A, turn 2 box B; turn 3 a box no patch has; row 1 unpacked
+    A, B = (0.10, 0.20, 0.30, 0.40), (0.50, 0.50, 0.90, 0.80)
+    labels = torch.full((2, 24), IGNORE)
+    segments = torch.full((2, 24), -1)
+    segments[0, :3], segments[0, 3:9], segments[0, 9:15], segments[0, 15:21] = 0, 1, 2, 3
+    labels[0, 4:9] = torch.tensor([word] + [c(x) for x in A])
+    labels[0, 10:15] = torch.tensor([word] + [c(x) for x in B])
+    labels[0, 16:21] = torch.tensor([word, c(0.7), c(0.7), c(0.71), c(0.72)])
+    segments[1] = 0
+    labels[1, 5:14] = torch.tensor([c(x) for x in B] + [word] + [c(x) for x in A])
+    places = torch.full((2, 6, 4), float("nan"))
+    places[:, 1] = places[:, 4] = torch.tensor(A) + 0.004  # the exact box, before rounding
+    places[:, 2] = torch.tensor(B)
+    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10)
+    assert rows.tolist() == [0, 0, 1]
+    assert query.tolist() == [4 + 10, 10 + 10, 4 + 10]  # the position before each first coordinate
+    assert hit.tolist() == [[False, True, False, False, True, False],
+                            [False, False, True, False, False, False],
+                            [False, False, True, False, False, False]]  # unpacked: the first box only
+
+
+def test_pointer_loss_trains_up_to_its_layer_and_falls_when_the_head_points_right(synth_data, tmp_path):
+    from sphinx_tools.train.losses import (PointerHead, coordinate_values, pointer_loss,
+                                           pointer_targets)
+
+    tok = _coordinate_tokenizer(synth_data, tmp_path)
+    cfg = TrainConfig.load(write_config(synth_data, "ptr_grad"))
+    model, _ = init_model(cfg)
+    model.eval()
+    g = model.cfg.vision.grid
+    data = ConversationData([{"path": str(synth_data / "data" / "conversations.json"),
+                              "root": str(synth_data / "data"), "independent_turns": True}], tok, 448,
+                            512, 0, TokenPlaces(synth_data / "data" / "coco.json",
+                                                synth_data / "data" / "images", 448, 5, g))
+    ids, labels, images, segments, places = collate([data.example(0, i) for i in range(8)])
+    values = coordinate_values(tok)
+    n_image = model.cfg.image_tokens
+    targets = pointer_targets(labels, segments, places, values, n_image)
+    assert len(targets[0]) > 0  # some answers write the box of an object under a patch
+    head = PointerHead(model.cfg.dim, 16)
+    total, language, aux = loss_fn(model, ids, labels, images, segments,
+                                   pointer=(head, 0, places, values, 2.0))
+    assert set(aux) == {"pointer"}
+    torch.testing.assert_close(total, language + 2 * aux["pointer"])
+    aux["pointer"].backward()
+    assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0 and head.q.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.layers[1].parameters())
+
+    # a head that points at the object's patches beats one that cannot tell the patches apart:
+    # stand-in hidden states where feature 0 marks the query and feature 1 the object's patches
+    one = tuple(t[:1] for t in targets)
+    hidden = torch.zeros(len(places), n_image + ids.shape[1], 4)
+    hidden[one[0], one[1], 0] = 1.0
+    hidden[one[0][0], patch_token_index(model.cfg)[one[2][0]], 1] = 1.0
+    pointing, blind = PointerHead(4, 1), PointerHead(4, 1)
+    with torch.no_grad():
+        pointing.q.weight.copy_(torch.tensor([[10.0, 0, 0, 0]]))
+        pointing.k.weight.copy_(torch.tensor([[0, 10.0, 0, 0]]))
+        blind.q.weight.zero_()
+    low, chance = pointer_loss(model.cfg, pointing, hidden, one), pointer_loss(model.cfg, blind, hidden, one)
+    torch.testing.assert_close(chance, torch.log(torch.tensor(one[2].shape[1] / one[2].sum().item())))
+    assert low < 0.01
