@@ -5,7 +5,9 @@ autocast; which parts train is chosen per group (``config.PARTS``). It runs on e
 when there is one (``device: auto``; under torchrun the one of its ``LOCAL_RANK``, with NCCL) and
 on the CPU otherwise (gloo). Checkpoints are saved in the released consolidated format (loadable
 by ``from_pretrained``) with a ``train_state.pt`` beside them (tensors and plain values only, read
-back with ``weights_only=True``); a re-run resumes from it. Under ``torchrun`` (or
+back with ``weights_only=True``) and its config as ``train_config.json``; a re-run resumes from
+it, and refuses to resume a run of another config (another model, parts, losses or optimizer
+settings; the steps, threads and logging may change). Under ``torchrun`` (or
 ``train_local`` / ``sphinx-tools train --procs N`` on one machine) each ``model_parallel``
 processes form a model-parallel group of the runtime and the rest of the world is data parallel:
 every rank takes its share of each batch and the gradients are averaged, so N ranks of
@@ -131,6 +133,8 @@ def save(model: Transformer, tok: Tokenizer, out: Path, state: dict | None = Non
         write_metadata(tmp, model.cfg, tok.path)
         if state is not None:
             save_train_state(state, tmp / TRAIN_STATE)
+            if state.get("config") is not None:  # readable without the optimizer state
+                (tmp / TRAIN_CONFIG).write_text(json.dumps(state["config"], indent=1))
     _mp_barrier()
     if rank == 0:
         if out.exists():
@@ -173,6 +177,11 @@ def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path
                                    "one process per GPU (or device: cpu)")
     if procs == 1:
         return train(cfg, progress=progress)
+    last = Path(cfg.out) / "last"
+    for folder in (last, last.with_name("last.old")):  # "last.old": a crash mid-swap
+        if (folder / TRAIN_CONFIG).is_file():  # fail here, not in every child
+            _check_same_run(cfg, json.loads((folder / TRAIN_CONFIG).read_text()), last)
+            break
     import tempfile
 
     import torch.multiprocessing as mp
@@ -184,6 +193,7 @@ def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path
 
 
 TRAIN_STATE = "train_state.pt"  # beside the checkpoint: what a re-run resumes from
+TRAIN_CONFIG = "train_config.json"  # beside it: the config of the run, as JSON
 _STATE_KEYS = ("optimizer", "step", "epoch", "pos", "py_rng", "torch_rng")
 
 
@@ -282,6 +292,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     device = _setup_process(cfg)
     last = Path(cfg.out) / "last"
     state = _resume_state(last)
+    if state is not None:
+        _check_same_run(cfg, state.get("config") or {}, last)
     model, tok = _init_or_resume(cfg, device, state, last)
     cfg.check_model(len(model.layers))  # before the warm-up, not after it
     if cfg.object_pointer:
@@ -357,6 +369,36 @@ def _resume_state(last: Path) -> dict | None:
     if (last / TRAIN_STATE).is_file():
         return load_train_state(last / TRAIN_STATE)
     return None
+
+
+# what a resumed run must share with the run it resumes (the model, what trains, the losses);
+# the steps, the time guard, threads, workers, device and logging may change between runs
+_RESUME_KEYS = ("train", "lr", "min_lr", "warmup", "weight_decay", "betas", "clip", "dtype",
+                "batch_size", "grad_accum", "seed", "model_parallel", "coordinate_weight",
+                "token_position", "object_pointer")
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict, last: Path):
+    """Refuse to resume, in ``cfg.out``, a run made with another config: its optimizer state and
+    weights belong to other parameters or another recipe."""
+    now = asdict(cfg)
+    keys = [k for k in _RESUME_KEYS if k in saved and _plain(saved[k]) != _plain(now[k])]
+    init = {k: v for k, v in now["init"].items() if k not in ("checkpoint", "tokenizer")}
+    old = {k: v for k, v in (saved.get("init") or {}).items() if k not in ("checkpoint", "tokenizer")}
+    if "init" in saved and "checkpoint" not in saved["init"] and _plain(init) != _plain(old):
+        keys.insert(0, "init")
+    if keys:
+        raise SphinxToolsError(f"{last} is a run of another config ({', '.join(keys)} differ); give "
+                               f"this config a fresh `out` folder, or delete {last.parent} to start over")
+
+
+def _plain(value):
+    "Tuples as lists, so that a config read back from a checkpoint compares equal to its source."
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _init_or_resume(cfg: TrainConfig, device, state: dict | None, last: Path):

@@ -192,3 +192,20 @@ def test_training_with_object_pointer_resumes_identically(synth_data):
         torch.testing.assert_close(a[k], b[k], msg=k)
     log = [json.loads(x) for x in (Path(cfg.out).parent / "op_resumed_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["pointer_loss"] > 0 for r in log)
+
+
+def test_a_run_of_another_config_is_not_resumed(synth_data):
+    cfg = TrainConfig.load(write_config(synth_data, "other_cfg"))
+    cfg.steps = 2
+    train(cfg, progress=False)
+    tp = {"coco": "data/coco.json", "images": "data/images"}
+    for change, named in [({"token_position": tp}, "token_position"), ({"lr": 1e-4}, "lr"),
+                          ({"init": {"preset": "tiny", "tokenizer": "tok.model", "seed": 1}}, "init")]:
+        with pytest.raises(SphinxToolsError, match=f"is a run of another config \\({named} differ"):
+            train(TrainConfig.load(write_config(synth_data, "other_cfg", **change)), progress=False)
+    # local processes: refused before any is started (the config is read from its JSON copy)
+    with pytest.raises(SphinxToolsError, match="is a run of another config \\(lr differ"):
+        train_local(TrainConfig.load(write_config(synth_data, "other_cfg", lr=1e-4)), procs=2)
+    # the steps, threads and logging may change: the run goes on
+    more = TrainConfig.load(write_config(synth_data, "other_cfg", log_every=2))
+    assert (train(more, progress=False) / "consolidated.00-of-01.model.pth").is_file()
