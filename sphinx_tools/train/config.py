@@ -58,7 +58,7 @@ DTYPES = ("fp32", "bf16")
 
 # ``encoder_warmup:`` (see warmup.py); ``coco`` is required, ``images`` defaults to its folder
 WARMUP_DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0,
-                   "categories": None, "position": False}
+                   "categories": None, "position": False, "attributes": None}
 WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
 
 # ``token_position:`` (see losses.TokenPlaces); ``coco`` is required, ``images`` defaults to its
@@ -204,6 +204,11 @@ def check_encoder_warmup(spec, base: Path) -> dict:
                              or not all(isinstance(c, str) for c in cats)):
         raise SphinxToolsError(f"encoder_warmup.categories must be a non-empty list of names, "
                                f"got {cats!r}")
+    attrs = out["attributes"]
+    if attrs is not None and (not isinstance(attrs, list)
+                              or not all(isinstance(a, str) and a for a in attrs)):
+        raise SphinxToolsError(f"encoder_warmup.attributes must be a list of annotation keys, "
+                               f"got {attrs!r}")
     if not isinstance(out["position"], bool):
         raise SphinxToolsError(f"encoder_warmup.position must be true or false, "
                                f"got {out['position']!r}")

@@ -23,10 +23,16 @@ defaults and checks are in ``config.py``)::
       sub: 4                   # sub-cells per patch side
       categories: [circle, ...] # optional: only the images that show one of these categories
       position: false          # optional: also the box of the object under each patch (see below)
+      attributes: [color]      # optional: annotation keys whose values a patch also learns
 
 With ``position``, each patch token also learns the box of the object under its centre (or its
 own cell on background), in fractions of its view: a patch token of the global view then says
 where its object is in the image (measured by ``own_box`` of ``sphinx_tools.demo.probe``).
+
+With ``attributes``, each named annotation key (``color`` in the synthetic scenes) is one more
+class term: background or one of the key's values, as the distribution of the patch's area over
+them, so that the language model can also pick "the blue triangle". An object without the key
+counts as background there.
 """
 
 from __future__ import annotations
@@ -103,10 +109,13 @@ class DenseTargets:
         categories: names; when given, only the images with a box of one of them are used.
         position: also the box ``x1, y1, x2, y2`` (fractions of the view) of the object under
             each patch centre, or the patch's own cell where there is none.
+        attributes: annotation keys (e.g. ``["color"]``); each is one more class term over
+            background and the key's values (sorted), after the categories.
     """
 
     def __init__(self, coco, images, image_size: int, n_views: int, grid: int, sub: int,
-                 categories: list[str] | None = None, position: bool = False):
+                 categories: list[str] | None = None, position: bool = False,
+                 attributes: list[str] | None = None):
         data = read_coco(coco, categories=True)
         self.images, annotations = data.images, data.annotations
         category_ids = [c["id"] for c in data.categories]
@@ -127,9 +136,21 @@ class DenseTargets:
         self.position = position
         self.channel = {cid: i for i, cid in enumerate(category_ids)}
         self.boxes: dict = {im["id"]: [] for im in self.images}
-        for a in annotations:
-            if a.get("image_id") in self.boxes and a.get("category_id") in self.channel:
-                self.boxes[a["image_id"]].append((a["bbox"], self.channel[a["category_id"]]))
+        kept = [a for a in annotations
+                if a.get("image_id") in self.boxes and a.get("category_id") in self.channel]
+        # each attribute's values (sorted, as str) and their map channels after the categories
+        self.attributes = {}
+        start = 1 + len(self.channel)
+        for key in attributes or []:
+            values = sorted({str(a[key]) for a in kept if a.get(key) is not None})
+            if not values:
+                raise SphinxToolsError(f"encoder_warmup.attributes: no annotation of {coco} has "
+                                       f"`{key}`")
+            self.attributes[key] = {v: start + i for i, v in enumerate(values)}
+            start += len(values)
+        for a in kept:
+            extra = [self.attributes[k][str(a[k])] for k in self.attributes if a.get(k) is not None]
+            self.boxes[a["image_id"]].append((a["bbox"], self.channel[a["category_id"]], extra))
         self.transform = PaddedResize(image_size)
         self.res = grid * sub * (2 if n_views == 5 else 1)  # target map cells per image side
 
@@ -139,29 +160,36 @@ class DenseTargets:
         return self.sub * self.sub + 4 * self.position
 
     @property
+    def groups(self) -> list[int]:
+        "Widths of the class terms after :attr:`regressed`: categories, then each attribute."
+        return [1 + len(self.channel)] + [1 + len(v) for v in self.attributes.values()]
+
+    @property
     def width(self) -> int:
-        "Target values per patch token: :attr:`regressed`, then background + category shares."
-        return self.regressed + 1 + len(self.channel)
+        "Target values per patch token: :attr:`regressed`, then the class terms' shares."
+        return self.regressed + sum(self.groups)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def coverage(self, index: int) -> torch.Tensor:
-        "(1 + categories, res, res): box coverage of each map cell, all boxes and per category."
+        """(1 + categories + attribute values, res, res): box coverage of each map cell, all boxes,
+        per category and per attribute value."""
         im = self.images[index]
         w, h = im["width"], im["height"]
         side = max(w, h)
         px, py = self.transform.offsets((w, h))
         r = self.res
-        maps = np.zeros((1 + len(self.channel), r, r), np.float32)
+        maps = np.zeros((1 + len(self.channel) + sum(map(len, self.attributes.values())), r, r),
+                        np.float32)
         edges = np.arange(r, dtype=np.float64)
-        for (x, y, bw, bh), c in self.boxes[im["id"]]:
+        for (x, y, bw, bh), c, extra in self.boxes[im["id"]]:
             x1, x2 = (x + px) / side * r, (x + bw + px) / side * r
             y1, y2 = (y + py) / side * r, (y + bh + py) / side * r
             cov = np.outer(np.clip(np.minimum(edges + 1, y2) - np.maximum(edges, y1), 0, 1),
                            np.clip(np.minimum(edges + 1, x2) - np.maximum(edges, x1), 0, 1))
-            maps[0] = np.maximum(maps[0], cov)
-            maps[1 + c] = np.maximum(maps[1 + c], cov)
+            for channel in (0, 1 + c, *extra):
+                maps[channel] = np.maximum(maps[channel], cov)
         return torch.from_numpy(maps)
 
     def places(self, index: int) -> torch.Tensor:
@@ -169,7 +197,7 @@ class DenseTargets:
         last listed wins) or else the patch's own cell, as fractions of the view."""
         im = self.images[index]
         boxes = self.transform.to_model_xyxy(
-            [(x, y, x + bw, y + bh) for (x, y, bw, bh), _ in self.boxes[im["id"]]], (im["width"], im["height"]))
+            [(x, y, x + bw, y + bh) for (x, y, bw, bh), *_ in self.boxes[im["id"]]], (im["width"], im["height"]))
         owner = patch_owners(boxes, self.n_views, self.grid)
         g = self.grid
         c, r = np.tile(np.arange(g), g), np.repeat(np.arange(g), g)  # row-major patches
@@ -203,10 +231,13 @@ class DenseTargets:
         for v in views:
             cells = F.adaptive_avg_pool2d(v[:1], g * s)  # (1, g*s, g*s)
             cells = cells.view(g, s, g, s).permute(0, 2, 1, 3).reshape(g * g, s * s)
-            cats = F.adaptive_avg_pool2d(v[1:], g).flatten(1).T  # (g*g, categories)
-            background = (1 - cats.sum(dim=1, keepdim=True)).clamp(min=0)
-            classes = torch.cat([background, cats], dim=1)
-            out.append(torch.cat([cells, classes / classes.sum(dim=1, keepdim=True)], dim=1))
+            shares = F.adaptive_avg_pool2d(v[1:], g).flatten(1).T  # (g*g, categories + values)
+            terms = [cells]
+            for part in shares.split([n - 1 for n in self.groups], dim=1):
+                background = (1 - part.sum(dim=1, keepdim=True)).clamp(min=0)
+                classes = torch.cat([background, part], dim=1)
+                terms.append(classes / classes.sum(dim=1, keepdim=True))
+            out.append(torch.cat(terms, dim=1))
         out = torch.stack(out)
         if self.position:
             s2 = self.sub * self.sub
@@ -223,11 +254,16 @@ def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
     return fused[:, 1:1 + g * g].reshape(cfg.n_views, B, g * g, -1).transpose(0, 1)
 
 
-def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int) -> torch.Tensor:
-    "10 x MSE of the first ``cells`` values (coverage, box) + cross entropy of the rest (class shares)."
+def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int,
+               groups: list[int] | None = None) -> torch.Tensor:
+    """10 x MSE of the first ``cells`` values (coverage, box) + the cross entropy of each class
+    term after them (``groups``: their widths; default one term, the rest)."""
     coverage = F.mse_loss(pred[..., :cells], targets[..., :cells]) * 10
-    classes = -(targets[..., cells:] * F.log_softmax(pred[..., cells:], dim=-1)).sum(-1).mean()
-    return coverage + classes
+    rest = pred.shape[-1] - cells
+    loss = coverage
+    for p, t in zip(pred[..., cells:].split(groups or [rest], -1), targets[..., cells:].split(groups or [rest], -1)):
+        loss = loss + -(t * F.log_softmax(p, dim=-1)).sum(-1).mean()
+    return loss
 
 
 def _stack(examples):
@@ -244,7 +280,8 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     schedule = SimpleNamespace(lr=spec["lr"], min_lr=0.0, warmup=spec["warmup"], steps=spec["steps"])
 
     data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
-                        model.cfg.vision.grid, spec["sub"], spec.get("categories"), spec.get("position", False))
+                        model.cfg.vision.grid, spec["sub"], spec.get("categories"), spec.get("position", False),
+                        spec.get("attributes"))
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     head = nn.Linear(model.cfg.dim, data.width)
     with torch.no_grad():
@@ -284,7 +321,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     model.train()
     for step, (images, targets) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed)
+        loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed, data.groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(params)

@@ -152,3 +152,36 @@ def test_training_with_encoder_warmup_runs_it_once(synth_data):
     assert [r.get("warmup_step") for r in log] == [3, None, None, None, None]
     assert [r["step"] for r in log[1:]] == [1, 2, 3, 4]
     assert SphinxModel.from_pretrained(first).transformer.cfg.dim > 0
+
+
+def test_dense_attribute_targets_give_each_patch_its_object_s_colour(tmp_path):
+    import json as _json
+
+    from PIL import Image
+
+    from sphinx_tools.train.warmup import DenseTargets, dense_loss
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448}]
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 224]), (1, 9, [224, 224, 224, 224]),
+                                        (1, 7, [224, 0, 224, 224])])
+    data = _json.loads(coco.read_text())
+    data["annotations"][0]["color"] = "red"
+    data["annotations"][1]["color"] = "blue"  # the third has none: background in the colour term
+    coco.write_text(_json.dumps(data))
+    d = DenseTargets(coco, tmp_path, 448, n_views=1, grid=2, sub=2, attributes=["color"])
+    assert d.attributes == {"color": {"blue": 3, "red": 4}} and d.groups == [3, 3]
+    assert d.width == 4 + 3 + 3
+    Image.new("RGB", (448, 448)).save(tmp_path / "a.png")
+    _, t = d.example(0)
+    plain = DenseTargets(coco, tmp_path, 448, n_views=1, grid=2, sub=2).example(0)[1]
+    torch.testing.assert_close(t[..., :7], plain)  # coverage and categories as before
+    colour = t[0, :, 7:]  # patches row-major: background, blue, red
+    torch.testing.assert_close(colour, torch.tensor([[0, 0, 1.0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]]))
+    # each class term is its own cross entropy: with uniform guesses the colour term adds log(3)
+    pred = torch.zeros(1, 4, 10)
+    torch.testing.assert_close(dense_loss(pred, t, 4, d.groups) - dense_loss(pred[..., :7], t[..., :7], 4),
+                               torch.log(torch.tensor(3.0)))
+    with pytest.raises(SphinxToolsError, match="no annotation of .* has `shade`"):
+        DenseTargets(coco, tmp_path, 448, 1, 2, 2, attributes=["shade"])
+    with pytest.raises(SphinxToolsError, match="encoder_warmup.attributes must be a list"):
+        check_encoder_warmup({"coco": "c.json", "attributes": "color"}, tmp_path)
