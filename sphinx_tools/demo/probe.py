@@ -8,9 +8,10 @@ The language model reads the image only through ``Transformer.encode_image``'s t
 probes ask whether what a box answer needs is in them, so a failing model can be told apart from
 failing encoders:
 
-- ``what``: each patch token of the four quadrant views, labelled with the colour and the shape of
-  the object whose box holds the patch centre (or background); a linear classifier trained on 80%
-  of the tokens, accuracy on the rest (on object patches, next to always answering the commonest);
+- ``what``: each patch token of the four quadrant views (of the one view of a single-view model),
+  labelled with the colour and the shape of the object whose box holds the patch centre (or
+  background); a linear classifier trained on 80% of the tokens, accuracy on the rest (on object
+  patches, next to always answering the commonest);
 - ``where``: one-object scenes; ridge regression from all image tokens (flattened) to the box
   ``x1, y1, x2, y2`` (fractions of the padded image), mean absolute error on held-out scenes next
   to always answering the median box;
@@ -37,18 +38,25 @@ from ..train.warmup import patch_owners
 from .synth import COLORS, SHAPES, generate_scene
 
 
-def patch_objects(scene, transform, grid: int) -> np.ndarray:
-    """(5 views, grid * grid): index of the object whose box holds each patch centre, -1 for
+def patch_objects(scene, transform, grid: int, n_views: int = 5) -> np.ndarray:
+    """(n_views, grid * grid): index of the object whose box holds each patch centre, -1 for
     background (later objects win where boxes overlap); view 0 is the global view, 1..4 the
     quadrants."""
-    return patch_owners(transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size), 5, grid)
+    boxes = transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size)
+    return patch_owners(boxes, n_views, grid)
 
 
-def patch_labels(scene, transform, grid: int) -> np.ndarray:
-    """(4 quadrants, grid * grid, 2): (colour, shape) index of the object whose box holds each
-    quadrant patch centre, -1 for background (later objects win where boxes overlap)."""
+def probed_views(n_views: int) -> list[int]:
+    "The views the ``what`` probe reads: the four quadrants, or the one view of a single-view model."
+    return [0] if n_views == 1 else [1, 2, 3, 4]
+
+
+def patch_labels(scene, transform, grid: int, n_views: int = 5) -> np.ndarray:
+    """(probed views, grid * grid, 2): (colour, shape) index of the object whose box holds each
+    patch centre of :func:`probed_views`, -1 for background (later objects win where boxes
+    overlap)."""
     labels = [(list(COLORS).index(o.color), SHAPES.index(o.category)) for o in scene.objects]
-    idx = patch_objects(scene, transform, grid)[1:]
+    idx = patch_objects(scene, transform, grid, n_views)[probed_views(n_views)]
     out = np.full(idx.shape + (2,), -1)
     out[idx >= 0] = np.array(labels).reshape(-1, 2)[idx[idx >= 0]]
     return out
@@ -109,9 +117,9 @@ def probe_what(model, seed: int, scenes: int) -> dict:
     for k in range(scenes):
         scene = generate_scene("shapes", seed * 1000 + k)
         t = tokens(model, scene)
-        for q in range(4):  # view 0 is the global view, 1..4 the quadrants
-            feats.append(t[views[q + 1]])
-        labels.append(patch_labels(scene, model.transform, g).reshape(-1, 2))
+        for v in probed_views(cfg.n_views):  # view 0 is the global view, 1..4 the quadrants
+            feats.append(t[views[v]])
+        labels.append(patch_labels(scene, model.transform, g, cfg.n_views).reshape(-1, 2))
     x = torch.tensor(np.concatenate(feats))
     y = np.concatenate(labels)
     n = int(len(x) * 0.8)
@@ -168,9 +176,9 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
         img = model.encode_images(model.preprocess(scene.image)[None])  # once for both
         t = img[0].float().cpu().numpy()
         hs = hidden_states(model, img)
-        idx = patch_objects(scene, model.transform, g)
+        idx = patch_objects(scene, model.transform, g, cfg.n_views)
         boxes = np.asarray(model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size))
-        for v in range(5):
+        for v in range(cfg.n_views):
             on = idx[v] >= 0
             name = "global" if v == 0 else "quadrants"
             feats, corners, places = rows[name]
@@ -182,6 +190,8 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
                 layer[name].append(h[patches][on])
     out = {"scenes": scenes, "ridge_lambda": lam}
     for name, (feats, corners, places) in rows.items():
+        if not corners:  # a single-view model has no quadrants
+            continue
         y = np.concatenate(corners)
         n = int(len(y) * 0.8)
 

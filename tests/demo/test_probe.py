@@ -23,6 +23,17 @@ def test_patch_labels_follow_the_padded_quadrants():
     assert (labels[inside] == want).all() and (labels[~inside] == -1).all()
 
 
+def test_a_single_view_model_s_patch_labels_are_its_one_view_s():
+    obj = SimpleNamespace(xyxy=(0.0, 0.0, 200.0, 100.0), color="blue", category="star")
+    scene = SimpleNamespace(size=(200, 100), objects=[obj])
+    labels = bench.patch_labels(scene, PaddedResize(224), grid=4, n_views=1).reshape(4, 4, 2)
+    assert bench.probed_views(1) == [0] and bench.probed_views(5) == [1, 2, 3, 4]
+    inside = np.zeros((4, 4), bool)
+    inside[1:3] = True  # the middle rows of the padded square: centres 84 and 140 of 56..168
+    assert (labels[inside] == (list(COLORS).index("blue"), SHAPES.index("star"))).all()
+    assert (labels[~inside] == -1).all()
+
+
 def test_patch_objects_index_the_object_under_each_patch_and_later_ones_win():
     a = SimpleNamespace(xyxy=(0.0, 0.0, 448.0, 224.0), color="red", category="circle")
     b = SimpleNamespace(xyxy=(0.0, 0.0, 112.0, 112.0), color="blue", category="star")
@@ -43,3 +54,25 @@ def test_linear_probe_learns_a_separable_label_and_not_noise():
     assert (bench.linear_probe(x, y, 300) == y[300:]).float().mean() > 0.9
     noise = torch.randint(4, (400,), generator=g)
     assert (bench.linear_probe(x, noise, 300) == noise[300:]).float().mean() < 0.45
+
+
+def test_the_probe_command_measures_a_single_view_model(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sphinx_tools import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", variant="sphinx")  # one 224 view
+    out = tmp_path / "probe.json"
+    run = CliRunner().invoke(bench.probe_command, ["--checkpoint", str(ckpt), "--scenes", "6",
+                                                   "--where-scenes", "10", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    res = json.loads(out.read_text())
+    from sphinx_tools import SphinxModel
+
+    g = SphinxModel.from_pretrained(ckpt).transformer.cfg.vision.grid
+    assert res["what"]["patches"] == 6 * g * g  # the one view's patches of each scene
+    assert 0 <= res["what"]["color_accuracy_on_objects"] <= 1
+    assert set(res["own_box"]) == {"scenes", "ridge_lambda", "global"}  # no quadrants
+    assert len(res["own_box"]["global"]["llm_layers_corner_mae"]) > 0
