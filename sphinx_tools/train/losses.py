@@ -167,15 +167,12 @@ def coordinate_weights(tok: Tokenizer, weight: float, device=None) -> torch.Tens
     """Vocabulary-sized loss weights: ``weight`` for the coordinate pieces, 1 elsewhere (None if 1).
 
     ``weight`` is ``TrainConfig.coordinate_weight``, checked positive there."""
-    from ..tiny import COORDINATE_PIECES
-
     if weight == 1.0:
         return None
     w = torch.ones(tok.n_words)
-    for piece in COORDINATE_PIECES:
-        i = tok.sp.piece_to_id(piece)
-        if tok.sp.id_to_piece(i) == piece:
-            w[i] = weight
+    values = coordinate_values(tok)
+    if values is not None:
+        w[~values.isnan()] = weight
     return w.to(device)
 
 
