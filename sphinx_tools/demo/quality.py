@@ -134,7 +134,9 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
     several objects also how often the first x guessed is nearest the named object's x1 among all
     the scene's objects (``named_object_nearest``; chance: one in the number of objects): a model
     that finds objects but cannot tell which one the question names stays at chance; also split
-    by the number of objects (``named_object_by_objects``). ``tasks``: ``(scene kind, task)``."""
+    by the number of objects (``named_object_by_objects``), and on scenes of 3 or more objects by
+    the kind of referring expression (``named_object_by_expression_3plus``, see
+    :func:`expression_kind`). ``tasks``: ``(scene kind, task)``."""
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
@@ -142,7 +144,8 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
         first = total = 0
         errors = ([], [])  # x, y
         first_corner = []  # (axis, truth, guess, objects in the scene) of x1 and y1, hundredths
-        named = []  # REC, several objects: (first x nearest the named object's, 1 / objects)
+        named = []  # REC, several objects: (first x nearest the named object's, 1 / objects,
+        # objects, expression kind)
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
@@ -158,7 +161,8 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
                 pieces = [tok.sp.id_to_piece(i) for i in ids]
                 for slot, truth, guess in _coordinates(pieces, labels, pred):
                     if task == "rec" and slot == 0 and guess is not None and len(xs) > 1:
-                        named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs), len(xs)))
+                        named.append((nearest_is_named(guess, xs, q.targets[0]), 1 / len(xs), len(xs),
+                                      expression_kind(q.question, scene.objects[q.targets[0]])))
                     total += 1
                     first += guess is not None and guess // 10 == truth // 10
                     if guess is not None:
@@ -183,6 +187,11 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
             for row in named:
                 groups.setdefault("3+" if row[2] >= 3 else str(row[2]), []).append(row)
             out[task]["named_object_by_objects"] = {k: named_stats(v) for k, v in sorted(groups.items())}
+            kinds = {}
+            for row in named:
+                if row[2] >= 3:
+                    kinds.setdefault(row[3], []).append(row)
+            out[task]["named_object_by_expression_3plus"] = {k: named_stats(v) for k, v in sorted(kinds.items())}
     return out
 
 
@@ -216,6 +225,19 @@ def pilot_quality(model, seed: int, n: int, min_objects: int = 3) -> dict:
         res["rec_questions_3plus"] = len(items)
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def expression_kind(question: str, obj) -> str:
+    """What a REC question's referring expression uses to name ``obj``: its shape alone (``"the
+    star"``), its colour and shape (``"the blue triangle"``), or those and its place next to a
+    twin (``"the blue triangle at the top"``): ``shape``, ``colour+shape`` or
+    ``colour+shape+place``."""
+    expression = question.rsplit(":", 1)[-1].strip().rstrip(".")
+    if expression == f"the {obj.category}":
+        return "shape"
+    if expression == f"the {obj.color} {obj.category}":
+        return "colour+shape"
+    return "colour+shape+place"
 
 
 def nearest_is_named(guess: int, xs: list[int], named: int) -> bool:

@@ -125,6 +125,12 @@ HYPOTHESES = {"base": {},
               # patches (the 5-view model's quadrant patches: 78% and 91%)
               "what-warmup": _changed(_PLACES, {"train": {"encoder_warmup": {
                   "steps": 2400, "attributes": ["color"]}}})}
+# what-warmup with 8 x the steps (the step count that token-places-4x showed still paying off),
+# and object-pointer with 4 x the steps (at 2000 steps no hypothesis had learned to pick objects)
+HYPOTHESES["what-warmup-8x"] = _changed(HYPOTHESES["what-warmup"],
+                                        {"train": {"steps": 16000, "max_minutes": 50}})
+HYPOTHESES["object-pointer-4x"] = _changed(HYPOTHESES["object-pointer"],
+                                           {"train": {"steps": 8000, "max_minutes": 30}})
 
 
 def pilot_recipe(hypothesis: str = "base") -> dict:

@@ -52,3 +52,22 @@ def test_the_readme_quality_table_is_the_shipped_quality_json():
     keys = ["detection_ap50", "rec_acc50", "pose_keypoint_ap", "ocr_word_accuracy", "layout_ap50"]
     assert values == [round(measured[k], 3) for k in keys]
     assert [float(t) for *_, t in rows] == [measured["targets"][k] for k in keys]
+
+
+def test_expression_kind_names_what_a_rec_question_uses():
+    from sphinx_tools.demo.synth import generate_scene, scene_qas
+
+    seen = {}
+    for k in range(60):
+        scene = generate_scene("shapes", 31000 + k)
+        for q in scene_qas(scene):
+            if q.task != "rec":
+                continue
+            obj = scene.objects[q.targets[0]]
+            kind = bench.expression_kind(q.question, obj)
+            seen.setdefault(kind, q.question)
+            words = q.question.rsplit(":", 1)[-1].split()
+            assert (obj.color in words) == (kind != "shape") and obj.category.rstrip(".") in q.question
+            twins = [o for o in scene.objects if (o.color, o.category) == (obj.color, obj.category)]
+            assert (kind == "colour+shape+place") == (len(twins) > 1 and kind != "shape")
+    assert set(seen) == {"shape", "colour+shape", "colour+shape+place"}, seen
