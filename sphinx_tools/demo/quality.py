@@ -175,28 +175,34 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
                      "mean_abs_error_x": mae[0], "mean_abs_error_y": mae[1], "coordinates": total}
         if task in ("rec", "detection") and first_corner:
             out[task].update(corner_stats([r[:3] for r in first_corner]))
-            groups = {}
-            for axis, truth, guess, objects in first_corner:
-                key = "3+" if objects >= 3 else str(objects)
-                groups.setdefault(key, []).append((axis, truth, guess))
-            out[task]["first_corner_by_objects"] = {k: corner_stats(v)
-                                                    for k, v in sorted(groups.items())}
+            out[task]["first_corner_by_objects"] = _stats_by(
+                first_corner, lambda r: _objects_key(r[3]), lambda rows: corner_stats([r[:3] for r in rows]))
         if named:
             out[task].update(named_stats(named))
-            groups = {}
-            for row in named:
-                groups.setdefault("3+" if row[2] >= 3 else str(row[2]), []).append(row)
-            out[task]["named_object_by_objects"] = {k: named_stats(v) for k, v in sorted(groups.items())}
-            kinds = {}
-            for row in named:
-                if row[2] >= 3:
-                    kinds.setdefault(row[3], []).append(row)
-            out[task]["named_object_by_expression_3plus"] = {k: named_stats(v) for k, v in sorted(kinds.items())}
+            out[task]["named_object_by_objects"] = _stats_by(
+                named, lambda r: _objects_key(r[2]), named_stats)
+            out[task]["named_object_by_expression_3plus"] = _stats_by(
+                named, lambda r: r[3] if r[2] >= 3 else None, named_stats)
     return out
 
 
-def named_stats(named: list[tuple[bool, float, int]]) -> dict:
-    "``named_object_nearest``, its chance and the number of questions of ``(hit, chance, objects)`` rows."
+def _objects_key(objects: int) -> str:
+    return "3+" if objects >= 3 else str(objects)
+
+
+def _stats_by(rows: list, key, stats) -> dict:
+    "``{key: stats(its rows)}`` over the rows grouped by ``key(row)`` (rows keyed None left out)."
+    groups: dict = {}
+    for row in rows:
+        k = key(row)
+        if k is not None:
+            groups.setdefault(k, []).append(row)
+    return {k: stats(v) for k, v in sorted(groups.items())}
+
+
+def named_stats(named: list[tuple]) -> dict:
+    """``named_object_nearest``, its chance and the number of questions of ``(hit, chance, ...)``
+    rows."""
     return {"named_object_nearest": round(sum(r[0] for r in named) / len(named), 4),
             "named_object_nearest_chance": round(sum(r[1] for r in named) / len(named), 4),
             "named_object_questions": len(named)}
