@@ -177,11 +177,9 @@ def train_local(cfg: TrainConfig, procs: int = 1, progress: bool = True) -> Path
                                    "one process per GPU (or device: cpu)")
     if procs == 1:
         return train(cfg, progress=progress)
-    last = Path(cfg.out) / "last"
-    for folder in (last, last.with_name("last.old")):  # "last.old": a crash mid-swap
-        if (folder / TRAIN_CONFIG).is_file():  # fail here, not in every child
-            _check_same_run(cfg, json.loads((folder / TRAIN_CONFIG).read_text()), last)
-            break
+    last = _settled(Path(cfg.out) / "last")
+    if (last / TRAIN_CONFIG).is_file():  # fail here, not in every child
+        _check_same_run(cfg, json.loads((last / TRAIN_CONFIG).read_text()), last)
     import tempfile
 
     import torch.multiprocessing as mp
@@ -362,11 +360,16 @@ def _setup_process(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def _settled(last: Path) -> Path:
+    "``last``, put back from ``last.old`` where a crash came between the two renames of :func:`save`."
+    if not last.exists() and last.with_name("last.old").exists():
+        os.replace(last.with_name("last.old"), last)
+    return last
+
+
 def _resume_state(last: Path) -> dict | None:
     "The training state saved beside the last checkpoint, or None for a fresh start."
-    if not last.exists() and last.with_name("last.old").exists():  # crashed mid-swap
-        os.replace(last.with_name("last.old"), last)
-    if (last / TRAIN_STATE).is_file():
+    if (_settled(last) / TRAIN_STATE).is_file():
         return load_train_state(last / TRAIN_STATE)
     return None
 

@@ -209,3 +209,19 @@ def test_a_run_of_another_config_is_not_resumed(synth_data):
     # the steps, threads and logging may change: the run goes on
     more = TrainConfig.load(write_config(synth_data, "other_cfg", log_every=2))
     assert (train(more, progress=False) / "consolidated.00-of-01.model.pth").is_file()
+
+
+def test_a_crash_between_the_checkpoint_renames_is_put_back_before_resuming(synth_data):
+    import os
+
+    cfg = TrainConfig.load(write_config(synth_data, "mid_swap"))
+    cfg.steps = 2
+    last = train(cfg, progress=False)
+    os.replace(last, last.with_name("last.old"))  # what save leaves between its two renames
+    with pytest.raises(SphinxToolsError, match="is a run of another config \\(lr differ"):
+        train_local(TrainConfig.load(write_config(synth_data, "mid_swap", lr=1e-4)), procs=2)
+    assert last.is_dir() and not last.with_name("last.old").exists()
+    os.replace(last, last.with_name("last.old"))
+    train(TrainConfig.load(write_config(synth_data, "mid_swap")), progress=False)  # resumes: 2 more
+    log = [json.loads(x) for x in (Path(cfg.out).parent / "mid_swap_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
