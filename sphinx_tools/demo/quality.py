@@ -125,7 +125,7 @@ TEACHER_FORCED = (("shapes", "rec"), ("shapes", "detection"), ("pose", "pose"), 
 
 
 @torch.inference_mode()
-def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_FORCED) -> dict:
+def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_FORCED, encode=None) -> dict:
     """Coordinates predicted under teacher forcing, per task, on ``n`` fresh scenes per kind.
 
     For boxes also the error of the first corner (x1, y1: where the object is; x2, y2 follow
@@ -136,7 +136,8 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
     that finds objects but cannot tell which one the question names stays at chance; also split
     by the number of objects (``named_object_by_objects``), and on scenes of 3 or more objects by
     the kind of referring expression (``named_object_by_expression_3plus``, see
-    :func:`expression_kind`). ``tasks``: ``(scene kind, task)``."""
+    :func:`expression_kind`). ``tasks``: ``(scene kind, task)``; ``encode(scene)``: the image
+    tokens (1, I, dim) of a scene (default: the model's encoders on its image)."""
     t, tok = model.transformer, model.tokenizer
     t.clear_caches()  # full-sequence forwards, no decoding cache
     out = {}
@@ -149,7 +150,7 @@ def teacher_forced(model, seed: int, n: int, per_scene: int = 3, tasks=TEACHER_F
         for k in range(n):
             scene = generate_scene(kind, seed * 1000 + k)
             qas = [q for q in scene_qas(scene) if q.task == task][:per_scene]
-            img = model.encode_images(model.preprocess(scene.image)[None])
+            img = encode(scene) if encode else model.encode_images(model.preprocess(scene.image)[None])
             xs = [round(float(fmt_box(o.xyxy, scene.image.size).split(",")[0]) * 100)
                   for o in scene.objects]  # each object's x1 as its answer writes it
             for q in qas:

@@ -112,7 +112,13 @@ PILOT_SCENES = 48  # fresh shapes scenes (seed 777) that measure a pilot
 # - object-pointer: that with the object_pointer loss, a signal for picking the named object;
 # - what-warmup: token-places with a colour term in a twice longer encoder warm-up (the single
 #   view's object patches told colour 50% and shape 74% of the time);
-# - NAME-4x, NAME-8x: 4 or 8 x the steps.
+# - NAME-4x, NAME-8x: 4 or 8 x the steps;
+# - wider-llm-4x: what-warmup with a twice wider LLM (256, 8 heads of 32) at 8000 steps, its
+#   learning rate halved with the width (hidden-layer Adam updates scale with it);
+# - two-hop: what-warmup with the object_attention loss on both hops of a referring expression
+#   (head 0 of layer 1 attends to the question's expression, head 0 of layer 3 to the object): with
+#   ground-truth image tokens (``python -m sphinx_tools.demo oracle``) it is what moved the named
+#   object, where more steps, width and vocabulary did not.
 _DEEPER = {"model": {"n_layers": 6, "vision": {"qf_queries": 1}},
            "train": {"steps": 2000, "max_minutes": 22}}
 _PLACES = _changed(_DEEPER, {"train": {"token_position": RECIPE["train"]["token_position"]}})
@@ -125,10 +131,15 @@ def _times(change: dict, k: int) -> dict:
     return _changed(change, {"train": {"steps": 2000 * k, "max_minutes": {4: 30, 8: 50}[k]}})
 
 
+_WIDER = _changed(_WHAT, {"model": {"dim": 256, "n_heads": 8}, "train": {"lr": 1.0e-3}})
+_TWO_HOP = _changed(_WHAT, {"train": {"object_attention": {"layer": 3, "question_layer": 1}}})
 HYPOTHESES = {"base": {}, "deeper-llm": _DEEPER, "token-places": _PLACES,
               "object-pointer": _POINTER, "what-warmup": _WHAT,
               "token-places-4x": _times(_PLACES, 4), "object-pointer-4x": _times(_POINTER, 4),
-              "what-warmup-8x": _times(_WHAT, 8)}
+              "what-warmup-8x": _times(_WHAT, 8),
+              "wider-llm-4x": _changed(_times(_WIDER, 4), {"train": {"max_minutes": 80}}),
+              "two-hop": _TWO_HOP,
+              "two-hop-4x": _changed(_times(_TWO_HOP, 4), {"train": {"max_minutes": 40}})}
 
 
 def pilot_recipe(hypothesis: str = "base") -> dict:
@@ -178,17 +189,21 @@ def write_training_files(work: Path, recipe: dict = RECIPE, progress: bool = Tru
     ``workers`` processes render the scenes (the files do not depend on it)."""
     work.mkdir(parents=True, exist_ok=True)
     _write_scenes(work / "data", recipe, progress, workers)
-    cfg = {
+    path = work / "train.yaml"
+    path.write_text(yaml.safe_dump(training_config(recipe), sort_keys=False))
+    _write_tokenizer(work, recipe)
+    return path
+
+
+def training_config(recipe: dict) -> dict:
+    "The training config of a recipe, its paths relative to the build's work folder."
+    return {
         "init": {**recipe["model"], "tokenizer": "tokenizer.model"},
         "data": [{"path": "data/conversations.json", "root": "data", "ratio": 1.0,
                   "independent_turns": recipe["independent_turns"]}],
         "out": "run",
         **recipe["train"],
     }
-    path = work / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _write_tokenizer(work, recipe)
-    return path
 
 
 def _write_scenes(data: Path, recipe: dict, progress: bool, workers: int):

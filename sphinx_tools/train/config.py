@@ -33,6 +33,9 @@ Example::
     object_pointer: {layer: 3, weight: 1.0, width: 32}
                                                 # optional, with token_position: auxiliary loss
                                                 # (losses.pointer_loss)
+    object_attention: {layer: 3, question_layer: 1, head: 0, weight: 1.0}
+                                                # optional, with token_position: auxiliary loss
+                                                # (losses.ObjectAttention)
     loader_workers: 0                           # processes preparing the next batches
     save_every: 500
     log_every: 20
@@ -66,6 +69,8 @@ WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
 TOKEN_POSITION_DEFAULTS = {"layer": 1, "weight": 10.0}
 # ``object_pointer:`` (see losses.pointer_loss); needs ``token_position`` (its patch boxes)
 OBJECT_POINTER_DEFAULTS = {"layer": 2, "weight": 1.0, "width": 32}
+# ``object_attention:`` (see losses.ObjectAttention); needs ``token_position`` (its patch boxes)
+OBJECT_ATTENTION_DEFAULTS = {"layer": 3, "question_layer": None, "head": 0, "weight": 1.0}
 
 
 @dataclass
@@ -106,6 +111,11 @@ class TrainConfig:
     # ``layer`` points at the patch tokens of the object whose box follows (losses.pointer_loss);
     # {layer, weight, width}; needs token_position
     object_pointer: dict | None = None
+    # auxiliary loss: head ``head`` of LLM layer ``layer`` attends, from the hidden state that
+    # predicts each answer's first coordinate, to the object's patch tokens; with
+    # ``question_layer``, that layer's head to the question's referring expression
+    # (losses.ObjectAttention); {layer, question_layer, head, weight}; needs token_position
+    object_attention: dict | None = None
 
     def __post_init__(self):
         self.check()
@@ -171,15 +181,31 @@ class TrainConfig:
             if self.token_position is None:
                 raise SphinxToolsError("object_pointer needs token_position (the boxes of the "
                                        "objects under the patches)")
+        if self.object_attention is not None:
+            self.object_attention = check_object_attention(self.object_attention)
+            if self.token_position is None:
+                raise SphinxToolsError("object_attention needs token_position (the boxes of the "
+                                       "objects under the patches)")
+            if self.model_parallel != 1:
+                raise SphinxToolsError("object_attention trains one head of the whole model: it "
+                                       f"needs model_parallel 1, got {self.model_parallel}")
 
-    def check_model(self, n_layers: int):
-        "Check the keys that depend on the model: an auxiliary loss's layer must exist."
+    def check_model(self, n_layers: int, n_heads: int | None = None):
+        "Check the keys that depend on the model: an auxiliary loss's layer (and head) must exist."
         if self.token_position and self.token_position["layer"] >= n_layers:
             raise SphinxToolsError(f"token_position.layer {self.token_position['layer']} is past "
                                    f"the model's {n_layers} layers")
         if self.object_pointer and self.object_pointer["layer"] >= n_layers:
             raise SphinxToolsError(f"object_pointer.layer {self.object_pointer['layer']} is past "
                                    f"the model's {n_layers} layers")
+        oa = self.object_attention
+        for key in ("layer", "question_layer") if oa else ():
+            if oa[key] is not None and oa[key] >= n_layers:
+                raise SphinxToolsError(f"object_attention.{key} {oa[key]} is past the model's "
+                                       f"{n_layers} layers")
+        if oa and n_heads is not None and oa["head"] >= n_heads:
+            raise SphinxToolsError(f"object_attention.head {oa['head']} is past the model's "
+                                   f"{n_heads} heads")
 
 
 def _number(value) -> bool:
@@ -238,20 +264,32 @@ def check_token_position(spec, base: Path) -> dict:
     return out
 
 
+def _loss_spec(name: str, spec, defaults: dict, minimum: dict) -> dict:
+    """An auxiliary loss's config with its ``defaults``: a mapping of known keys, each key of
+    ``minimum`` an int at least that (None where its default is None), a positive ``weight``."""
+    if not isinstance(spec, dict):
+        raise SphinxToolsError(f"{name} must be a mapping, got {spec!r}")
+    unknown = set(spec) - set(defaults)
+    if unknown:
+        raise SphinxToolsError(f"unknown {name} keys {sorted(unknown)}; known: {sorted(defaults)}")
+    out = {**defaults, **spec}
+    for key, least in minimum.items():
+        value = out[key]
+        if value is None and defaults[key] is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SphinxToolsError(f"{name}.{key} must be an int >= {least}, got {value!r}")
+    if not _number(out["weight"]) or out["weight"] <= 0:
+        raise SphinxToolsError(f"{name}.weight must be positive, got {out['weight']!r}")
+    return out
+
+
 def check_object_pointer(spec) -> dict:
     "The ``object_pointer`` config with its defaults; a clear error if malformed."
-    if not isinstance(spec, dict):
-        raise SphinxToolsError(f"object_pointer must be a mapping, got {spec!r}")
-    unknown = set(spec) - set(OBJECT_POINTER_DEFAULTS)
-    if unknown:
-        raise SphinxToolsError(f"unknown object_pointer keys {sorted(unknown)}; "
-                               f"known: {sorted(OBJECT_POINTER_DEFAULTS)}")
-    out = {**OBJECT_POINTER_DEFAULTS, **spec}
-    for key in ("layer", "width"):
-        value = out[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "layer" else 1):
-            raise SphinxToolsError(f"object_pointer.{key} must be an int >= "
-                                   f"{0 if key == 'layer' else 1}, got {value!r}")
-    if not _number(out["weight"]) or out["weight"] <= 0:
-        raise SphinxToolsError(f"object_pointer.weight must be positive, got {out['weight']!r}")
-    return out
+    return _loss_spec("object_pointer", spec, OBJECT_POINTER_DEFAULTS, {"layer": 0, "width": 1})
+
+
+def check_object_attention(spec) -> dict:
+    "The ``object_attention`` config with its defaults; a clear error if malformed."
+    return _loss_spec("object_attention", spec, OBJECT_ATTENTION_DEFAULTS,
+                      {"layer": 0, "question_layer": 0, "head": 0})

@@ -33,6 +33,7 @@ from ..tokenizer import Tokenizer
 from .config import PARTS, TrainConfig
 from .data import IGNORE, ConversationData, batches
 from .losses import (
+    ObjectAttention,
     PointerHead,
     TokenPlaces,
     coordinate_values,
@@ -279,7 +280,7 @@ class _Run:
     params: list  # the trainable parameters, the position head's included
     head: torch.nn.Module | None  # the token_position head, when that loss is on
     pointer: PointerHead | None  # the object_pointer head, when that loss is on
-    values: torch.Tensor | None  # coordinate_values of the tokenizer, for object_pointer
+    values: torch.Tensor | None  # coordinate_values of the tokenizer, for object_pointer/attention
     n_train: int  # trainable parameters of the model
     log: object  # the job's jsonl log (data-parallel rank 0), else None
 
@@ -293,8 +294,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if state is not None:
         _check_same_run(cfg, state.get("config") or {}, last)
     model, tok = _init_or_resume(cfg, device, state, last)
-    cfg.check_model(len(model.layers))  # before the warm-up, not after it
-    if cfg.object_pointer:
+    cfg.check_model(len(model.layers), model.cfg.n_heads)  # before the warm-up, not after it
+    if cfg.object_pointer or cfg.object_attention:
         _pointer_values(tok)  # a tokenizer without coordinate pieces fails before the warm-up too
     data = _conversation_data(cfg, model, tok)  # a bad file fails before the warm-up too
     log = _open_log(Path(cfg.out))
@@ -378,7 +379,7 @@ def _resume_state(last: Path) -> dict | None:
 # the steps, the time guard, threads, workers, device and logging may change between runs
 _RESUME_KEYS = ("train", "lr", "min_lr", "warmup", "weight_decay", "betas", "clip", "dtype",
                 "batch_size", "grad_accum", "seed", "model_parallel", "coordinate_weight",
-                "token_position", "object_pointer")
+                "token_position", "object_pointer", "object_attention")
 
 
 def _check_same_run(cfg: TrainConfig, saved: dict, last: Path):
@@ -444,8 +445,9 @@ def _prepare(cfg: TrainConfig, device, model: Transformer, tok: Tokenizer, state
         params += list(head.parameters())
         groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
     pointer = values = None
-    if cfg.object_pointer:
+    if cfg.object_pointer or cfg.object_attention:
         values = _pointer_values(tok, device)
+    if cfg.object_pointer:
         pointer = PointerHead(model.cfg.dim, cfg.object_pointer["width"]).to(device)
         if state is not None and state.get("pointer_head") is not None:
             pointer.load_state_dict(state["pointer_head"])
@@ -457,10 +459,10 @@ def _prepare(cfg: TrainConfig, device, model: Transformer, tok: Tokenizer, state
 
 
 def _pointer_values(tok: Tokenizer, device=None) -> torch.Tensor:
-    "coordinate_values of the tokenizer, which object_pointer needs."
+    "coordinate_values of the tokenizer, which object_pointer and object_attention need."
     values = coordinate_values(tok, device)
     if values is None:
-        raise SphinxToolsError("object_pointer reads the answers' boxes from coordinate pieces "
+        raise SphinxToolsError("object_pointer and object_attention read the answers' boxes from coordinate pieces "
                                "('0.41' as one token): this tokenizer has none")
     return values
 
@@ -488,19 +490,23 @@ def _accumulate(run: _Run, feed, token_weight):
         tensors, place = next(feed)
         ids, labels, images, segments, batch_places = (
             None if t is None else t.to(device, non_blocking=True) for t in tensors)
-        position = pointer = None
+        position = pointer = attention = None
         if run.head is not None and batch_places is not None:
             tp = cfg.token_position
             position = (run.head, tp["layer"], batch_places, tp["weight"])
         if run.pointer is not None and batch_places is not None:
             op = cfg.object_pointer
             pointer = (run.pointer, op["layer"], batch_places, run.values, op["weight"])
+        if cfg.object_attention and batch_places is not None:
+            oa = cfg.object_attention
+            attention = ObjectAttention(oa["layer"], oa["question_layer"], oa["head"], batch_places,
+                                        run.values, run.tok, oa["weight"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            if position is None and pointer is None:
+            if position is None and pointer is None and attention is None:
                 loss = language = loss_fn(run.model, ids, labels, images, segments, token_weight)
             else:
                 loss, language, aux = loss_fn(run.model, ids, labels, images, segments, token_weight,
-                                              position, pointer)
+                                              position, pointer, attention)
                 for name, value in aux.items():
                     share = float(value.detach()) / cfg.grad_accum
                     aux_totals[name] = aux_totals.get(name, 0.0) + share

@@ -2,25 +2,29 @@
 weights (:func:`coordinate_weights`) and two auxiliary losses: ``token_position``
 (:class:`TokenPlaces`), which teaches the LLM's first layers where each image patch token's object
 lies in the whole image, and ``object_pointer`` (:func:`pointer_loss`), which teaches the LLM to
-find, before it writes a box, the patch tokens of the object the box is about.
+find, before it writes a box, the patch tokens of the object the box is about, and
+``object_attention`` (:class:`ObjectAttention`), which trains the LLM's own attention to take both
+hops of a referring expression: from the answer to the question's words, and to the object.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import SphinxToolsError
-from ..model import SphinxConfig, Transformer
+from ..model import SphinxConfig, Transformer, apply_rotary_emb
 from ..tokenizer import Tokenizer
 from ..transforms import PaddedResize
 from .data import IGNORE, packed_mask, packed_positions
 
 
 def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight=None,
-            position=None, pointer=None):
+            position=None, pointer=None, attention=None):
     """Mean next-token cross entropy over labelled (assistant) tokens, as the reference's forward.
 
     With ``segments`` (packed independent turns) the positions and attention mask make each turn
@@ -29,8 +33,10 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
 
     ``position = (head, layer, places, weight)`` adds ``weight`` x the auxiliary loss of
     :class:`TokenPlaces`, and ``pointer = (head, layer, places, values, weight)`` adds ``weight``
-    x :func:`pointer_loss` (``values``: :func:`coordinate_values`); with either the result is
-    ``(total, language loss, {"position": loss, "pointer": loss})`` (the ones that are on).
+    x :func:`pointer_loss` (``values``: :func:`coordinate_values`), and ``attention``
+    (:class:`ObjectAttention`) its weight x :func:`attention_pointer_loss` ("attention"), and with a
+    ``question_layer`` the same weight x the question hop's loss ("question"); with any of them the
+    result is ``(total, language loss, {name: loss})`` (the ones that are on).
     """
     seen, hooks = {}, []
     for spec in (position, pointer):
@@ -38,6 +44,11 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
             seen[spec[1]] = None
             hooks.append(model.layers[spec[1]].register_forward_hook(
                 lambda m, args, out, k=spec[1]: seen.__setitem__(k, out)))
+    if attention is not None:  # the attentions' inputs, for their own scores
+        for name, layer in (("attention", attention.layer), ("question", attention.question_layer)):
+            if layer is not None:
+                hooks.append(model.layers[layer].attention.register_forward_pre_hook(
+                    lambda m, args, k=name: seen.__setitem__(k, args)))
     try:
         img = model.encode_image(images) if images is not None else None
         h = model.embed(ids, img)
@@ -53,7 +64,7 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
             hook.remove()
     language = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), weight=token_weight, ignore_index=IGNORE)
-    if position is None and pointer is None:
+    if position is None and pointer is None and attention is None:
         return language
     total, aux = language, {}
     if position is not None:
@@ -65,7 +76,36 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
         targets = pointer_targets(labels, segments, places, values, n_image)
         aux["pointer"] = pointer_loss(model.cfg, head, seen[layer], targets)
         total = total + weight * aux["pointer"]
+    if attention is not None:
+        a = attention
+        targets = pointer_targets(labels, segments, a.places, a.values, n_image)
+        patches = patch_token_index(model.cfg) if a.patches is None else a.patches
+        aux["attention"] = attention_pointer_loss(model.layers[a.layer].attention, seen["attention"],
+                                                  a.head, targets, patches)
+        total = total + a.weight * aux["attention"]
+        if a.question_layer is not None:
+            aux["question"] = attention_pointer_loss(
+                model.layers[a.question_layer].attention, seen["question"], a.head,
+                expression_targets(a.tok, ids, segments, targets, n_image), torch.arange(L))
+            total = total + a.weight * aux["question"]
     return total, language, aux
+
+
+class ObjectAttention(NamedTuple):
+    """``loss_fn``'s ``attention``: head ``head`` of LLM layer ``layer`` learns to attend, from the
+    hidden state that predicts each answer's first coordinate, to its object's patch tokens
+    (``places``: :meth:`TokenPlaces.targets`; ``values``: :func:`coordinate_values`; ``patches``:
+    their sequence indices, default :func:`patch_token_index`); with ``question_layer``, the
+    same head of that layer learns to attend to the question's referring expression
+    (:func:`expression_targets`, which reads the text with ``tok``)."""
+    layer: int
+    question_layer: int | None
+    head: int
+    places: torch.Tensor
+    values: torch.Tensor
+    tok: Tokenizer
+    weight: float
+    patches: torch.Tensor | None = None
 
 
 def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
@@ -161,6 +201,66 @@ def pointer_loss(cfg: SphinxConfig, head: PointerHead, hidden: torch.Tensor, tar
     scores = head(hidden[rows, query].float(), hidden[rows][:, index].float())
     logp = scores.log_softmax(dim=-1)
     return -logp.masked_fill(~hit, float("-inf")).logsumexp(dim=-1).mean()
+
+
+def attention_pointer_loss(attention, inputs: tuple, head: int, targets, patches: torch.Tensor) -> torch.Tensor:
+    """Minus the log of the attention that head ``head`` of an LLM layer's ``attention`` gives,
+    from the hidden state that predicts an answer's first coordinate, to the patch tokens of the
+    answer's object (``targets``: :func:`pointer_targets`), mean over answers.
+
+    Unlike :func:`pointer_loss`, whose separate head only shapes the hidden states, this trains the
+    language model's own attention to fetch the named object, so that its value reaches the answer.
+    ``inputs``: the attention's forward arguments ``(x, freqs_cis, mask, ...)`` (a forward pre-hook
+    records them); ``patches``: the sequence index of each patch token. One model-parallel rank."""
+    rows, query, hit = (t.to(inputs[0].device) for t in targets)
+    x, freqs_cis, mask = inputs[:3]
+    if len(rows) == 0:
+        return x.sum() * 0
+    B, T, _ = x.shape
+    hd = attention.head_dim
+    q = attention.wq(x).view(B, T, -1, hd)
+    k = attention.wk(x).view(B, T, -1, hd)
+    q, k = apply_rotary_emb(q, k, freqs_cis)
+    kv = head // (q.shape[2] // k.shape[2])
+    scores = (k[rows, :, kv] @ q[rows, query, head][:, :, None])[..., 0].float() * hd ** -0.5  # (N, T)
+    if mask is None:
+        allowed = torch.arange(T, device=x.device)[None] <= query[:, None]
+    else:
+        allowed = mask[rows, 0, query]
+    logp = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)[:, patches.to(x.device)]
+    return -logp.masked_fill(~hit, float("-inf")).logsumexp(dim=-1).mean()
+
+
+def expression_targets(tok: Tokenizer, ids: torch.Tensor, segments: torch.Tensor | None, targets,
+                       n_image: int):
+    """:func:`pointer_targets`' answers, with ``hit`` over the whole sequence (image tokens
+    counted: (N, n_image + T)) marking the pieces of each answer's referring expression: the text
+    of its question after the question's last colon, up to its final full stop ("...: the red
+    star." -> "the red star"). Answers whose question has no colon of its own are left out.
+    ``segments``: packed turns (the text an answer reads is the shared prefix and its own turn)."""
+    rows, query, _ = targets
+    keep, hit = [], torch.zeros(len(rows), n_image + ids.shape[1], dtype=torch.bool)
+    for j, (b, q) in enumerate(zip(rows.tolist(), query.tolist())):
+        index = torch.arange(q - n_image + 1)  # up to the piece that predicts the first coordinate
+        if segments is not None:
+            seg = segments[b, :len(index)]
+            index = index[(seg == 0) | (seg == seg[-1])]
+        index = index.numpy()
+        pieces = [tok.sp.id_to_piece(int(i)).replace("\u2581", " ") for i in ids[b, index]]
+        ends = np.cumsum([len(p) for p in pieces])
+        text = "".join(pieces)
+        turn = text.rfind("Human:")  # the question of this answer
+        close = text.rfind("###")  # before the answer's "### Assistant:"
+        colon = text.rfind(":", turn + len("Human:"), close)
+        stop = text.rfind(".", colon, close)
+        if turn < 0 or colon < 0 or stop < 0:
+            continue
+        start = ends - [len(p) for p in pieces]
+        inside = (ends > colon + 1) & (start < stop)
+        hit[j, n_image + index[inside]] = True
+        keep.append(j)
+    keep = torch.tensor(keep, dtype=torch.long)
+    return rows[keep], query[keep], hit[keep]
 
 
 def coordinate_weights(tok: Tokenizer, weight: float, device=None) -> torch.Tensor | None:

@@ -90,13 +90,13 @@ def test_shipped_measurements_live_with_the_weights():
     assert probe["checkpoint"] == "demo" and "own_box" in probe
 
 
-def test_python_m_demo_offers_build_quality_and_probe():
+def test_python_m_demo_offers_build_quality_probe_and_oracle():
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "sphinx_tools.demo", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    assert all(f"  {name} " in out for name in ("build", "quality", "probe"))
+    assert all(f"  {name} " in out for name in ("build", "quality", "probe", "oracle"))
 
 
 TINY_PILOT = {
@@ -172,3 +172,6 @@ def test_every_pilot_hypothesis_is_a_valid_training_config(tmp_path):
     pointer = recipe.pilot_recipe("object-pointer")["train"]
     assert pointer["object_pointer"]["layer"] < recipe.pilot_recipe("object-pointer")["model"]["overrides"]["n_layers"]
     assert pointer["token_position"] == recipe.RECIPE["train"]["token_position"]
+    two_hop = recipe.pilot_recipe("two-hop")
+    hops = two_hop["train"]["object_attention"]
+    assert hops["question_layer"] < hops["layer"] < two_hop["model"]["overrides"]["n_layers"]

@@ -110,5 +110,35 @@ def test_object_pointer_config_errors(synth_data, tmp_path):
         train(cfg, progress=False)
     cfg = TrainConfig.load(write_config(synth_data, "op_tok", token_position=tpd, encoder_warmup=warm,
                                         object_pointer={"layer": 1}))
-    with pytest.raises(SphinxToolsError, match="object_pointer reads the answers' boxes from coordinate pieces"):
+    with pytest.raises(SphinxToolsError, match="object_pointer and object_attention read the answers' boxes from coordinate pieces"):
         train(cfg, progress=False)
+
+
+def test_object_attention_config_errors(synth_data, tmp_path):
+    base = dict(init={"preset": "tiny"}, data=[], out=str(tmp_path / "run"))
+    tp = {"coco": "d/c.json"}
+    for spec, message in [
+        ([1], "object_attention must be a mapping"),
+        ({"heads": 1}, r"unknown object_attention keys \['heads'\]"),
+        ({"layer": -1}, "object_attention.layer must be an int >= 0, got -1"),
+        ({"question_layer": 1.5}, "object_attention.question_layer must be an int >= 0, got 1.5"),
+        ({"head": True}, "object_attention.head must be an int >= 0, got True"),
+        ({"weight": 0}, "object_attention.weight must be positive, got 0"),
+    ]:
+        with pytest.raises(SphinxToolsError, match=message):
+            TrainConfig(**base, token_position=tp, object_attention=spec)
+    with pytest.raises(SphinxToolsError, match="object_attention needs token_position"):
+        TrainConfig(**base, object_attention={})
+    with pytest.raises(SphinxToolsError, match="object_attention trains one head .* needs model_parallel 1, got 2"):
+        TrainConfig(**base, token_position=tp, object_attention={}, model_parallel=2)
+    assert TrainConfig(**base, token_position=tp, object_attention={"question_layer": 1}).object_attention == {
+        "layer": 3, "question_layer": 1, "head": 0, "weight": 1.0}
+    # the layers and the head must exist: checked before the encoder warm-up
+    warm = {"coco": "missing.json", "steps": 1}
+    tpd = {"coco": "data/coco.json"}
+    for spec, message in [({"layer": 1, "question_layer": 2}, "object_attention.question_layer 2 is past the model's 2 layers"),
+                          ({"layer": 1, "head": 99}, "object_attention.head 99 is past the model's 4 heads")]:
+        cfg = TrainConfig.load(write_config(synth_data, "oa_bad", token_position=tpd, encoder_warmup=warm,
+                                            object_attention=spec))
+        with pytest.raises(SphinxToolsError, match=message):
+            train(cfg, progress=False)

@@ -168,7 +168,8 @@ def test_training_with_token_position_resumes_identically(synth_data):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["position_loss"] > 0 for r in log)
 
 
-def test_training_with_object_pointer_resumes_identically(synth_data):
+def _coordinate_tokenizer(synth_data):
+    "coord.model in synth_data: a tokenizer whose coordinates ('0.41') are one piece each."
     from sphinx_tools.tiny import train_tokenizer
     from sphinx_tools.train import conversation_text
 
@@ -176,6 +177,10 @@ def test_training_with_object_pointer_resumes_identically(synth_data):
     if not (synth_data / "coord.model").is_file():
         train_tokenizer(synth_data / "coord.model", 512, coordinate_tokens=True,
                         corpus=[conversation_text(c["conversations"])[0] for c in convs])
+
+
+def test_training_with_object_pointer_resumes_identically(synth_data):
+    _coordinate_tokenizer(synth_data)
     kw = dict(init={"preset": "tiny", "tokenizer": "coord.model", "seed": 0},
               data=[{"path": "data/conversations.json", "root": "data", "independent_turns": True}],
               token_position={"coco": "data/coco.json", "images": "data/images", "layer": 0},
@@ -192,6 +197,21 @@ def test_training_with_object_pointer_resumes_identically(synth_data):
         torch.testing.assert_close(a[k], b[k], msg=k)
     log = [json.loads(x) for x in (Path(cfg.out).parent / "op_resumed_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["pointer_loss"] > 0 for r in log)
+
+
+def test_training_with_object_attention_logs_both_hops(synth_data):
+    _coordinate_tokenizer(synth_data)
+    kw = dict(init={"preset": "tiny", "tokenizer": "coord.model", "seed": 0},
+              data=[{"path": "data/conversations.json", "root": "data", "independent_turns": True}],
+              token_position={"coco": "data/coco.json", "images": "data/images", "layer": 0},
+              object_attention={"layer": 1, "question_layer": 0, "head": 1}, batch_size=4)
+    cfg = TrainConfig.load(write_config(synth_data, "oa_run", **kw))
+    out = train(cfg, progress=False)
+    assert (out / "consolidated.00-of-01.model.pth").is_file()
+    log = [json.loads(x) for x in (Path(cfg.out).parent / "oa_run_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["attention_loss"] > 0 for r in log)  # every batch has boxes over patches
+    assert any(r["question_loss"] > 0 for r in log)  # the batches with a referring expression
 
 
 def test_a_run_of_another_config_is_not_resumed(synth_data):

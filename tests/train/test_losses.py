@@ -179,3 +179,79 @@ def test_pointer_loss_trains_up_to_its_layer_and_falls_when_the_head_points_righ
     low, chance = pointer_loss(model.cfg, pointing, hidden, one), pointer_loss(model.cfg, blind, hidden, one)
     torch.testing.assert_close(chance, torch.log(torch.tensor(one[2].shape[1] / one[2].sum().item())))
     assert low < 0.01
+
+
+def test_attention_pointer_loss_is_the_log_attention_a_head_gives_the_answer_s_object(synth_data, tmp_path,
+                                                                                      monkeypatch):
+    from types import SimpleNamespace
+
+    import sphinx_tools.model as sphinx_model
+    from sphinx_tools.train.losses import attention_pointer_loss, coordinate_values, pointer_targets
+
+    tok = _coordinate_tokenizer(synth_data, tmp_path)
+    model, _ = init_model(TrainConfig.load(write_config(synth_data, "attn_ptr")))
+    model.eval()
+    g, layer, head = model.cfg.vision.grid, 1, 2
+    data = ConversationData([{"path": str(synth_data / "data" / "conversations.json"),
+                              "root": str(synth_data / "data"), "independent_turns": True}], tok, 448,
+                            512, 0, TokenPlaces(synth_data / "data" / "coco.json",
+                                                synth_data / "data" / "images", 448, 5, g))
+    ids, labels, images, segments, places = collate([data.example(0, i) for i in range(8)])
+    targets = pointer_targets(labels, segments, places, coordinate_values(tok), model.cfg.image_tokens)
+    assert len(targets[0]) > 0
+    seen, weights = {}, []
+    functional = torch.nn.functional
+
+    def recording(q, k, v, attn_mask=None, is_causal=False):  # the softmax each LLM layer's heads take
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        weights.append(scores.masked_fill(~attn_mask, float("-inf")).softmax(-1))
+        return functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(sphinx_model, "F", SimpleNamespace(**{**vars(functional),
+                                                               "scaled_dot_product_attention": recording}))
+    attention = model.layers[layer].attention
+    attention.register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args))
+    patches = patch_token_index(model.cfg)
+    loss_fn(model, ids, labels, images, segments)
+    loss = attention_pointer_loss(attention, seen["in"], head, targets, patches)
+    rows, query, hit = targets
+    given = weights[layer][rows, head, query][:, patches]  # (N, P): what the head gives each patch
+    want = -(given * hit).sum(-1).log().mean()
+    torch.testing.assert_close(loss, want)
+
+    # it trains the head's own query and key maps: a few steps on the same inputs move its
+    # attention onto the objects
+    inputs = tuple(t.detach() if torch.is_tensor(t) else t for t in seen["in"])
+    opt = torch.optim.Adam([attention.wq.weight, attention.wk.weight], lr=1e-2)
+    for _ in range(20):
+        step = attention_pointer_loss(attention, inputs, head, targets, patches)
+        opt.zero_grad()
+        step.backward()
+        opt.step()
+    with torch.no_grad():
+        after = attention_pointer_loss(attention, inputs, head, targets, patches)
+    assert after < loss - 1.0, (float(loss), float(after))
+    assert attention_pointer_loss(attention, inputs, head, tuple(t[:0] for t in targets), patches) == 0
+
+
+def test_expression_targets_mark_the_words_of_the_referring_expression(synth_data, tmp_path):
+    from sphinx_tools.train.data import tokenize_independent
+    from sphinx_tools.train.losses import expression_targets
+
+    tok = _coordinate_tokenizer(synth_data, tmp_path)
+    turns = [{"from": "human", "value": "Please provide the bounding box coordinate of the region this "
+                                        "sentence describes: the red star at the top."},
+             {"from": "gpt", "value": "[0.10,0.20,0.30,0.40]"},
+             {"from": "human", "value": "Detect all objects shown in the image."},
+             {"from": "gpt", "value": "<p>star</p> [0.10,0.20,0.30,0.40]"}]
+    ids, labels, segments = tokenize_independent(tok, turns)
+    ids = torch.tensor([ids])
+    pieces = [tok.sp.id_to_piece(int(i)) for i in ids[0]]
+    brackets = [k for k, p in enumerate(pieces) if p == "\u2581["]  # each answer's first box follows
+    n_image = 7
+    targets = (torch.tensor([0, 0]), torch.tensor(brackets) + n_image, torch.zeros(2, 3, dtype=torch.bool))
+    rows, query, hit = expression_targets(tok, ids, torch.tensor([segments]), targets, n_image)
+    assert rows.tolist() == [0] and query.tolist() == [brackets[0] + n_image]  # no colon: no expression
+    assert hit.shape == (1, n_image + ids.shape[1]) and not hit[0, :n_image].any()
+    marked = tok.sp.decode([int(ids[0, k - n_image]) for k in hit[0].nonzero().flatten()])
+    assert marked == "the red star at the top"
