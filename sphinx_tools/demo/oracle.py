@@ -240,6 +240,14 @@ def summary(tf: dict) -> dict:
             "first_corner_mae_median_guess_3plus": corner.get("first_corner_mae_median_guess")}
 
 
+def run_name(hypothesis: str, cfg, box: bool, tasks, attend, attend_question) -> str:
+    "HYPOTHESIS-STEPSxBATCH[-no-box][-TASKS][-attendL][-qQ]: what an oracle run changed."
+    parts = [hypothesis, f"{cfg.steps}x{cfg.batch_size}"] + ([] if box else ["no-box"]) + (tasks or [])
+    parts += [] if attend is None else [f"attend{attend}"]
+    parts += [] if attend_question is None else [f"q{attend_question}"]
+    return "-".join(parts)
+
+
 @click.command("oracle")
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="a single-view pilot build's work folder (its data/ and tokenizer.model)")
@@ -259,7 +267,7 @@ def summary(tf: dict) -> dict:
               help="with --attend: also train head 0 of this LLM layer to attend to the question's expression")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--out", type=click.Path(path_type=Path),
-              help="result JSON  [default: oracle-HYPOTHESIS-STEPS.json in --work]")
+              help="result JSON  [default: oracle-HYPOTHESIS-STEPSxBATCH[-...].json in --work]")
 def oracle_command(work, hypothesis, steps, seed, n, box, batch_size, tasks, attend, attend_question,
                    threads, out):
     "Train a pilot's language model on ground-truth image tokens and take the pilot's measures."
@@ -279,11 +287,12 @@ def oracle_command(work, hypothesis, steps, seed, n, box, batch_size, tasks, att
     minutes = round((time.time() - t0) / 60, 1)
     with torch.inference_mode():
         tf = oracle_quality(model, tok, oracle, seed, n, box)
-    res = {"hypothesis": hypothesis, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "box": box, "tasks": tasks, "attend": attend, "attend_question": attend_question,
+    res = {"hypothesis": hypothesis, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+           "box": box, "tasks": tasks, "attend": attend, "attend_question": attend_question,
            "llm": {k: getattr(model.cfg, k) for k in ("dim", "n_layers", "n_heads")},
            "train_minutes": minutes, "seed": seed, "scenes": n, **summary(tf),
            "loss_every_50_steps": losses, "teacher_forced": tf}
-    out = out or Path(work) / f"oracle-{hypothesis}-{cfg.steps}x{cfg.batch_size}{'' if box else '-no-box'}{'-' + '-'.join(tasks) if tasks else ''}{f'-attend{attend}' if attend is not None else ''}{f'-q{attend_question}' if attend_question is not None else ''}.json"
+    out = out or Path(work) / f"oracle-{run_name(hypothesis, cfg, box, tasks, attend, attend_question)}.json"
     out.write_text(json.dumps(res, indent=1))
     click.echo(json.dumps({k: v for k, v in res.items() if k not in ("teacher_forced", "loss_every_50_steps")},
                           indent=1))
