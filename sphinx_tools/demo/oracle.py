@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import SphinxToolsError
-from ..train.warmup import patch_owners
+from ..train.warmup import patch_owners, read_coco
 from ..transforms import PaddedResize
 from .synth import COLORS, SHAPES
 
@@ -82,16 +82,16 @@ class OracleTargets:
     (the training batches then carry them where the token_position targets go)."""
 
     def __init__(self, coco: Path, images: Path, grid: int, box: bool = True):
-        data = json.loads(Path(coco).read_text())
-        names = {c["id"]: c["name"] for c in data["categories"]}
+        data = read_coco(coco, categories=True)
+        names = {c["id"]: c["name"] for c in data.categories}
         objects: dict = {}
-        for a in data["annotations"]:
+        for a in data.annotations:
             x, y, w, h = a["bbox"]
             objects.setdefault(a["image_id"], []).append(
                 (a["color"], names[a["category_id"]], (x, y, x + w, y + h)))
         self.by_path = {Path(images, im["file_name"]).resolve(): (objects.get(im["id"], []),
                                                                   (im["width"], im["height"]))
-                        for im in data["images"]}
+                        for im in data.images}
         self.grid, self.box = grid, box
 
     def targets(self, image_path) -> torch.Tensor:
@@ -154,6 +154,14 @@ def _task_subset(path: Path, tasks: list[str]) -> Path:
     return dest
 
 
+def check_attend(box: bool, attend: int | None, attend_question: int | None):
+    "The attention options of an oracle run go together: a clear error where they do not."
+    if attend is not None and not box:
+        raise SphinxToolsError("--attend needs --box (the box features tell the answer's object)")
+    if attend_question is not None and attend is None:
+        raise SphinxToolsError("--attend-question goes with --attend")
+
+
 def train_oracle(cfg, box: bool = True, attend: int | None = None, attend_question: int | None = None,
                  progress: bool = True):
     """Train ``cfg``'s language model on oracle image tokens; returns ``(transformer, tokenizer,
@@ -171,10 +179,7 @@ def train_oracle(cfg, box: bool = True, attend: int | None = None, attend_questi
     from ..train.losses import ObjectAttention, coordinate_values, loss_fn
     from ..train.schedule import lr_at
 
-    if attend is not None and not box:
-        raise SphinxToolsError("attend needs the box features (they tell the answer's object)")
-    if attend_question is not None and attend is None:
-        raise SphinxToolsError("attend_question goes with attend")
+    check_attend(box, attend, attend_question)
     torch.manual_seed(cfg.seed)
     model, tok = init_model(cfg)
     grid = model.cfg.vision.grid
@@ -275,10 +280,10 @@ def oracle_command(work, hypothesis, steps, seed, n, box, batch_size, tasks, att
 
     if hypothesis not in HYPOTHESES:
         raise click.BadParameter(f"{hypothesis!r}; known: {', '.join(HYPOTHESES)}", param_hint="--hypothesis")
-    if attend is not None and not box:
-        raise click.UsageError("--attend needs --box (the box features tell the answer's object)")
-    if attend_question is not None and attend is None:
-        raise click.UsageError("--attend-question goes with --attend")
+    try:
+        check_attend(box, attend, attend_question)
+    except SphinxToolsError as e:
+        raise click.UsageError(str(e)) from None
     torch.set_num_threads(threads)
     tasks = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     cfg = oracle_config(work, hypothesis, steps, tasks, batch_size)

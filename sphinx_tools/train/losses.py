@@ -247,16 +247,15 @@ def expression_targets(tok: Tokenizer, ids: torch.Tensor, segments: torch.Tensor
             index = index[(seg == 0) | (seg == seg[-1])]
         index = index.numpy()
         pieces = [tok.sp.id_to_piece(int(i)).replace("\u2581", " ") for i in ids[b, index]]
-        ends = np.cumsum([len(p) for p in pieces])
-        text = "".join(pieces)
+        lengths = np.array([len(p) for p in pieces])
+        ends, text = np.cumsum(lengths), "".join(pieces)
         turn = text.rfind("Human:")  # the question of this answer
         close = text.rfind("###")  # before the answer's "### Assistant:"
         colon = text.rfind(":", turn + len("Human:"), close)
         stop = text.rfind(".", colon, close)
         if turn < 0 or colon < 0 or stop < 0:
             continue
-        start = ends - [len(p) for p in pieces]
-        inside = (ends > colon + 1) & (start < stop)
+        inside = (ends > colon + 1) & (ends - lengths < stop)
         hit[j, n_image + index[inside]] = True
         keep.append(j)
     keep = torch.tensor(keep, dtype=torch.long)
