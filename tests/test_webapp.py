@@ -527,6 +527,11 @@ def test_browser_upload_run_chat_and_download(server, tmp_path, scene):
             page.goto(server, wait_until="domcontentloaded")
             expect(page.locator("#model-note")).to_contain_text("tiny", ignore_case=True,
                                                                  timeout=60_000)
+            # The options box lives in a closed accordion, whose content mounts when it opens:
+            # open it now, so that filling it later cannot race the mount.
+            page.get_by_text("More task options (JSON)").click()
+            options = page.locator("#options textarea, #options input").first
+            expect(options).to_be_editable()
             # 1. upload: the prompt of the default task (detection) appears, editable
             page.locator("#input-image input[type=file]").set_input_files(str(picture))
             prompt = page.locator("#prompt textarea")
@@ -550,11 +555,11 @@ def test_browser_upload_run_chat_and_download(server, tmp_path, scene):
             assert data["task"] == "detection" and data["image_size"] == list(scene.size)
             assert data["result"]["type"] == "detections"
             # 5. an error shows in the page and the server keeps working
-            page.get_by_text("More task options (JSON)").click()
-            page.locator("#options textarea, #options input").first.fill("{broken")
+            options.fill("{broken")
+            expect(options).to_have_value("{broken")
             page.locator("#run").click()
             expect(page.locator("#status")).to_contain_text("Error")
-            page.locator("#options textarea, #options input").first.fill("")
+            options.fill("")
             # 6. a second turn: a free question in the edited prompt, same conversation
             page.locator("#continue-chat input").check()
             prompt.fill("What shapes do you see?")
