@@ -184,7 +184,7 @@ def rec_accuracy(pred, gt: list, iou: float = 0.5) -> dict:
     Returns:
         ``{"accuracy", "correct", "total", "missing", "iou_threshold"}``.
     """
-    boxes = _rec_predictions(pred)
+    boxes = rec_predictions(pred)
     correct = missing = 0
     for k, item in enumerate(gt):
         qid = str(item.get("question_id", k))
@@ -197,7 +197,8 @@ def rec_accuracy(pred, gt: list, iou: float = 0.5) -> dict:
             "total": total, "missing": missing, "iou_threshold": iou}
 
 
-def _rec_predictions(pred) -> dict[str, list]:
+def rec_predictions(pred) -> dict[str, list]:
+    "Each question's predicted ``[x1, y1, x2, y2]`` (its best-scored box), by question id."
     out, best = {}, {}
     if isinstance(pred, dict):
         for ann in pred.get("annotations", []):

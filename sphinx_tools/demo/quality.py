@@ -230,8 +230,42 @@ def pilot_quality(model, seed: int, n: int, min_objects: int = 3) -> dict:
         pred = label(model, tmp / "rec_many.json", ["rec"], tmp / "pred.json", 64)
         res["rec_acc50_3plus"] = evaluate(pred, items)["rec"]["accuracy"]
         res["rec_questions_3plus"] = len(items)
+        res["rec_misses_3plus"] = rec_misses(pred, items, json.loads((tmp / "coco.json").read_text()))
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def rec_misses(pred, items: list, coco: dict, iou: float = 0.5) -> dict:
+    """Where the REC answers that miss (IoU < ``iou``) went, by the scene's object their box
+    overlaps most: another object (``wrong_object``: the question's object was not found), the
+    named object with a box too far off (``box_off``), no object at all (``no_object``), or no
+    parsed box (``no_answer``). ``items``: RefCOCO-style ground truth whose ``image`` is a file of
+    ``coco`` (by file name); ``pred``: what ``label`` wrote for them."""
+    from sphinx_tools.pipelines.autolabel.evaluate import box_iou, rec_predictions
+
+    boxes, objects = rec_predictions(pred), {}
+    ids = {im["id"]: Path(im["file_name"]).name for im in coco["images"]}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        objects.setdefault(ids[a["image_id"]], []).append([x, y, x + w, y + h])
+    out = dict.fromkeys(("misses", "wrong_object", "box_off", "no_object", "no_answer"), 0)
+    for item in items:
+        box = boxes.get(str(item["question_id"]))
+        if box is not None and box_iou(box, item["answer"]) >= iou:
+            continue
+        out["misses"] += 1
+        if box is None:
+            out["no_answer"] += 1
+            continue
+        scene = objects.get(Path(item["image"]).name, [])
+        overlaps = [box_iou(box, o) for o in scene]
+        if not overlaps or max(overlaps) == 0:
+            out["no_object"] += 1
+            continue
+        best = scene[overlaps.index(max(overlaps))]
+        named = max(scene, key=lambda o: box_iou(o, item["answer"]))
+        out["box_off" if best == named else "wrong_object"] += 1
+    return out
 
 
 def expression_kind(question: str, obj) -> str:
@@ -324,6 +358,7 @@ def measure(model, checkpoint: str, n: int, seed: int, max_gen_len: int | None, 
         rec = label(model, sets["shapes"] / "rec.json", ["rec"], tmp / "rec.json", 64)
         rec_gt = json.loads((sets["shapes"] / "rec.json").read_text())
         res["rec_acc50"] = evaluate(rec, rec_gt)["rec"]["accuracy"]
+        res["rec_misses"] = rec_misses(rec, rec_gt, gt["shapes"])
         pose = label(model, sets["pose"] / "images", ["detection", "pose"], tmp / "pose.json", max_gen_len)
         res["pose_keypoint_ap"] = (evaluate(pose, gt["pose"], iou_types=("keypoints",))
                                    .get("keypoints") or {}).get("AP")

@@ -71,3 +71,17 @@ def test_expression_kind_names_what_a_rec_question_uses():
             twins = [o for o in scene.objects if (o.color, o.category) == (obj.color, obj.category)]
             assert (kind == "colour+shape+place") == (len(twins) > 1 and kind != "shape")
     assert set(seen) == {"shape", "colour+shape", "colour+shape+place"}, seen
+
+
+def test_rec_misses_tell_the_wrong_object_from_a_box_off_the_named_one():
+    coco = {"images": [{"id": 7, "file_name": "000003.png"}],
+            "annotations": [{"image_id": 7, "bbox": [0, 0, 10, 10]}, {"image_id": 7, "bbox": [50, 50, 10, 10]},
+                            {"image_id": 7, "bbox": [80, 0, 10, 10]}]}
+    items = [{"question_id": f"q{k}", "image": "images/000003.png", "answer": [50, 50, 60, 60]}
+             for k in range(5)]
+    pred = [{"question_id": "q0", "answer": [51, 51, 60, 60]},  # a hit
+            {"question_id": "q1", "answer": [0, 0, 9, 9]},  # another object
+            {"question_id": "q2", "answer": [45, 45, 75, 75]},  # the named object, too big a box
+            {"question_id": "q3", "answer": [20, 20, 30, 30]}]  # on no object; q4: no answer
+    assert bench.rec_misses(pred, items, coco) == {
+        "misses": 4, "wrong_object": 1, "box_off": 1, "no_object": 1, "no_answer": 1}
