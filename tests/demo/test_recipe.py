@@ -134,16 +134,56 @@ def test_the_single_view_pilot_trains_one_224_view_on_rec_and_detection(tmp_path
     rec = res["teacher_forced"]["rec"]
     assert set(res["teacher_forced"]) == {"rec", "detection"} and rec["first_corners"] > 0
     assert 0 <= res["rec_acc50_3plus"] <= 1 and res["rec_questions_3plus"] > 0
+    misses = res["rec_misses_3plus"]
+    assert misses["misses"] == round((1 - res["rec_acc50_3plus"]) * res["rec_questions_3plus"])
+    assert misses["misses"] == sum(v for k, v in misses.items() if k != "misses")
 
 
-def test_there_is_no_full_single_view_recipe_yet_and_a_pilot_needs_its_own_dest(tmp_path, monkeypatch):
+TINY_SINGLE_VIEW = {
+    **TINY_RECIPE, "scenes": 8,
+    "model": {"preset": "tiny-224", "seed": 0, "overrides": {"n_layers": 2, "vision": {"patch_size": 28}}},
+    "train": {**TINY_RECIPE["train"], "steps": 3, "save_every": 3,
+              "token_position": {"coco": "data/coco.json", "images": "data/images", "layer": 1},
+              "object_attention": {"layer": 1, "question_layer": 0}},
+}
+
+
+def test_the_full_single_view_recipe_trains_every_kind_with_both_hops(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from sphinx_tools import SphinxModel
+    from sphinx_tools.demo.synth import KINDS
+    from sphinx_tools.train import TrainConfig
+
+    full = recipe.base_recipe("single-view", False)
+    assert full is recipe.SINGLE_VIEW and "kinds" not in full and "tasks" not in full
+    hops = full["train"]["object_attention"]
+    assert hops["question_layer"] < hops["layer"] < full["model"]["overrides"]["n_layers"]
+    cfg = TrainConfig(init={"preset": "tiny"}, data=[], out=str(tmp_path / "cfg"), **full["train"])
+    assert cfg.object_attention["layer"] == hops["layer"] and cfg.token_position
+
+    monkeypatch.setattr(recipe, "SINGLE_VIEW", TINY_SINGLE_VIEW)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--work", "w",
+                                          "--dest", "m", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    kinds = {i["kind"] for i in json.loads((tmp_path / "w" / "data" / "coco.json").read_text())["images"]}
+    assert kinds == set(KINDS)
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert any("attention_loss" in r and "question_loss" in r for r in log)
+    model_cfg = SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg
+    assert (model_cfg.llama_type, model_cfg.n_views, model_cfg.image_size) == ("llama_ens", 1, 224)
+
+
+def test_a_single_view_build_needs_its_own_dest(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     monkeypatch.chdir(tmp_path)
-    full = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--work", "w"])
-    assert full.exit_code == 2 and "no full recipe for the single-view shape yet" in full.output
-    pilot = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", "--pilot", "--work", "w"])
-    assert pilot.exit_code == 2 and "give it its own --dest" in pilot.output
+    for pilot in ([], ["--pilot"]):
+        run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view", *pilot, "--work", "w"])
+        assert run.exit_code == 2 and "give it its own --dest" in run.output
     alone = CliRunner().invoke(recipe.cli, ["build", "--hypothesis", "deeper-llm", "--work", "w", "--dest", "m"])
     assert alone.exit_code == 2 and "add --pilot" in alone.output
     assert not (tmp_path / "w").exists()
