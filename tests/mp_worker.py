@@ -55,6 +55,11 @@ def run(rank: int, world: int, ckpt: str, out: str, golden_io: str):
     except Exception:
         result["crash"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    # every rank is done with the group before any tears it down: a rank that destroys it while a
+    # peer still talks to it can abort that peer in gloo's threads (SIGABRT seen once in CI); a
+    # crashed rank does not wait, as its peers may be stuck in another collective
+    if "crash" not in result:
+        dist.barrier()
     dist.destroy_process_group()
 
 
