@@ -36,6 +36,7 @@ import torch
 from ..errors import SphinxToolsError
 from ..train.warmup import patch_owners, read_coco
 from ..transforms import PaddedResize
+from .recipe import HYPOTHESES
 from .synth import COLORS, SHAPES
 
 
@@ -256,7 +257,7 @@ def run_name(hypothesis: str, cfg, box: bool, tasks, attend, attend_question) ->
 @click.command("oracle")
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="a single-view pilot build's work folder (its data/ and tokenizer.model)")
-@click.option("--hypothesis", default="what-warmup", show_default=True,
+@click.option("--hypothesis", default="what-warmup", show_default=True, type=click.Choice(list(HYPOTHESES)),
               help="the pilot hypothesis whose language model and recipe to train")
 @click.option("--steps", type=click.IntRange(1), default=None, help="[default: the hypothesis' steps]")
 @click.option("--seed", default=777, show_default=True, help="the fresh scenes' seed")
@@ -276,10 +277,6 @@ def run_name(hypothesis: str, cfg, box: bool, tasks, attend, attend_question) ->
 def oracle_command(work, hypothesis, steps, seed, n, box, batch_size, tasks, attend, attend_question,
                    threads, out):
     "Train a pilot's language model on ground-truth image tokens and take the pilot's measures."
-    from .recipe import HYPOTHESES
-
-    if hypothesis not in HYPOTHESES:
-        raise click.BadParameter(f"{hypothesis!r}; known: {', '.join(HYPOTHESES)}", param_hint="--hypothesis")
     try:
         check_attend(box, attend, attend_question)
     except SphinxToolsError as e:

@@ -147,16 +147,14 @@ HYPOTHESES = {"base": {}, "deeper-llm": _DEEPER, "token-places": _PLACES,
 # shapes and document scenes, twice the pilot's steps, so that the shapes get the pilot's share (a
 # warm-up over every kind's boxes left the patch tokens telling shape 0.69 of the time, against
 # the pilot's 0.91: benchmarks/results/demo_single_view.json); the LLM gets the time left.
-SINGLE_VIEW = _changed({k: v for k, v in RECIPE.items() if k != "train"}, {
+SINGLE_VIEW = _changed(RECIPE, {
     "model": {"preset": "tiny-224",
               "overrides": {"n_layers": 6, "vision": {"patch_size": 28, "qf_queries": 1}}},
-})
-SINGLE_VIEW["train"] = _changed(RECIPE["train"], {
-    "encoder_warmup": {"steps": 4800, "categories": list(SHAPES) + list(LAYOUT_CLASSES),
-                       "attributes": ["color"]},
-    "object_attention": {"layer": 3, "question_layer": 1},
-    "steps": 6200,  # 2.2 steps/s measured on 2 cores: about 47 min
-    "max_minutes": 58,  # encoder warm-up included
+    "train": {"encoder_warmup": {"steps": 4800, "categories": list(SHAPES) + list(LAYOUT_CLASSES),
+                                 "attributes": ["color"]},
+              "object_attention": {"layer": 3, "question_layer": 1},
+              "steps": 6200,  # 2.2 steps/s measured on 2 cores: about 47 min
+              "max_minutes": 58},  # encoder warm-up included
 })
 
 
