@@ -33,7 +33,7 @@ Example::
     object_pointer: {layer: 3, weight: 1.0, width: 32}
                                                 # optional, with token_position: auxiliary loss
                                                 # (losses.pointer_loss)
-    object_attention: {layer: 3, question_layer: 1, head: 0, weight: 1.0}
+    object_attention: {layer: 3, question_layer: 1, head: 0, weight: 1.0, boxes: first}
                                                 # optional, with token_position: auxiliary loss
                                                 # (losses.ObjectAttention)
     loader_workers: 0                           # processes preparing the next batches
@@ -70,7 +70,11 @@ TOKEN_POSITION_DEFAULTS = {"layer": 1, "weight": 10.0}
 # ``object_pointer:`` (see losses.pointer_loss); needs ``token_position`` (its patch boxes)
 OBJECT_POINTER_DEFAULTS = {"layer": 2, "weight": 1.0, "width": 32}
 # ``object_attention:`` (see losses.ObjectAttention); needs ``token_position`` (its patch boxes)
-OBJECT_ATTENTION_DEFAULTS = {"layer": 3, "question_layer": None, "head": 0, "weight": 1.0}
+# ``boxes``: "first" trains the object hop from each answer's first coordinate, "every" from both
+# corners of each of its boxes
+OBJECT_ATTENTION_DEFAULTS = {"layer": 3, "question_layer": None, "head": 0, "weight": 1.0,
+                             "boxes": "first"}
+OBJECT_ATTENTION_BOXES = ("first", "every")
 
 
 @dataclass
@@ -291,5 +295,9 @@ def check_object_pointer(spec) -> dict:
 
 def check_object_attention(spec) -> dict:
     "The ``object_attention`` config with its defaults; a clear error if malformed."
-    return _loss_spec("object_attention", spec, OBJECT_ATTENTION_DEFAULTS,
-                      {"layer": 0, "question_layer": 0, "head": 0})
+    out = _loss_spec("object_attention", spec, OBJECT_ATTENTION_DEFAULTS,
+                     {"layer": 0, "question_layer": 0, "head": 0})
+    if out["boxes"] not in OBJECT_ATTENTION_BOXES:
+        raise SphinxToolsError("object_attention.boxes must be one of "
+                               f"{list(OBJECT_ATTENTION_BOXES)}, got {out['boxes']!r}")
+    return out

@@ -462,8 +462,8 @@ def _pointer_values(tok: Tokenizer, device=None) -> torch.Tensor:
     "coordinate_values of the tokenizer, which object_pointer and object_attention need."
     values = coordinate_values(tok, device)
     if values is None:
-        raise SphinxToolsError("object_pointer and object_attention read the answers' boxes from coordinate pieces "
-                               "('0.41' as one token): this tokenizer has none")
+        raise SphinxToolsError("object_pointer and object_attention read the answers' boxes from "
+                               "coordinate pieces ('0.41' as one token): this tokenizer has none")
     return values
 
 
@@ -500,7 +500,8 @@ def _accumulate(run: _Run, feed, token_weight):
         if cfg.object_attention and batch_places is not None:
             oa = cfg.object_attention
             attention = ObjectAttention(oa["layer"], oa["question_layer"], oa["head"], batch_places,
-                                        run.values, run.tok, oa["weight"])
+                                        run.values, run.tok, oa["weight"],
+                                        every=oa["boxes"] == "every")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             if position is None and pointer is None and attention is None:
                 loss = language = loss_fn(run.model, ids, labels, images, segments, token_weight)

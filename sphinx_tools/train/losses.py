@@ -66,27 +66,34 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
                                labels[:, 1:].reshape(-1), weight=token_weight, ignore_index=IGNORE)
     if position is None and pointer is None and attention is None:
         return language
-    total, aux = language, {}
+    total, aux, found = language, {}, {}
+
+    def targets_of(places, values, every=False):  # object_pointer and object_attention share them
+        key = (id(places), id(values), every)
+        if key not in found:
+            found[key] = pointer_targets(labels, segments, places, values, n_image, every=every)
+        return found[key]
+
     if position is not None:
         head, layer, places, weight = position
         aux["position"] = position_loss(model.cfg, head, seen[layer], places)
         total = total + weight * aux["position"]
     if pointer is not None:
         head, layer, places, values, weight = pointer
-        targets = pointer_targets(labels, segments, places, values, n_image)
-        aux["pointer"] = pointer_loss(model.cfg, head, seen[layer], targets)
+        aux["pointer"] = pointer_loss(model.cfg, head, seen[layer], targets_of(places, values))
         total = total + weight * aux["pointer"]
     if attention is not None:
         a = attention
-        targets = pointer_targets(labels, segments, a.places, a.values, n_image)
         patches = patch_token_index(model.cfg) if a.patches is None else a.patches
         aux["attention"] = attention_pointer_loss(model.layers[a.layer].attention, seen["attention"],
-                                                  a.head, targets, patches)
+                                                  a.head, targets_of(a.places, a.values, a.every),
+                                                  patches)
         total = total + a.weight * aux["attention"]
-        if a.question_layer is not None:
+        if a.question_layer is not None:  # once per answer, from its first coordinate
+            first = targets_of(a.places, a.values)
             aux["question"] = attention_pointer_loss(
                 model.layers[a.question_layer].attention, seen["question"], a.head,
-                expression_targets(a.tok, ids, segments, targets, n_image), torch.arange(L))
+                expression_targets(a.tok, ids, segments, first, n_image), torch.arange(L))
             total = total + a.weight * aux["question"]
     return total, language, aux
 
@@ -97,7 +104,8 @@ class ObjectAttention(NamedTuple):
     (``places``: :meth:`TokenPlaces.targets`; ``values``: :func:`coordinate_values`; ``patches``:
     their sequence indices, default :func:`patch_token_index`); with ``question_layer``, the
     same head of that layer learns to attend to the question's referring expression
-    (:func:`expression_targets`, which reads the text with ``tok``)."""
+    (:func:`expression_targets`, which reads the text with ``tok``). With ``every``, the object
+    hop is trained from both corners of every box of an answer (:func:`pointer_targets`)."""
     layer: int
     question_layer: int | None
     head: int
@@ -106,6 +114,7 @@ class ObjectAttention(NamedTuple):
     tok: Tokenizer
     weight: float
     patches: torch.Tensor | None = None
+    every: bool = False
 
 
 def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
@@ -155,7 +164,7 @@ def coordinate_values(tok: Tokenizer, device=None) -> torch.Tensor | None:
 
 
 def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places: torch.Tensor,
-                    values: torch.Tensor, n_image: int, tol: float = 0.011):
+                    values: torch.Tensor, n_image: int, tol: float = 0.011, every: bool = False):
     """Where each answer's first box is read from, and the patch tokens of its object.
 
     For each answer (each packed turn, or a row's first answer without packing) whose labels hold
@@ -163,7 +172,11 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
     (``places``, :meth:`TokenPlaces.targets`) equals it to ``tol`` (the answer rounds to two
     decimals) are its object's. Returns ``(rows (N,), query (N,), hit (N, P) bool)``: the batch
     row, the sequence index (image tokens counted) of the hidden state that predicts the first
-    coordinate, and the object's patches; answers whose box matches no patch are left out."""
+    coordinate, and the object's patches; answers whose box matches no patch are left out.
+
+    With ``every``, each box of an answer (its coordinates four by four: every box of a detection
+    list) that matches patches gives two entries: the hidden states that predict its first and
+    its third coordinate (the second corner), both pointing at the box's object."""
     known = labels >= 0
     v = torch.where(known, values[labels.clamp(min=0)], torch.full_like(labels, -1, dtype=values.dtype))
     coord = ~v.isnan() & known
@@ -176,12 +189,14 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
         for s, ts in firsts.items():
             if s < 0 or len(ts) < 4:
                 continue
-            box = v[b, ts[:4]].to(places.dtype)
-            match = ((places[b] - box).abs() <= tol).all(dim=-1)  # NaN (background): False
-            if bool(match.any()):
-                rows.append(b)
-                query.append(ts[0] - 1 + n_image)  # text index t - 1 >= 1 sits after the image
-                hit.append(match)
+            for i in range(0, len(ts) - 3 if every else 1, 4):
+                box = v[b, ts[i:i + 4]].to(places.dtype)
+                match = ((places[b] - box).abs() <= tol).all(dim=-1)  # NaN (background): False
+                if bool(match.any()):
+                    for t in (ts[i], ts[i + 2]) if every else (ts[i],):
+                        rows.append(b)
+                        query.append(t - 1 + n_image)  # text index t - 1 >= 1 sits after the image
+                        hit.append(match)
     if not rows:
         return (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                 torch.zeros(0, places.shape[1], dtype=torch.bool))

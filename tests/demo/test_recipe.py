@@ -177,6 +177,65 @@ def test_the_full_single_view_recipe_trains_every_kind_with_both_hops(tmp_path, 
     assert (model_cfg.llama_type, model_cfg.n_views, model_cfg.image_size) == ("llama_ens", 1, 224)
 
 
+def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sphinx_tools import SphinxModel
+    from sphinx_tools.train import TrainConfig
+
+    staged = recipe.base_recipe("single-view-staged", False)
+    assert staged is recipe.SINGLE_VIEW_STAGED
+    assert {k: v for k, v in staged.items() if k not in ("stages", "replay", "train")} == {
+        k: v for k, v in recipe.SINGLE_VIEW.items() if k != "train"}
+    minutes = [s["train"]["max_minutes"] for s in [*staged["stages"], staged]]
+    assert sum(minutes) <= 60  # the full recipe's budget on 2 cores, all stages together
+    for name, config in recipe.training_configs(staged):
+        TrainConfig(**{**config, "out": str(tmp_path / name)})  # every stage's keys are valid
+
+    tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "replay": 0.5,
+            "stages": [{"kinds": ["shapes"], "tasks": ["rec", "detection"], "train": {"steps": 2}}]}
+    monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
+                                          "--dest", "m", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    data = tmp_path / "w" / "data"
+    images = json.loads((data / "coco.json").read_text())["images"]
+    kind = {i["file_name"]: i["kind"] for i in images}
+    first = json.loads((data / "stage1.json").read_text())
+    every = json.loads((data / "conversations.json").read_text())
+    assert {kind[r["image"].split("/")[-1]] for r in first} == {"shapes"}
+    assert {t for r in first for t in r["tasks"]} == {"rec", "detection"}
+    assert {t for r in every for t in r["tasks"]} > {"rec", "detection"}
+    for r in first:  # each kept question with its own answer
+        whole = next(e for e in every if e["image"] == r["image"])
+        pairs = [tuple(whole["conversations"][2 * i:2 * i + 2]) for i in range(len(whole["tasks"]))]
+        kept = [tuple(r["conversations"][2 * i:2 * i + 2]) for i in range(len(r["tasks"]))]
+        assert kept == [p for p, t in zip(pairs, whole["tasks"]) if t in ("rec", "detection")]
+    # stage 1 warms the encoders up and trains on its records; the last stage starts from its
+    # checkpoint, on every record and half of stage 1's again
+    one = yaml.safe_load((tmp_path / "m" / "train_stage1.yaml").read_text())
+    last = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
+    assert one["data"][0]["path"] == "data/stage1.json" and "encoder_warmup" in one
+    assert last["init"] == {"checkpoint": "run_stage1/last"} and "encoder_warmup" not in last
+    assert [(d["path"], d["ratio"]) for d in last["data"]] == [("data/conversations.json", 1.0),
+                                                              ("data/stage1.json", 0.5)]
+    for log in ("train_stage1_log.jsonl", "train_log.jsonl"):
+        steps = [json.loads(x) for x in (tmp_path / "m" / log).read_text().splitlines()]
+        assert max(r.get("step", 0) for r in steps) == (2 if "stage1" in log else 3)
+    assert SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg.n_views == 1
+    # a rerun finds both stages done: nothing is trained again
+    logs = [tmp_path / "w" / name for name in ("run_stage1_log.jsonl", "run_log.jsonl")]
+    before = [log.read_text() for log in logs]
+    again = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
+                                            "--dest", "m", "--threads", "1"])
+    assert again.exit_code == 0, again.output
+    assert [log.read_text() for log in logs] == before
+
+
 def test_a_single_view_build_needs_its_own_dest(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -124,6 +124,8 @@ def test_object_attention_config_errors(synth_data, tmp_path):
         ({"question_layer": 1.5}, "object_attention.question_layer must be an int >= 0, got 1.5"),
         ({"head": True}, "object_attention.head must be an int >= 0, got True"),
         ({"weight": 0}, "object_attention.weight must be positive, got 0"),
+        ({"boxes": "all"}, r"object_attention.boxes must be one of \['first', 'every'\], "
+                           "got 'all'"),
     ]:
         with pytest.raises(SphinxToolsError, match=message):
             TrainConfig(**base, token_position=tp, object_attention=spec)
@@ -132,7 +134,7 @@ def test_object_attention_config_errors(synth_data, tmp_path):
     with pytest.raises(SphinxToolsError, match="object_attention trains one head .* needs model_parallel 1, got 2"):
         TrainConfig(**base, token_position=tp, object_attention={}, model_parallel=2)
     assert TrainConfig(**base, token_position=tp, object_attention={"question_layer": 1}).object_attention == {
-        "layer": 3, "question_layer": 1, "head": 0, "weight": 1.0}
+        "layer": 3, "question_layer": 1, "head": 0, "weight": 1.0, "boxes": "first"}
     # the layers and the head must exist: checked before the encoder warm-up
     warm = {"coco": "missing.json", "steps": 1}
     tpd = {"coco": "data/coco.json"}

@@ -136,6 +136,12 @@ def test_pointer_targets_find_the_object_whose_box_the_answer_writes(synth_data,
     assert hit.tolist() == [[False, True, False, False, True, False],
                             [False, False, True, False, False, False],
                             [False, False, True, False, False, False]]  # unpacked: the first box only
+    # every box, from the positions before its first and its third coordinate
+    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, every=True)
+    assert rows.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert query.tolist() == [14, 16, 20, 22, 14, 16, 19, 21]
+    a, b = [False, True, False, False, True, False], [False, False, True, False, False, False]
+    assert hit.tolist() == [a, a, b, b, b, b, a, a]
 
 
 def test_pointer_loss_trains_up_to_its_layer_and_falls_when_the_head_points_right(synth_data, tmp_path):
@@ -232,6 +238,37 @@ def test_attention_pointer_loss_is_the_log_attention_a_head_gives_the_answer_s_o
         after = attention_pointer_loss(attention, inputs, head, targets, patches)
     assert after < loss - 1.0, (float(loss), float(after))
     assert attention_pointer_loss(attention, inputs, head, tuple(t[:0] for t in targets), patches) == 0
+
+
+def test_object_attention_on_every_box_trains_the_hop_from_both_corners(synth_data, tmp_path):
+    from sphinx_tools.train.losses import (ObjectAttention, attention_pointer_loss,
+                                           coordinate_values, pointer_targets)
+
+    tok = _coordinate_tokenizer(synth_data, tmp_path)
+    model, _ = init_model(TrainConfig.load(write_config(synth_data, "attn_every")))
+    model.eval()
+    root = synth_data / "data"
+    data = ConversationData([{"path": str(root / "conversations.json"), "root": str(root),
+                              "independent_turns": True}], tok, 448, 512, 0,
+                            TokenPlaces(root / "coco.json", root / "images", 448, 5,
+                                        model.cfg.vision.grid))
+    ids, labels, images, segments, places = collate([data.example(0, i) for i in range(8)])
+    values, n_image = coordinate_values(tok), model.cfg.image_tokens
+    first = pointer_targets(labels, segments, places, values, n_image)
+    every = pointer_targets(labels, segments, places, values, n_image, every=True)
+    assert len(every[0]) > 2 * len(first[0])  # the detection lists' later boxes count too
+    seen = {}
+    hook = model.layers[1].attention.register_forward_pre_hook
+    hook(lambda m, args: seen.__setitem__("in", args))
+    aux = {}
+    for flag in (False, True):
+        spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, every=flag)
+        aux[flag] = loss_fn(model, ids, labels, images, segments, attention=spec)[2]
+    torch.testing.assert_close(aux[True]["question"], aux[False]["question"])  # once per answer
+    want = attention_pointer_loss(model.layers[1].attention, seen["in"], 0, every,
+                                  patch_token_index(model.cfg))
+    torch.testing.assert_close(aux[True]["attention"], want)
+    assert not torch.isclose(aux[True]["attention"], aux[False]["attention"])
 
 
 def test_expression_targets_mark_the_words_of_the_referring_expression(synth_data, tmp_path):
