@@ -38,6 +38,10 @@ def test_scaled_recipe_multiplies_scenes_and_images_per_step():
     assert recipe.scaled_recipe(1, base["procs"], base) == base
     with pytest.raises(SphinxToolsError, match="3 processes cannot share a global batch of 4"):
         recipe.scaled_recipe(1, 3, base)
+    staged = recipe.scaled_recipe(4, 1, recipe.SINGLE_VIEW_STAGED)  # every stage takes the batch
+    for name, config in recipe.training_configs(staged):
+        assert config["batch_size"] == 4 * base["train"]["batch_size"] * base["procs"], name
+        assert config["max_minutes"] is None, name
     assert recipe.RECIPE == base  # the recipe itself is untouched
 
 
