@@ -256,20 +256,17 @@ def training_configs(recipe: dict) -> list[tuple[str, dict]]:
                 "independent_turns": recipe["independent_turns"]}
 
     stages = recipe.get("stages", ())
-    out, init = [], {**recipe["model"], "tokenizer": "tokenizer.model"}
-    for k, stage in enumerate(stages, 1):
-        train = _changed(recipe["train"], stage.get("train", {}))
-        if k > 1:
-            train.pop("encoder_warmup", None)
-        out.append((f"train_stage{k}.yaml", {"init": init, "out": f"run_stage{k}",
-                                             "data": [data(f"data/stage{k}.json", 1.0)], **train}))
-        init = {"checkpoint": f"run_stage{k}/last"}
-    train = dict(recipe["train"])
-    if stages:
-        train.pop("encoder_warmup", None)
+    runs = [(f"train_stage{k}.yaml", f"run_stage{k}", [data(f"data/stage{k}.json", 1.0)],
+             _changed(recipe["train"], stage.get("train", {}))) for k, stage in enumerate(stages, 1)]
     replay = [data(f"data/stage{k}.json", recipe["replay"]) for k in range(1, len(stages) + 1)]
-    mix = [data("data/conversations.json", 1.0), *replay]
-    out.append(("train.yaml", {"init": init, "data": mix, "out": "run", **train}))
+    runs.append(("train.yaml", "run", [data("data/conversations.json", 1.0), *replay],
+                 dict(recipe["train"])))
+    out, init = [], {**recipe["model"], "tokenizer": "tokenizer.model"}
+    for k, (name, run, mix, train) in enumerate(runs):
+        if k:
+            train.pop("encoder_warmup", None)
+        out.append((name, {"init": init, "data": mix, "out": run, **train}))
+        init = {"checkpoint": f"{run}/last"}
     return out
 
 
@@ -388,18 +385,19 @@ def build(work, dest, threads, device, scale, procs, loader_workers, shape, pilo
         raise click.UsageError("a build with another --scale, --procs or --shape than the recipe's, or a "
                                "--pilot, is not the shipped model: give it its own --dest")
     configs = write_training_files(work, recipe, workers=threads)  # resumes if interrupted
+    runs = []
     for config in configs:  # a finished stage's run returns at once
         cfg = TrainConfig.load(config)
         cfg.num_threads = max(1, threads // procs)
         cfg.loader_workers = loader_workers
         cfg.device = device
         ckpt = train_local(cfg, procs)
+        runs.append(Path(cfg.out))
     install(ckpt, dest)
     for stale in [*dest.glob("train*.yaml"), *dest.glob("train*_log.jsonl")]:
         stale.unlink()
-    for config in configs:  # the training configs and logs travel with the weights
+    for config, out in zip(configs, runs):  # the training configs and logs travel with the weights
         shutil.copyfile(config, dest / config.name)
-        out = Path(TrainConfig.load(config).out)
         log = out.parent / f"{out.name}_log.jsonl"
         if log.is_file():  # train_log.jsonl, train_stageK_log.jsonl
             shutil.copyfile(log, dest / f"{config.stem}_log.jsonl")

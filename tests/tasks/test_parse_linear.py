@@ -76,7 +76,7 @@ ANSWERS = {  # kind -> the answer of n characters
     "key points": lambda n: varied("<p>nose</p>[{a:.2f},{b:.2f}]<p>zz</p>[0.1,0.1]", n),
     "long phrase then boxes": lambda n: "<p>" + "a" * (n // 2) + "</p>[0.1,0.2,0.3,0.4]"
     + varied("<p>x</p>[{a:.2f},{b:.2f},{c:.2f},{d:.2f}]", n // 2),
-    "box product": lambda n: product_of_boxes(n),
+    "box product": product_of_boxes,
     # SPHINX-X forms: tag-less names before bare brackets, flat key-point lists, mark lines
     "words before bare boxes": lambda n: repeated("There are two people[0.1,0.2,0.3,0.4], ", n),
     "long words before bare boxes": lambda n: repeated("x" * 5000 + " [0.1,0.2,0.3,0.4]", n),
