@@ -19,7 +19,11 @@ failing encoders:
   that object's ``x1, y1`` (global view and quadrants apart): whether a token, once picked, tells
   where its object is; the same from the LLM's hidden state of that token after each layer
   (``llm_layers``; the image tokens come first, so they see only the image): whether the language
-  model has turned a quadrant token's place in its quadrant into a place in the image.
+  model has turned a quadrant token's place in its quadrant into a place in the image;
+- ``words``: words scenes; a linear classifier of each word (43 classes) from the mean and the
+  maximum of each view's patch tokens whose centre lies in its box, with the box's width,
+  height and aspect, held out as ``what``; next to the box alone (a word's length and height
+  narrow it down) and the commonest word: whether the tokens say which word is written.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 
 from ..train.losses import patch_token_index
 from ..train.warmup import patch_owners
-from .synth import COLORS, SHAPES, generate_scene
+from .synth import COLORS, SHAPES, WORDS, generate_scene
 
 
 def patch_objects(scene, transform, grid: int, n_views: int = 5) -> np.ndarray:
@@ -209,15 +213,49 @@ def probe_own_box(model, seed: int, scenes: int, lam: float = 1.0) -> dict:
     return out
 
 
+def probe_words(model, seed: int, scenes: int) -> dict:
+    cfg = model.transformer.cfg
+    views = view_patches(cfg)
+    pooled, sizes, labels = [], [], []
+    for k in range(scenes):
+        scene = generate_scene("words", seed * 1000 + 700_000 + k)
+        t = tokens(model, scene)
+        owner = patch_objects(scene, model.transform, cfg.vision.grid, cfg.n_views)
+        boxes = model.transform.to_model_xyxy([o.xyxy for o in scene.objects], scene.size)
+        for i, obj in enumerate(scene.objects):
+            parts, seen = [], False
+            for v in range(cfg.n_views):  # each view's patches on the word: mean and max (zeros if none)
+                own = t[views[v]][owner[v] == i]
+                seen |= len(own) > 0
+                parts += [own.mean(0), own.max(0)] if len(own) else [np.zeros(t.shape[1])] * 2
+            if not seen:  # a word between patch centres
+                continue
+            w, h = boxes[i][2] - boxes[i][0], boxes[i][3] - boxes[i][1]
+            pooled.append(np.concatenate(parts))
+            sizes.append([w, h, w / max(h, 1e-3)])
+            labels.append(WORDS.index(obj.text))
+    y = torch.tensor(labels)
+    n = int(len(y) * 0.8)
+
+    def accuracy(x):
+        return round(float((linear_probe(torch.tensor(np.asarray(x), dtype=torch.float32), y, n) == y[n:])
+                           .float().mean()), 4)
+
+    return {"words": len(labels), "accuracy": accuracy(np.c_[np.array(pooled), np.array(sizes)]),
+            "accuracy_from_box_alone": accuracy(sizes),
+            "commonest": round(float(np.bincount(labels[n:]).max() / max(len(y) - n, 1)), 4)}
+
+
 @click.command("probe")
 @click.option("--checkpoint", default="demo", show_default=True)
 @click.option("--seed", default=555, show_default=True, help="a seed the model was not trained on")
 @click.option("--scenes", default=400, show_default=True, help="shapes scenes for the `what` probe")
 @click.option("--where-scenes", default=600, show_default=True, help="one-object scenes for `where`")
+@click.option("--word-scenes", default=400, show_default=True, help="words scenes for `words`")
 @click.option("--out", type=click.Path(path_type=Path),
               help="result JSON  [default: token_probe.json in the checkpoint folder]")
-def probe_command(checkpoint, seed, scenes, where_scenes, out):
-    "Probe what a model's image tokens hold (linear probes on fresh shapes scenes)."
+def probe_command(checkpoint, seed, scenes, where_scenes, word_scenes, out):
+    "Probe what a model's image tokens hold (linear probes on fresh shapes and words scenes)."
     from . import resolve
     from ..sphinx_model import SphinxModel
 
@@ -227,6 +265,7 @@ def probe_command(checkpoint, seed, scenes, where_scenes, out):
               "what": probe_what(model, seed, scenes),
               "where": probe_where(model, seed, where_scenes),
               "own_box": probe_own_box(model, seed, scenes),
+              "words": probe_words(model, seed, word_scenes),
               "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(out) if out is not None else resolve(checkpoint) / "token_probe.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ CATEGORIES = (
     + [{"id": len(SHAPES) + 3 + i, "name": c, "supercategory": "layout"}
        for i, c in enumerate(LAYOUT_CLASSES)]
 )
+CATEGORY_NAMES = tuple(c["name"] for c in CATEGORIES)
 CATEGORY_ID = {c["name"]: c["id"] for c in CATEGORIES}
 _TRANSFORM = PaddedResize()
 
@@ -700,35 +701,72 @@ def _document_qas(scene: Scene, rng) -> list[QA]:
     return qas
 
 
+def _class_label(name: str, n: int) -> str:
+    return name if n == 1 else "people" if name == "person" else _plural(name)
+
+
+def _class_list_qas(scene: Scene, rng) -> list[QA]:
+    """Detection questions that name several classes, as a labeling job given a category file
+    asks them (``label --categories``): every category of the synthetic datasets in their order;
+    and, half of the time, a few classes in a random order, some of them absent. The answer lists
+    the classes present, in the order asked."""
+    objs, wh = scene.objects, scene.size
+    groups = _groups(objs, lambda o: o.category)
+
+    def qa(classes):
+        shown = [c for c in classes if c in groups]
+        answer = " ".join(f"<p>{_class_label(c, len(groups[c]))}</p> {_boxes(objs, groups[c], wh)}"
+                          for c in shown)
+        return _qa("detection", answer, [i for c in shown for i in groups[c]], classes=list(classes))
+
+    qas = [qa(CATEGORY_NAMES)]
+    if rng.random() < 0.5:
+        present = list(groups)
+        absent = [c for c in CATEGORY_NAMES if c not in groups]
+        chosen = list(rng.choice(present, int(rng.integers(1, len(present) + 1)), replace=False))
+        chosen += list(rng.choice(absent, int(rng.integers(1, 4)), replace=False))
+        qas.append(qa([str(c) for c in rng.permutation(chosen)]))
+    return qas
+
+
 _QAS = {"shapes": _shapes_qas, "words": _words_qas, "pose": _pose_qas, "document": _document_qas}
+CLASS_LIST_KINDS = ("shapes", "pose")  # the kinds a labeling job asks detection of
 
 
-def scene_qas(scene: Scene) -> list[QA]:
+def scene_qas(scene: Scene, class_lists: bool = False) -> list[QA]:
     """Every question about ``scene`` with its SPHINX-format answer (deterministic per scene).
 
     Args:
         scene: a scene from :func:`generate_scene`.
+        class_lists: also the detection questions that name several classes
+            (:data:`CLASS_LIST_KINDS` only); the other questions do not change.
 
     Returns:
         :class:`QA` items: task name, options, question, answer, referenced objects.
     """
-    return _QAS[scene.kind](scene, np.random.default_rng([scene.seed, KINDS.index(scene.kind), 1]))
+    kind = KINDS.index(scene.kind)
+    qas = _QAS[scene.kind](scene, np.random.default_rng([scene.seed, kind, 1]))
+    if class_lists and scene.kind in CLASS_LIST_KINDS:
+        qas += _class_list_qas(scene, np.random.default_rng([scene.seed, kind, 2]))
+    return qas
 
 
-def make_conversations(scene: Scene, image_path: str = "", turns: int = 1) -> list[dict]:
+def make_conversations(scene: Scene, image_path: str = "", turns: int = 1,
+                       class_lists: bool = False) -> list[dict]:
     """The scene's questions as LLaMA2-Accessory conversation records.
 
     Args:
         scene: a scene from :func:`generate_scene`.
         image_path: the value of each record's ``"image"``.
         turns: questions per record (1: single-turn records, as asked at inference).
+        class_lists: also the detection questions that name several classes (:func:`scene_qas`).
 
     Returns:
         ``[{"image": path, "conversations": [{"from": "human", "value": q}, {"from": "gpt",
         "value": a}, ...], "tasks": [...], "options": [...]}]``; ``tasks``/``options`` name the
         built-in task and options of each turn (parse the answer with the same options).
     """
-    return _records(scene_qas(scene), image_path, turns)
+    return _records(scene_qas(scene, class_lists), image_path, turns)
 
 
 def _records(qas, image_path: str, turns: int) -> list[dict]:
@@ -769,11 +807,11 @@ def coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
 
 def _render(args) -> tuple:
     "Worker: generate scene ``index``, save its PNG, return its annotations (picklable)."
-    out_dir, index, seed, kind, turns, tasks = args
+    out_dir, index, seed, kind, turns, tasks, class_lists = args
     scene = generate_scene(kind, scene_seed(seed, index))
     name = f"{index:06d}.png"
     scene.image.save(Path(out_dir) / "images" / name, format="PNG", optimize=False)
-    qas = scene_qas(scene)
+    qas = scene_qas(scene, class_lists)
     records = _records([q for q in qas if tasks is None or q.task in tasks], f"images/{name}", turns)
     annotations = coco_annotations(scene, index + 1, 0)
     (w, h), rec = scene.size, []
@@ -787,7 +825,8 @@ def _render(args) -> tuple:
 
 
 def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1, turns: int = 1,
-                  absolute_paths: bool = False, progress: bool = True, tasks=None) -> dict:
+                  absolute_paths: bool = False, progress: bool = True, tasks=None,
+                  class_lists: bool = False) -> dict:
     """Generate ``n`` scenes (kinds in turn) and write images and ground truth.
 
     Files: ``images/NNNNNN.png``; ``conversations.json`` (LLaMA2-Accessory records, image paths
@@ -808,6 +847,8 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
         progress: show a tqdm progress bar.
         tasks: only these tasks' questions in ``conversations.json`` (``None``: every task); the
             ground truth files are the same.
+        class_lists: also the detection questions that name several classes, as
+            ``label --categories`` asks them (:func:`scene_qas`).
 
     Returns:
         ``{"images", "conversations", "annotations", "rec"}`` counts.
@@ -824,7 +865,7 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     tasks = None if tasks is None else tuple(tasks)
-    jobs = [(str(out), i, int(seed), kinds[i % len(kinds)], turns, tasks) for i in range(n)]
+    jobs = [(str(out), i, int(seed), kinds[i % len(kinds)], turns, tasks, class_lists) for i in range(n)]
     if workers > 1:
         import multiprocessing
 
@@ -862,13 +903,16 @@ def write_dataset(out_dir, n: int, seed: int = 0, kinds=KINDS, workers: int = 1,
 @click.option("--turns", default=1, show_default=True, type=click.IntRange(1),
               help="questions per conversation record")
 @click.option("--absolute-paths", is_flag=True, help="absolute image paths in conversations.json")
-def synth_command(out, n, seed, kinds, workers, turns, absolute_paths):
+@click.option("--class-lists", is_flag=True,
+              help="also detection questions that name several classes (as label --categories asks)")
+def synth_command(out, n, seed, kinds, workers, turns, absolute_paths, class_lists):
     "Write a deterministic synthetic dataset: images, conversations, COCO and REC ground truth."
     names = [k.strip() for k in kinds.split(",") if k.strip()]
     bad = [k for k in names if k not in KINDS]
     if bad or not names:
         raise click.BadParameter(f"unknown kind(s) {', '.join(bad) or '(none)'}; kinds: {', '.join(KINDS)}",
                                  param_hint="--kinds")
-    counts = write_dataset(out, n, seed, names, workers=workers, turns=turns, absolute_paths=absolute_paths)
+    counts = write_dataset(out, n, seed, names, workers=workers, turns=turns, absolute_paths=absolute_paths,
+                           class_lists=class_lists)
     click.echo(f"wrote {counts['images']} images, {counts['conversations']} conversations, "
                f"{counts['annotations']} COCO annotations and {counts['rec']} REC items to {out}")

@@ -71,10 +71,11 @@ TOKEN_POSITION_DEFAULTS = {"layer": 1, "weight": 10.0}
 OBJECT_POINTER_DEFAULTS = {"layer": 2, "weight": 1.0, "width": 32}
 # ``object_attention:`` (see losses.ObjectAttention); needs ``token_position`` (its patch boxes)
 # ``boxes``: "first" trains the object hop from each answer's first coordinate, "every" from both
-# corners of each of its boxes
+# corners of each of its boxes, "named" from those and from the text that names each box (the
+# answer since the previous box: an OCR word, a class name)
 OBJECT_ATTENTION_DEFAULTS = {"layer": 3, "question_layer": None, "head": 0, "weight": 1.0,
                              "boxes": "first"}
-OBJECT_ATTENTION_BOXES = ("first", "every")
+OBJECT_ATTENTION_BOXES = ("first", "every", "named")
 
 
 @dataclass

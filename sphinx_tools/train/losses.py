@@ -68,10 +68,10 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
         return language
     total, aux, found = language, {}, {}
 
-    def targets_of(places, values, every=False):  # object_pointer and object_attention share them
-        key = (id(places), id(values), every)
+    def targets_of(places, values, every=False, named=False):  # object_pointer and object_attention share them
+        key = (id(places), id(values), every, named)
         if key not in found:
-            found[key] = pointer_targets(labels, segments, places, values, n_image, every=every)
+            found[key] = pointer_targets(labels, segments, places, values, n_image, every=every, named=named)
         return found[key]
 
     if position is not None:
@@ -86,7 +86,7 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
         a = attention
         patches = patch_token_index(model.cfg) if a.patches is None else a.patches
         aux["attention"] = attention_pointer_loss(model.layers[a.layer].attention, seen["attention"],
-                                                  a.head, targets_of(a.places, a.values, a.every),
+                                                  a.head, targets_of(a.places, a.values, a.every, a.named),
                                                   patches)
         total = total + a.weight * aux["attention"]
         if a.question_layer is not None:  # once per answer, from its first coordinate
@@ -105,7 +105,8 @@ class ObjectAttention(NamedTuple):
     their sequence indices, default :func:`patch_token_index`); with ``question_layer``, the
     same head of that layer learns to attend to the question's referring expression
     (:func:`expression_targets`, which reads the text with ``tok``). With ``every``, the object
-    hop is trained from both corners of every box of an answer (:func:`pointer_targets`)."""
+    hop is trained from both corners of every box of an answer (:func:`pointer_targets`); with
+    ``named`` too, from the text that names each box's object."""
     layer: int
     question_layer: int | None
     head: int
@@ -115,6 +116,7 @@ class ObjectAttention(NamedTuple):
     weight: float
     patches: torch.Tensor | None = None
     every: bool = False
+    named: bool = False
 
 
 def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
@@ -164,7 +166,8 @@ def coordinate_values(tok: Tokenizer, device=None) -> torch.Tensor | None:
 
 
 def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places: torch.Tensor,
-                    values: torch.Tensor, n_image: int, tol: float = 0.011, every: bool = False):
+                    values: torch.Tensor, n_image: int, tol: float = 0.011, every: bool = False,
+                    named: bool = False):
     """Where each answer's first box is read from, and the patch tokens of its object.
 
     For each answer (each packed turn, or a row's first answer without packing) whose labels hold
@@ -176,7 +179,10 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
 
     With ``every``, each box of an answer (its coordinates four by four: every box of a detection
     list) that matches patches gives two entries: the hidden states that predict its first and
-    its third coordinate (the second corner), both pointing at the box's object."""
+    its third coordinate (the second corner), both pointing at the box's object. With ``named``
+    (and ``every``), also the hidden states that predict the answer's text between the previous
+    box (or the answer's start) and the box: the words that name the box's object (an OCR word, a
+    class, a phrase) are then predicted while looking at it."""
     known = labels >= 0
     v = torch.where(known, values[labels.clamp(min=0)], torch.full_like(labels, -1, dtype=values.dtype))
     coord = ~v.isnan() & known
@@ -186,14 +192,20 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
         firsts: dict[int, list[int]] = {}
         for t in coord[b].nonzero().flatten().tolist():
             firsts.setdefault(int(seg[b, t]), []).append(t)
+        answer = known[b].nonzero().flatten()
         for s, ts in firsts.items():
             if s < 0 or len(ts) < 4:
                 continue
+            texts = answer[seg[b, answer] == s]
             for i in range(0, len(ts) - 3 if every else 1, 4):
                 box = v[b, ts[i:i + 4]].to(places.dtype)
                 match = ((places[b] - box).abs() <= tol).all(dim=-1)  # NaN (background): False
                 if bool(match.any()):
-                    for t in (ts[i], ts[i + 2]) if every else (ts[i],):
+                    naming = []
+                    if named and every:
+                        after = ts[i - 1] if i else -1
+                        naming = texts[(texts > after) & (texts < ts[i])].tolist()
+                    for t in [*naming, ts[i], ts[i + 2]] if every else (ts[i],):
                         rows.append(b)
                         query.append(t - 1 + n_image)  # text index t - 1 >= 1 sits after the image
                         hit.append(match)

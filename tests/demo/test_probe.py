@@ -66,7 +66,8 @@ def test_the_probe_command_measures_a_single_view_model(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "m", variant="sphinx")  # one 224 view
     out = tmp_path / "probe.json"
     run = CliRunner().invoke(bench.probe_command, ["--checkpoint", str(ckpt), "--scenes", "6",
-                                                   "--where-scenes", "10", "--out", str(out)])
+                                                   "--where-scenes", "10", "--word-scenes", "8",
+                                                   "--out", str(out)])
     assert run.exit_code == 0, run.output
     res = json.loads(out.read_text())
     from sphinx_tools import SphinxModel
@@ -76,3 +77,6 @@ def test_the_probe_command_measures_a_single_view_model(tmp_path):
     assert 0 <= res["what"]["color_accuracy_on_objects"] <= 1
     assert set(res["own_box"]) == {"scenes", "ridge_lambda", "global"}  # no quadrants
     assert len(res["own_box"]["global"]["llm_layers_corner_mae"]) > 0
+    words = res["words"]  # every word of 8 scenes (a few may fall between patch centres)
+    assert 8 <= words["words"] <= 8 * 8 and 0 <= words["accuracy"] <= 1
+    assert 0 < words["commonest"] <= 1 and 0 <= words["accuracy_from_box_alone"] <= 1

@@ -85,3 +85,22 @@ def test_rec_misses_tell_the_wrong_object_from_a_box_off_the_named_one():
             {"question_id": "q3", "answer": [20, 20, 30, 30]}]  # on no object; q4: no answer
     assert bench.rec_misses(pred, items, coco) == {
         "misses": 4, "wrong_object": 1, "box_off": 1, "no_object": 1, "no_answer": 1}
+
+
+def test_the_quality_command_measures_every_kind_and_the_category_list_wording(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sphinx_tools import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", variant="sphinx")
+    out = tmp_path / "quality.json"
+    run = CliRunner().invoke(bench.quality_command, ["--checkpoint", str(ckpt), "--n", "1",
+                                                     "--max-gen-len", "12", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    res = json.loads(out.read_text())
+    for key in ("detection_ap50", "detection_ap50_with_categories", "rec_acc50", "pose_keypoint_ap",
+                "ocr_word_accuracy", "layout_ap50"):
+        assert key in res and (res[key] is None or -1 <= res[key] <= 1), key
+    assert set(res["met"]) == set(bench.TARGETS)

@@ -192,14 +192,16 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
 
     staged = recipe.base_recipe("single-view-staged", False)
     assert staged is recipe.SINGLE_VIEW_STAGED
-    assert {k: v for k, v in staged.items() if k not in ("stages", "replay", "train")} == {
+    assert {k: v for k, v in staged.items() if k not in ("stages", "replay", "train", "class_lists")} == {
         k: v for k, v in recipe.SINGLE_VIEW.items() if k != "train"}
+    assert staged["class_lists"] is True and "class_lists" not in recipe.SINGLE_VIEW
     minutes = [s["train"]["max_minutes"] for s in [*staged["stages"], staged]]
     assert sum(minutes) <= 60  # the full recipe's budget on 2 cores, all stages together
     for name, config in recipe.training_configs(staged):
         TrainConfig(**{**config, "out": str(tmp_path / name)})  # every stage's keys are valid
 
-    tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "replay": 0.5,
+    tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "replay": 0.5, "class_lists": True,
+            "train": recipe._changed(TINY_SINGLE_VIEW["train"], {"object_attention": {"boxes": "named"}}),
             "stages": [{"kinds": ["shapes"], "tasks": ["rec", "detection"], "train": {"steps": 2}}]}
     monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
     monkeypatch.chdir(tmp_path)
@@ -219,12 +221,15 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
         pairs = [tuple(whole["conversations"][2 * i:2 * i + 2]) for i in range(len(whole["tasks"]))]
         kept = [tuple(r["conversations"][2 * i:2 * i + 2]) for i in range(len(r["tasks"]))]
         assert kept == [p for p, t in zip(pairs, whole["tasks"]) if t in ("rec", "detection")]
+    # the shapes scenes also ask detection of several named classes (the label --categories wording)
+    assert any(len(o.get("classes") or []) > 1 for r in first for o in r["options"])
     # stage 1 warms the encoders up and trains on its records; the last stage starts from its
     # checkpoint, on every record and half of stage 1's again
     one = yaml.safe_load((tmp_path / "m" / "train_stage1.yaml").read_text())
     last = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
     assert one["data"][0]["path"] == "data/stage1.json" and "encoder_warmup" in one
     assert last["init"] == {"checkpoint": "run_stage1/last"} and "encoder_warmup" not in last
+    assert last["object_attention"]["boxes"] == "named"
     assert [(d["path"], d["ratio"]) for d in last["data"]] == [("data/conversations.json", 1.0),
                                                               ("data/stage1.json", 0.5)]
     for log in ("train_stage1_log.jsonl", "train_log.jsonl"):

@@ -180,6 +180,51 @@ def test_answers_parse_back_to_ground_truth(kind, seed):
         check_answer(scene, qa)
 
 
+@pytest.mark.parametrize("kind,seed", [(k, s) for k in synth.CLASS_LIST_KINDS for s in SEEDS])
+def test_class_list_questions_ask_as_a_labeling_job_with_a_category_file(kind, seed):
+    from pipelines.autolabel.ontology import Ontology
+
+    scene = synth.generate_scene(kind, seed)
+    plain, listed = synth.scene_qas(scene), synth.scene_qas(scene, class_lists=True)
+    assert listed[:len(plain)] == plain  # the other questions do not change
+    extra = listed[len(plain):]
+    assert extra and all(qa.task == "detection" for qa in extra)
+    # the first names every category of a synthetic dataset's coco.json, as `label --categories` does
+    classes = Ontology.from_categories(synth.CATEGORIES).prompt_classes()
+    assert extra[0].question == get_task("detection").prompt(classes=classes)
+    assert sorted(extra[0].targets) == list(range(len(scene.objects)))
+    for qa in extra:
+        check_answer(scene, qa)
+        asked = qa.options["classes"]
+        shown = [scene.objects[i].category for i in qa.targets]
+        assert shown == sorted(shown, key=asked.index)  # in the order asked
+
+
+def test_some_class_lists_name_absent_classes_in_a_random_order():
+    subsets = [qa.options["classes"] for seed in range(40)
+               for qa in synth.scene_qas(synth.generate_scene("shapes", seed), class_lists=True)[-1:]
+               if len(qa.options["classes"]) < len(synth.CATEGORIES)]
+    assert 10 < len(subsets) < 30  # half of the scenes
+    assert any(s != sorted(s, key=synth.CATEGORY_NAMES.index) for s in subsets)
+
+
+def test_class_lists_only_for_the_kinds_a_labeling_job_detects():
+    for kind in set(synth.KINDS) - set(synth.CLASS_LIST_KINDS):
+        scene = synth.generate_scene(kind, 2)
+        assert synth.scene_qas(scene, class_lists=True) == synth.scene_qas(scene)
+
+
+def test_write_dataset_class_lists(tmp_path):
+    plain = synth.write_dataset(tmp_path / "a", 4, seed=3, kinds=("shapes",), turns=32, progress=False)
+    listed = synth.write_dataset(tmp_path / "b", 4, seed=3, kinds=("shapes",), turns=32, progress=False,
+                                 class_lists=True)
+    a = json.loads((tmp_path / "a/conversations.json").read_text())
+    b = json.loads((tmp_path / "b/conversations.json").read_text())
+    assert plain["conversations"] == listed["conversations"] == 4
+    assert all(len(y["tasks"]) > len(x["tasks"]) for x, y in zip(a, b))
+    assert (tmp_path / "a/coco.json").read_bytes() == (tmp_path / "b/coco.json").read_bytes()
+
+
 def test_every_builtin_task_is_covered():
     scenes = [synth.generate_scene(kind, seed) for kind in synth.KINDS for seed in SEEDS]
     tasks = {qa.task for scene in scenes for qa in synth.scene_qas(scene)}
@@ -267,3 +312,8 @@ def test_cli(tmp_path):
     assert [i["kind"] for i in coco["images"]] == ["pose", "words", "pose"]
     bad = CliRunner().invoke(synth.synth_command, [str(tmp_path / "e"), "--kinds", "clouds"])
     assert bad.exit_code != 0 and "unknown kind" in bad.output
+    listed = CliRunner().invoke(synth.synth_command, [str(tmp_path / "f"), "--n", "1", "--kinds", "pose",
+                                                      "--class-lists"])
+    assert listed.exit_code == 0, listed.output
+    records = json.loads((tmp_path / "f/conversations.json").read_text())
+    assert any(len(o.get("classes") or []) == len(synth.CATEGORIES) for r in records for o in r["options"])

@@ -124,7 +124,7 @@ def test_object_attention_config_errors(synth_data, tmp_path):
         ({"question_layer": 1.5}, "object_attention.question_layer must be an int >= 0, got 1.5"),
         ({"head": True}, "object_attention.head must be an int >= 0, got True"),
         ({"weight": 0}, "object_attention.weight must be positive, got 0"),
-        ({"boxes": "all"}, r"object_attention.boxes must be one of \['first', 'every'\], "
+        ({"boxes": "all"}, r"object_attention.boxes must be one of \['first', 'every', 'named'\], "
                            "got 'all'"),
     ]:
         with pytest.raises(SphinxToolsError, match=message):

@@ -142,6 +142,11 @@ def test_pointer_targets_find_the_object_whose_box_the_answer_writes(synth_data,
     assert query.tolist() == [14, 16, 20, 22, 14, 16, 19, 21]
     a, b = [False, True, False, False, True, False], [False, False, True, False, False, False]
     assert hit.tolist() == [a, a, b, b, b, b, a, a]
+    # and from the text that names each box: the answer since the previous box (or its start)
+    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, every=True, named=True)
+    assert rows.tolist() == [0] * 6 + [1] * 5
+    assert query.tolist() == [13, 14, 16, 19, 20, 22, 14, 16, 18, 19, 21]
+    assert hit.tolist() == [a, a, a, b, b, b, b, b, a, a, a]
 
 
 def test_pointer_loss_trains_up_to_its_layer_and_falls_when_the_head_points_right(synth_data, tmp_path):
@@ -269,6 +274,15 @@ def test_object_attention_on_every_box_trains_the_hop_from_both_corners(synth_da
                                   patch_token_index(model.cfg))
     torch.testing.assert_close(aux[True]["attention"], want)
     assert not torch.isclose(aux[True]["attention"], aux[False]["attention"])
+    # named: the words before each box too
+    named = pointer_targets(labels, segments, places, values, n_image, every=True, named=True)
+    assert len(named[0]) > len(every[0])
+    spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, every=True, named=True)
+    aux["named"] = loss_fn(model, ids, labels, images, segments, attention=spec)[2]
+    want = attention_pointer_loss(model.layers[1].attention, seen["in"], 0, named,
+                                  patch_token_index(model.cfg))
+    torch.testing.assert_close(aux["named"]["attention"], want)
+    torch.testing.assert_close(aux["named"]["question"], aux[False]["question"])
 
 
 def test_expression_targets_mark_the_words_of_the_referring_expression(synth_data, tmp_path):
