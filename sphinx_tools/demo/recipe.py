@@ -310,8 +310,8 @@ def _write_scenes(data: Path, recipe: dict, progress: bool, workers: int):
     if not (data / "conversations.json").is_file():
         kinds = {"kinds": recipe["kinds"]} if "kinds" in recipe else {}
         write_dataset(data, scenes, seed=recipe["data_seed"], turns=recipe["turns"], progress=progress,
-                      workers=workers, tasks=recipe.get("tasks"), class_lists=recipe.get("class_lists", False),
-                      **kinds)
+                      workers=workers, tasks=recipe.get("tasks"),
+                      class_lists=recipe.get("class_lists", False), **kinds)
     have = len(json.loads((data / "coco.json").read_text())["images"])
     if have != scenes:  # a resumed build must not train on another build's scenes
         raise SphinxToolsError(f"{data} holds {have} scenes, this build wants {scenes}: "

@@ -581,6 +581,11 @@ def _groups(objects, key) -> dict:
     return out
 
 
+def _class_label(name: str, n: int) -> str:
+    "The phrase of ``n`` objects of class ``name`` in a detection answer: circle, circles, people."
+    return name if n == 1 else "people" if name == "person" else _plural(name)
+
+
 def _shapes_qas(scene: Scene, rng) -> list[QA]:
     objs, wh = scene.objects, scene.size
     qas = [_qa("rec", f"[{fmt_box(o.xyxy, wh)}]", [i], expression=str(rng.choice(_expressions(objs, i))))
@@ -588,13 +593,13 @@ def _shapes_qas(scene: Scene, rng) -> list[QA]:
     for i in sorted(rng.choice(len(objs), min(3, len(objs)), replace=False)):
         qas.append(_qa("reg", objs[i].expression, [i], region=objs[i].xyxy, image_size=wh))
     by_shape = dict(sorted(_groups(objs, lambda o: o.category).items(), key=lambda kv: SHAPES.index(kv[0])))
-    det = " ".join(f"<p>{s if len(ix) == 1 else _plural(s)}</p> {_boxes(objs, ix, wh)}"
+    det = " ".join(f"<p>{_class_label(s, len(ix))}</p> {_boxes(objs, ix, wh)}"
                    for s, ix in by_shape.items())
     qas.append(_qa("detection", det, [i for ix in by_shape.values() for i in ix]))
     shape = str(rng.choice(list(by_shape)))
     ix = by_shape[shape]
-    qas.append(_qa("detection", f"<p>{shape if len(ix) == 1 else _plural(shape)}</p> {_boxes(objs, ix, wh)}",
-                   ix, classes=[shape]))
+    qas.append(_qa("detection", f"<p>{_class_label(shape, len(ix))}</p> {_boxes(objs, ix, wh)}", ix,
+                   classes=[shape]))
     absent = [s for s in SHAPES if s not in by_shape]
     if absent and rng.random() < 0.3:
         s = str(rng.choice(absent))
@@ -670,8 +675,7 @@ def _words_qas(scene: Scene, rng) -> list[QA]:
 
 def _pose_qas(scene: Scene, rng) -> list[QA]:
     objs, wh = scene.objects, scene.size
-    people = "person" if len(objs) == 1 else "people"
-    persons = f"<p>{people}</p> {_boxes(objs, range(len(objs)), wh)}"
+    persons = f"<p>{_class_label('person', len(objs))}</p> {_boxes(objs, range(len(objs)), wh)}"
     qas = [_qa("detection", persons, range(len(objs))),  # "all objects", as the label job asks
            _qa("detection", persons, range(len(objs)), classes=["person"])]
     for i, obj in enumerate(objs):
@@ -699,10 +703,6 @@ def _document_qas(scene: Scene, rng) -> list[QA]:
     caption = f"A document page with {_join(parts)}." if parts else "An empty document page."
     qas.append(_qa("caption", caption))
     return qas
-
-
-def _class_label(name: str, n: int) -> str:
-    return name if n == 1 else "people" if name == "person" else _plural(name)
 
 
 def _class_list_qas(scene: Scene, rng) -> list[QA]:

@@ -500,9 +500,7 @@ def _accumulate(run: _Run, feed, token_weight):
         if cfg.object_attention and batch_places is not None:
             oa = cfg.object_attention
             attention = ObjectAttention(oa["layer"], oa["question_layer"], oa["head"], batch_places,
-                                        run.values, run.tok, oa["weight"],
-                                        every=oa["boxes"] in ("every", "named"),
-                                        named=oa["boxes"] == "named")
+                                        run.values, run.tok, oa["weight"], boxes=oa["boxes"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             if position is None and pointer is None and attention is None:
                 loss = language = loss_fn(run.model, ids, labels, images, segments, token_weight)

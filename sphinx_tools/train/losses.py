@@ -20,6 +20,7 @@ from ..errors import SphinxToolsError
 from ..model import SphinxConfig, Transformer, apply_rotary_emb
 from ..tokenizer import Tokenizer
 from ..transforms import PaddedResize
+from .config import OBJECT_ATTENTION_BOXES
 from .data import IGNORE, packed_mask, packed_positions
 
 
@@ -68,10 +69,10 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
         return language
     total, aux, found = language, {}, {}
 
-    def targets_of(places, values, every=False, named=False):  # object_pointer and object_attention share them
-        key = (id(places), id(values), every, named)
+    def targets_of(places, values, boxes="first"):  # object_pointer and object_attention share them
+        key = (id(places), id(values), boxes)
         if key not in found:
-            found[key] = pointer_targets(labels, segments, places, values, n_image, every=every, named=named)
+            found[key] = pointer_targets(labels, segments, places, values, n_image, boxes=boxes)
         return found[key]
 
     if position is not None:
@@ -86,7 +87,7 @@ def loss_fn(model: Transformer, ids, labels, images, segments=None, token_weight
         a = attention
         patches = patch_token_index(model.cfg) if a.patches is None else a.patches
         aux["attention"] = attention_pointer_loss(model.layers[a.layer].attention, seen["attention"],
-                                                  a.head, targets_of(a.places, a.values, a.every, a.named),
+                                                  a.head, targets_of(a.places, a.values, a.boxes),
                                                   patches)
         total = total + a.weight * aux["attention"]
         if a.question_layer is not None:  # once per answer, from its first coordinate
@@ -104,9 +105,9 @@ class ObjectAttention(NamedTuple):
     (``places``: :meth:`TokenPlaces.targets`; ``values``: :func:`coordinate_values`; ``patches``:
     their sequence indices, default :func:`patch_token_index`); with ``question_layer``, the
     same head of that layer learns to attend to the question's referring expression
-    (:func:`expression_targets`, which reads the text with ``tok``). With ``every``, the object
-    hop is trained from both corners of every box of an answer (:func:`pointer_targets`); with
-    ``named`` too, from the text that names each box's object."""
+    (:func:`expression_targets`, which reads the text with ``tok``). ``boxes`` says where else
+    the object hop is trained from (:func:`pointer_targets`): ``"every"``, both corners of every
+    box of an answer; ``"named"``, those and the text that names each box's object."""
     layer: int
     question_layer: int | None
     head: int
@@ -115,8 +116,7 @@ class ObjectAttention(NamedTuple):
     tok: Tokenizer
     weight: float
     patches: torch.Tensor | None = None
-    every: bool = False
-    named: bool = False
+    boxes: str = "first"
 
 
 def position_loss(cfg: SphinxConfig, head: torch.nn.Module, hidden: torch.Tensor,
@@ -166,8 +166,7 @@ def coordinate_values(tok: Tokenizer, device=None) -> torch.Tensor | None:
 
 
 def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places: torch.Tensor,
-                    values: torch.Tensor, n_image: int, tol: float = 0.011, every: bool = False,
-                    named: bool = False):
+                    values: torch.Tensor, n_image: int, tol: float = 0.011, boxes: str = "first"):
     """Where each answer's first box is read from, and the patch tokens of its object.
 
     For each answer (each packed turn, or a row's first answer without packing) whose labels hold
@@ -177,12 +176,15 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
     row, the sequence index (image tokens counted) of the hidden state that predicts the first
     coordinate, and the object's patches; answers whose box matches no patch are left out.
 
-    With ``every``, each box of an answer (its coordinates four by four: every box of a detection
-    list) that matches patches gives two entries: the hidden states that predict its first and
-    its third coordinate (the second corner), both pointing at the box's object. With ``named``
-    (and ``every``), also the hidden states that predict the answer's text between the previous
+    With ``boxes="every"``, each box of an answer (its coordinates four by four: every box of a
+    detection list) that matches patches gives two entries: the hidden states that predict its
+    first and its third coordinate (the second corner), both pointing at the box's object. With
+    ``boxes="named"``, also the hidden states that predict the answer's text between the previous
     box (or the answer's start) and the box: the words that name the box's object (an OCR word, a
     class, a phrase) are then predicted while looking at it."""
+    if boxes not in OBJECT_ATTENTION_BOXES:
+        raise SphinxToolsError(f"boxes must be one of {list(OBJECT_ATTENTION_BOXES)}, got {boxes!r}")
+    every, named = boxes in ("every", "named"), boxes == "named"
     known = labels >= 0
     v = torch.where(known, values[labels.clamp(min=0)], torch.full_like(labels, -1, dtype=values.dtype))
     coord = ~v.isnan() & known
@@ -192,17 +194,17 @@ def pointer_targets(labels: torch.Tensor, segments: torch.Tensor | None, places:
         firsts: dict[int, list[int]] = {}
         for t in coord[b].nonzero().flatten().tolist():
             firsts.setdefault(int(seg[b, t]), []).append(t)
-        answer = known[b].nonzero().flatten()
+        answer = known[b].nonzero().flatten() if named else None
         for s, ts in firsts.items():
             if s < 0 or len(ts) < 4:
                 continue
-            texts = answer[seg[b, answer] == s]
+            texts = answer[seg[b, answer] == s] if named else None
             for i in range(0, len(ts) - 3 if every else 1, 4):
                 box = v[b, ts[i:i + 4]].to(places.dtype)
                 match = ((places[b] - box).abs() <= tol).all(dim=-1)  # NaN (background): False
                 if bool(match.any()):
                     naming = []
-                    if named and every:
+                    if named:  # the answer's text since the previous box
                         after = ts[i - 1] if i else -1
                         naming = texts[(texts > after) & (texts < ts[i])].tolist()
                     for t in [*naming, ts[i], ts[i + 2]] if every else (ts[i],):

@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from sphinx_tools import SphinxModel
+from sphinx_tools.errors import SphinxToolsError
 from sphinx_tools.tiny import train_tokenizer
 from sphinx_tools.tokenizer import Tokenizer
 from sphinx_tools.train import (
@@ -137,16 +139,18 @@ def test_pointer_targets_find_the_object_whose_box_the_answer_writes(synth_data,
                             [False, False, True, False, False, False],
                             [False, False, True, False, False, False]]  # unpacked: the first box only
     # every box, from the positions before its first and its third coordinate
-    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, every=True)
+    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, boxes="every")
     assert rows.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert query.tolist() == [14, 16, 20, 22, 14, 16, 19, 21]
     a, b = [False, True, False, False, True, False], [False, False, True, False, False, False]
     assert hit.tolist() == [a, a, b, b, b, b, a, a]
     # and from the text that names each box: the answer since the previous box (or its start)
-    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, every=True, named=True)
+    rows, query, hit = pointer_targets(labels, segments, places, values, n_image=10, boxes="named")
     assert rows.tolist() == [0] * 6 + [1] * 5
     assert query.tolist() == [13, 14, 16, 19, 20, 22, 14, 16, 18, 19, 21]
     assert hit.tolist() == [a, a, a, b, b, b, b, b, a, a, a]
+    with pytest.raises(SphinxToolsError, match="boxes must be one of .*, got 'all'"):
+        pointer_targets(labels, segments, places, values, n_image=10, boxes="all")
 
 
 def test_pointer_loss_trains_up_to_its_layer_and_falls_when_the_head_points_right(synth_data, tmp_path):
@@ -260,14 +264,14 @@ def test_object_attention_on_every_box_trains_the_hop_from_both_corners(synth_da
     ids, labels, images, segments, places = collate([data.example(0, i) for i in range(8)])
     values, n_image = coordinate_values(tok), model.cfg.image_tokens
     first = pointer_targets(labels, segments, places, values, n_image)
-    every = pointer_targets(labels, segments, places, values, n_image, every=True)
+    every = pointer_targets(labels, segments, places, values, n_image, boxes="every")
     assert len(every[0]) > 2 * len(first[0])  # the detection lists' later boxes count too
     seen = {}
     hook = model.layers[1].attention.register_forward_pre_hook
     hook(lambda m, args: seen.__setitem__("in", args))
     aux = {}
     for flag in (False, True):
-        spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, every=flag)
+        spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, boxes="every" if flag else "first")
         aux[flag] = loss_fn(model, ids, labels, images, segments, attention=spec)[2]
     torch.testing.assert_close(aux[True]["question"], aux[False]["question"])  # once per answer
     want = attention_pointer_loss(model.layers[1].attention, seen["in"], 0, every,
@@ -275,9 +279,9 @@ def test_object_attention_on_every_box_trains_the_hop_from_both_corners(synth_da
     torch.testing.assert_close(aux[True]["attention"], want)
     assert not torch.isclose(aux[True]["attention"], aux[False]["attention"])
     # named: the words before each box too
-    named = pointer_targets(labels, segments, places, values, n_image, every=True, named=True)
+    named = pointer_targets(labels, segments, places, values, n_image, boxes="named")
     assert len(named[0]) > len(every[0])
-    spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, every=True, named=True)
+    spec = ObjectAttention(1, 0, 0, places, values, tok, 1.0, boxes="named")
     aux["named"] = loss_fn(model, ids, labels, images, segments, attention=spec)[2]
     want = attention_pointer_loss(model.layers[1].attention, seen["in"], 0, named,
                                   patch_token_index(model.cfg))
