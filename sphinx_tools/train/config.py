@@ -61,7 +61,8 @@ DTYPES = ("fp32", "bf16")
 
 # ``encoder_warmup:`` (see warmup.py); ``coco`` is required, ``images`` defaults to its folder
 WARMUP_DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0,
-                   "categories": None, "position": False, "attributes": None}
+                   "categories": None, "position": False, "attributes": None, "read": None,
+                   "read_weight": 1.0}
 WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
 
 # ``token_position:`` (see losses.TokenPlaces); ``coco`` is required, ``images`` defaults to its
@@ -240,6 +241,12 @@ def check_encoder_warmup(spec, base: Path) -> dict:
                               or not all(isinstance(a, str) and a for a in attrs)):
         raise SphinxToolsError(f"encoder_warmup.attributes must be a list of annotation keys, "
                                f"got {attrs!r}")
+    if out["read"] is not None and (not isinstance(out["read"], str) or not out["read"]):
+        raise SphinxToolsError(f"encoder_warmup.read must be an annotation key (e.g. text), "
+                               f"got {out['read']!r}")
+    if not _number(out["read_weight"]) or not out["read_weight"] > 0:
+        raise SphinxToolsError(f"encoder_warmup.read_weight must be a positive number, "
+                               f"got {out['read_weight']!r}")
     if not isinstance(out["position"], bool):
         raise SphinxToolsError(f"encoder_warmup.position must be true or false, "
                                f"got {out['position']!r}")

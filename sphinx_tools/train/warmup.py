@@ -24,6 +24,8 @@ defaults and checks are in ``config.py``)::
       categories: [circle, ...] # optional: only the images that show one of these categories
       position: false          # optional: also the box of the object under each patch (see below)
       attributes: [color]      # optional: annotation keys whose values a patch also learns
+      read: text               # optional: an annotation key each object's pooled tokens learn
+      read_weight: 1.0         # optional: that term's weight next to the dense one
 
 With ``position``, each patch token also learns the box of the object under its centre (or its
 own cell on background), in fractions of its view: a patch token of the global view then says
@@ -33,6 +35,13 @@ With ``attributes``, each named annotation key (``color`` in the synthetic scene
 class term: background or one of the key's values, as the distribution of the patch's area over
 them, so that the language model can also pick "the blue triangle". An object without the key
 counts as background there.
+
+With ``read``, every annotation that has the key (``text``: the word of an OCR box) is also
+learned whole: the global view's patch tokens under its box, averaged with the share of the box
+each patch holds, tell the value (cross entropy over the values seen, through a second linear
+head). A word is a few patches wide and no patch holds all of it, so a per-patch target does not
+ask for the glyphs; the pooled one does. The encoders are shared by both terms: ``read_weight``
+sets how much of their capacity reading takes from telling the objects apart.
 """
 
 from __future__ import annotations
@@ -111,11 +120,13 @@ class DenseTargets:
             each patch centre, or the patch's own cell where there is none.
         attributes: annotation keys (e.g. ``["color"]``); each is one more class term over
             background and the key's values (sorted), after the categories.
+        read: an annotation key (e.g. ``"text"``); each annotation with it is also an object
+            whose pooled tokens learn its value (:meth:`objects`); ``values`` lists them, sorted.
     """
 
     def __init__(self, coco, images, image_size: int, n_views: int, grid: int, sub: int,
                  categories: list[str] | None = None, position: bool = False,
-                 attributes: list[str] | None = None):
+                 attributes: list[str] | None = None, read: str | None = None):
         data = read_coco(coco, categories=True)
         self.images, annotations = data.images, data.annotations
         category_ids = [c["id"] for c in data.categories]
@@ -151,6 +162,15 @@ class DenseTargets:
         for a in kept:
             extra = [self.attributes[k][str(a[k])] for k in self.attributes if a.get(k) is not None]
             self.boxes[a["image_id"]].append((a["bbox"], self.channel[a["category_id"]], extra))
+        self.read, self.values, self.reads = read, [], {im["id"]: [] for im in self.images}
+        if read is not None:
+            self.values = sorted({str(a[read]) for a in kept if a.get(read) is not None})
+            if not self.values:
+                raise SphinxToolsError(f"encoder_warmup.read: no annotation of {coco} has `{read}`")
+            index = {v: i for i, v in enumerate(self.values)}
+            for a in kept:
+                if a.get(read) is not None:
+                    self.reads[a["image_id"]].append((a["bbox"], index[str(a[read])]))
         self.transform = PaddedResize(image_size)
         self.res = grid * sub * (2 if n_views == 5 else 1)  # target map cells per image side
 
@@ -209,8 +229,29 @@ class DenseTargets:
             out.append((chosen - [left, top, left, top]) / span)
         return torch.from_numpy(np.stack(out)).float()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.example(index)
+    def objects(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights (n, grid * grid), values (n,))`` of the image's ``read`` annotations: the
+        share of each box's area in each global-view patch (rows sum to 1), and the index of its
+        value in :attr:`values`. A box outside the padded square is left out."""
+        im = self.images[index]
+        found = self.reads[im["id"]]
+        g = self.grid
+        if not found:
+            return torch.zeros(0, g * g), torch.zeros(0, dtype=torch.long)
+        b = self.transform.to_model_xyxy([(x, y, x + bw, y + bh) for (x, y, bw, bh), _ in found],
+                                         (im["width"], im["height"]))
+        c, r = np.tile(np.arange(g), g) / g, np.repeat(np.arange(g), g) / g  # row-major patches
+        wx = np.clip(np.minimum(c + 1 / g, b[:, 2:3]) - np.maximum(c, b[:, 0:1]), 0, None)
+        wy = np.clip(np.minimum(r + 1 / g, b[:, 3:4]) - np.maximum(r, b[:, 1:2]), 0, None)
+        area = wx * wy
+        keep = area.sum(1) > 0
+        weights = area[keep] / area[keep].sum(1, keepdims=True)
+        values = np.array([v for _, v in found])[keep]
+        return torch.from_numpy(weights).float(), torch.from_numpy(values).long()
+
+    def __getitem__(self, index: int) -> tuple:
+        "``(image, targets)`` (:meth:`example`), and :meth:`objects` where ``read`` is set."
+        return self.example(index) + ((self.objects(index),) if self.read is not None else ())
 
     def example(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         "``(image (3, S, S), targets (n_views, grid * grid, width))`` of one COCO image."
@@ -266,8 +307,19 @@ def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int,
     return loss
 
 
+def read_loss(tokens: torch.Tensor, objects: list, head: nn.Module) -> torch.Tensor:
+    """Cross entropy of each object's value from the global view's patch tokens (``tokens``
+    (B, grid * grid, dim)) averaged with its weights (``objects``: each image's :meth:`DenseTargets.objects`)."""
+    pooled = torch.cat([w.to(tokens.dtype) @ tokens[i] for i, (w, _) in enumerate(objects)])
+    values = torch.cat([v for _, v in objects])
+    if not len(values):
+        return tokens.sum() * 0  # no object in this batch: no term, the graph kept for the gradient sync
+    return F.cross_entropy(head(pooled), values.to(tokens.device))
+
+
 def _stack(examples):
-    return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
+    out = torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
+    return out + ([e[2] for e in examples],) if len(examples[0]) > 2 else out
 
 
 def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, workers: int = 0) -> list[float]:
@@ -281,20 +333,27 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
 
     data = DenseTargets(spec["coco"], spec["images"], model.cfg.image_size, model.cfg.n_views,
                         model.cfg.vision.grid, spec["sub"], spec.get("categories"), spec.get("position", False),
-                        spec.get("attributes"))
+                        spec.get("attributes"), spec.get("read"))
     gen = torch.Generator().manual_seed(int(spec["seed"]))
     head = nn.Linear(model.cfg.dim, data.width)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * model.cfg.dim ** -0.5)
         head.bias.zero_()
     head = head.to(device)
+    reader = None
+    if data.read is not None:  # the pooled object values: a head of their own
+        reader = nn.Linear(model.cfg.dim, len(data.values))
+        with torch.no_grad():
+            reader.weight.copy_(torch.randn(reader.weight.shape, generator=gen) * model.cfg.dim ** -0.5)
+            reader.bias.zero_()
+        reader = reader.to(device)
     params = [p for n, p in model.named_parameters() if n.startswith(TRAINS)]
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    params += list(head.parameters())
+    params += list(head.parameters()) + (list(reader.parameters()) if reader is not None else [])
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     dp, dpw = dist.dp_rank(), dist.dp_world_size()
     rng = random.Random(int(spec["seed"]))
@@ -319,9 +378,12 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
                desc="encoder warm-up", unit="step")
     t0 = time.perf_counter()
     model.train()
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets, *objects) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss = dense_loss(head(patch_tokens(model, images)), targets, data.regressed, data.groups)
+        tokens = patch_tokens(model, images)
+        loss = dense_loss(head(tokens), targets, data.regressed, data.groups)
+        if reader is not None:
+            loss = loss + spec.get("read_weight", 1.0) * read_loss(tokens[:, 0], objects[0], reader)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(params)

@@ -201,7 +201,9 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
         TrainConfig(**{**config, "out": str(tmp_path / name)})  # every stage's keys are valid
 
     tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "replay": 0.5, "class_lists": True,
-            "train": recipe._changed(TINY_SINGLE_VIEW["train"], {"object_attention": {"boxes": "named"}}),
+            "train": recipe._changed(TINY_SINGLE_VIEW["train"], {
+                "object_attention": {"boxes": "named"},
+                "encoder_warmup": {"steps": 2, "batch_size": 4, "read": "text", "read_weight": 0.3}}),
             "stages": [{"kinds": ["shapes"], "tasks": ["rec", "detection"], "train": {"steps": 2}}]}
     monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
     monkeypatch.chdir(tmp_path)
@@ -227,7 +229,7 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
     # checkpoint, on every record and half of stage 1's again
     one = yaml.safe_load((tmp_path / "m" / "train_stage1.yaml").read_text())
     last = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
-    assert one["data"][0]["path"] == "data/stage1.json" and "encoder_warmup" in one
+    assert one["data"][0]["path"] == "data/stage1.json" and one["encoder_warmup"]["read"] == "text"
     assert last["init"] == {"checkpoint": "run_stage1/last"} and "encoder_warmup" not in last
     assert last["object_attention"]["boxes"] == "named"
     assert [(d["path"], d["ratio"]) for d in last["data"]] == [("data/conversations.json", 1.0),

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,81 @@ def test_dense_attribute_targets_give_each_patch_its_object_s_colour(tmp_path):
         DenseTargets(coco, tmp_path, 448, 1, 2, 2, attributes=["shade"])
     with pytest.raises(SphinxToolsError, match="encoder_warmup.attributes must be a list"):
         check_encoder_warmup({"coco": "c.json", "attributes": "color"}, tmp_path)
+
+
+def test_dense_read_objects_pool_each_box_over_the_patches_it_covers(tmp_path):
+    from PIL import Image
+
+    from sphinx_tools.train.warmup import DenseTargets
+
+    images = [{"id": 1, "file_name": "a.png", "width": 448, "height": 448},
+              {"id": 2, "file_name": "b.png", "width": 448, "height": 448}]
+    coco = coco_file(tmp_path, images, [(1, 7, [0, 0, 224, 112]), (1, 7, [112, 336, 224, 56]),
+                                        (1, 9, [0, 0, 9, 9]), (2, 9, [0, 0, 9, 9])])
+    data = json.loads(coco.read_text())
+    data["annotations"][0]["text"] = "STOP"
+    data["annotations"][1]["text"] = "cat"
+    coco.write_text(json.dumps(data))
+    d = DenseTargets(coco, tmp_path, 448, n_views=1, grid=4, sub=2, read="text")
+    assert d.values == ["STOP", "cat"]
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (448, 448)).save(tmp_path / name)
+    image, targets, (weights, values) = d[0]
+    torch.testing.assert_close(targets, d.example(0)[1])  # the dense targets as without `read`
+    assert values.tolist() == [0, 1] and weights.shape == (2, 16)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    want = torch.zeros(2, 4, 4)
+    want[0, 0, :2] = 0.5  # STOP: the first row's two left patches, half of it in each
+    want[1, 3, 1:3] = 0.5  # cat: patches (3, 1) and (3, 2), half of its width in each
+    torch.testing.assert_close(weights.view(2, 4, 4), want)
+    w, v = d.objects(1)  # an image without the key: no object
+    assert w.shape == (0, 16) and v.shape == (0,)
+    assert len(DenseTargets(coco, tmp_path, 448, 1, 4, 2)[0]) == 2  # no `read`: (image, targets)
+    with pytest.raises(SphinxToolsError, match="no annotation of .* has `word`"):
+        DenseTargets(coco, tmp_path, 448, 1, 4, 2, read="word")
+    with pytest.raises(SphinxToolsError, match="encoder_warmup.read must be an annotation key"):
+        check_encoder_warmup({"coco": "c.json", "read": ["text"]}, tmp_path)
+
+
+def test_read_loss_is_the_cross_entropy_of_the_pooled_tokens():
+    from sphinx_tools.train.warmup import read_loss
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 4, 8)
+    head = torch.nn.Linear(8, 3)
+    objects = [(torch.tensor([[0.5, 0.5, 0, 0]]), torch.tensor([2])),
+               (torch.tensor([[0, 0, 0.25, 0.75], [1.0, 0, 0, 0]]), torch.tensor([0, 1]))]
+    pooled = torch.stack([(tokens[0, 0] + tokens[0, 1]) / 2, 0.25 * tokens[1, 2] + 0.75 * tokens[1, 3],
+                          tokens[1, 0]])
+    want = torch.nn.functional.cross_entropy(head(pooled), torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(read_loss(tokens, objects, head), want)
+    empty = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))] * 2
+    assert read_loss(tokens, empty, head).item() == 0
+
+
+def test_encoder_warmup_with_read_learns_the_words(synth_data):
+    from sphinx_tools.train.warmup import DenseTargets, warmup_encoders
+
+    cfg = TrainConfig.load(write_config(synth_data, "warm_read"))
+    spec = {"coco": "data/coco.json", "images": "data/images", "steps": 30, "batch_size": 2,
+            "lr": 3e-3, "warmup": 2, "categories": ["word"]}
+    torch.set_num_threads(2)
+    runs = []
+    for read in (None, "text"):
+        model, _ = init_model(cfg)
+        runs.append(warmup_encoders(model, check_encoder_warmup({**spec, "read": read}, synth_data),
+                                    "cpu", progress=False))
+    plain, read = runs
+    data = DenseTargets(synth_data / "data/coco.json", synth_data / "data/images", model.cfg.image_size,
+                        model.cfg.n_views, model.cfg.vision.grid, 4, ["word"], read="text")
+    assert len(data) >= 1 and len(data.values) >= 2
+    # the same batches: the first step's loss adds the read term (about log(values) at the start)
+    assert read[0] - plain[0] > 0.5 * np.log(len(data.values))
+    assert sum(read[-5:]) < 0.6 * sum(read[:5])  # the sum of both terms is learned
+    model, _ = init_model(cfg)  # read_weight scales the read term: the same first batch, half of it
+    half = warmup_encoders(model, check_encoder_warmup({**spec, "steps": 1, "read": "text", "read_weight": 0.5},
+                                                       synth_data), "cpu", progress=False)
+    assert half[0] - plain[0] == pytest.approx(0.5 * (read[0] - plain[0]), rel=1e-4)
+    for bad in (0, -1.0, True, "0.5"):
+        with pytest.raises(SphinxToolsError, match="encoder_warmup.read_weight must be a positive number"):
+            check_encoder_warmup({"coco": "c.json", "read": "text", "read_weight": bad}, synth_data)
