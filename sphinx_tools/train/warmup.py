@@ -317,6 +317,15 @@ def read_loss(tokens: torch.Tensor, objects: list, head: nn.Module) -> torch.Ten
     return F.cross_entropy(head(pooled), values.to(tokens.device))
 
 
+def _linear_head(dim: int, width: int, gen: torch.Generator) -> nn.Linear:
+    "A linear head drawn from ``gen`` (the same start on every data-parallel rank), bias zero."
+    head = nn.Linear(dim, width)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * dim ** -0.5)
+        head.bias.zero_()
+    return head
+
+
 def _stack(examples):
     out = torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
     return out + ([e[2] for e in examples],) if len(examples[0]) > 2 else out
@@ -335,18 +344,10 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
                         model.cfg.vision.grid, spec["sub"], spec.get("categories"), spec.get("position", False),
                         spec.get("attributes"), spec.get("read"))
     gen = torch.Generator().manual_seed(int(spec["seed"]))
-    head = nn.Linear(model.cfg.dim, data.width)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * model.cfg.dim ** -0.5)
-        head.bias.zero_()
-    head = head.to(device)
+    head = _linear_head(model.cfg.dim, data.width, gen).to(device)
     reader = None
     if data.read is not None:  # the pooled object values: a head of their own
-        reader = nn.Linear(model.cfg.dim, len(data.values))
-        with torch.no_grad():
-            reader.weight.copy_(torch.randn(reader.weight.shape, generator=gen) * model.cfg.dim ** -0.5)
-            reader.bias.zero_()
-        reader = reader.to(device)
+        reader = _linear_head(model.cfg.dim, len(data.values), gen).to(device)
     params = [p for n, p in model.named_parameters() if n.startswith(TRAINS)]
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
