@@ -62,8 +62,9 @@ DTYPES = ("fp32", "bf16")
 # ``encoder_warmup:`` (see warmup.py); ``coco`` is required, ``images`` defaults to its folder
 WARMUP_DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub": 4, "seed": 0,
                    "categories": None, "position": False, "attributes": None, "read": None,
-                   "read_weight": 1.0}
+                   "read_weight": 1.0, "read_branch": None}
 WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
+READ_BRANCHES = ("clip", "convnext", "dinov2")  # the fused tokens' encoders, in the projection's order
 
 # ``token_position:`` (see losses.TokenPlaces); ``coco`` is required, ``images`` defaults to its
 # folder
@@ -247,6 +248,12 @@ def check_encoder_warmup(spec, base: Path) -> dict:
     if not _number(out["read_weight"]) or not out["read_weight"] > 0:
         raise SphinxToolsError(f"encoder_warmup.read_weight must be a positive number, "
                                f"got {out['read_weight']!r}")
+    if out["read_branch"] is not None:
+        if out["read_branch"] not in READ_BRANCHES:
+            raise SphinxToolsError(f"encoder_warmup.read_branch must be one of {', '.join(READ_BRANCHES)}, "
+                                   f"got {out['read_branch']!r}")
+        if out["read"] is None:
+            raise SphinxToolsError("encoder_warmup.read_branch needs encoder_warmup.read (what that encoder reads)")
     if not isinstance(out["position"], bool):
         raise SphinxToolsError(f"encoder_warmup.position must be true or false, "
                                f"got {out['position']!r}")

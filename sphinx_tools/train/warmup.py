@@ -26,6 +26,7 @@ defaults and checks are in ``config.py``)::
       attributes: [color]      # optional: annotation keys whose values a patch also learns
       read: text               # optional: an annotation key each object's pooled tokens learn
       read_weight: 1.0         # optional: that term's weight next to the dense one
+      read_branch: dinov2      # optional: the one encoder (clip, convnext, dinov2) that reads
 
 With ``position``, each patch token also learns the box of the object under its centre (or its
 own cell on background), in fractions of its view: a patch token of the global view then says
@@ -40,8 +41,14 @@ With ``read``, every annotation that has the key (``text``: the word of an OCR b
 learned whole: the global view's patch tokens under its box, averaged with the share of the box
 each patch holds, tell the value (cross entropy over the values seen, through a second linear
 head). A word is a few patches wide and no patch holds all of it, so a per-patch target does not
-ask for the glyphs; the pooled one does. The encoders are shared by both terms: ``read_weight``
-sets how much of their capacity reading takes from telling the objects apart.
+ask for the glyphs; the pooled one does. By default the encoders are shared by both terms:
+``read_weight`` sets how much of their capacity reading takes from telling the objects apart.
+
+With ``read_branch``, reading gets an encoder of its own. The fused token is a layer norm of a sum
+of one linear map per encoder (``visual_proj``), so the two terms can split it. The read term's
+gradient reaches only that encoder and its columns of the projection. The dense term's gradient
+reaches the other encoders, the rest of the projection and its norm. Each term still sees the
+whole fused token that the language model will read, with the other part held fixed.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..errors import SphinxToolsError
 from ..transforms import PaddedResize
+from .config import READ_BRANCHES
 from .schedule import lr_at, sync_grads
 
 TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
@@ -286,13 +294,40 @@ class DenseTargets:
         return image, out
 
 
+def _by_image(cfg, fused: torch.Tensor, batch: int) -> torch.Tensor:
+    "view-major fused tokens (V*B, 1 + g*g, dim) -> (B, V, g*g, dim), the class tokens dropped"
+    g = cfg.vision.grid
+    return fused[:, 1:1 + g * g].reshape(cfg.n_views, batch, g * g, -1).transpose(0, 1)
+
+
 def patch_tokens(model, images: torch.Tensor) -> torch.Tensor:
     "(B, 3, S, S) -> (B, n_views, grid * grid, dim): the fused patch tokens of every view."
-    cfg = model.cfg
-    g = cfg.vision.grid
     fused = model.fused_tokens(model.encode_views(model.views(images)))  # view-major: (V*B, ...)
+    return _by_image(model.cfg, fused, images.shape[0])
+
+
+def routed_tokens(model, images: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`patch_tokens` twice, with the same values and split gradients: ``(dense, read)``.
+    ``read``'s gradient reaches only the ``branch`` encoder and its columns of the projection;
+    ``dense``'s everything of the fused path but them."""
+    f = model.encode_views(model.views(images))
+    names = [n for n in READ_BRANCHES if n in f]  # the projection's order; a light model has no CLIP
+    if branch not in names:
+        raise SphinxToolsError(f"encoder_warmup.read_branch {branch!r} is not an encoder of this "
+                               f"model's fused tokens ({', '.join(names)})")
+    lin, norm = model.visual_proj
+    parts, start = {}, 0
+    for n in names:  # the projection of the concatenation = the sum of each part's columns
+        width = f[n].shape[-1]
+        parts[n] = F.linear(f[n], lin.weight[:, start:start + width])
+        start += width
+    own = parts[branch]
+    rest = sum(parts[n] for n in names if n != branch) + lin.bias
+    dense = norm(own.detach() + rest)
+    read = F.layer_norm(own + rest.detach(), norm.normalized_shape, norm.weight.detach(),
+                        norm.bias.detach(), norm.eps)
     B = images.shape[0]
-    return fused[:, 1:1 + g * g].reshape(cfg.n_views, B, g * g, -1).transpose(0, 1)
+    return _by_image(model.cfg, dense, B), _by_image(model.cfg, read, B)
 
 
 def dense_loss(pred: torch.Tensor, targets: torch.Tensor, cells: int,
@@ -381,10 +416,13 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     model.train()
     for step, (images, targets, *objects) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        tokens = patch_tokens(model, images)
+        if reader is not None and spec.get("read_branch"):
+            tokens, reading = routed_tokens(model, images, spec["read_branch"])
+        else:
+            tokens = reading = patch_tokens(model, images)
         loss = dense_loss(head(tokens), targets, data.regressed, data.groups)
         if reader is not None:
-            loss = loss + spec.get("read_weight", 1.0) * read_loss(tokens[:, 0], objects[0], reader)
+            loss = loss + spec.get("read_weight", 1.0) * read_loss(reading[:, 0], objects[0], reader)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(params)

@@ -261,6 +261,50 @@ def test_encoder_warmup_with_read_learns_the_words(synth_data):
     half = warmup_encoders(model, check_encoder_warmup({**spec, "steps": 1, "read": "text", "read_weight": 0.5},
                                                        synth_data), "cpu", progress=False)
     assert half[0] - plain[0] == pytest.approx(0.5 * (read[0] - plain[0]), rel=1e-4)
+    model, _ = init_model(cfg)  # reading by DINOv2 alone: the same tokens and terms, its own gradient
+    routed = warmup_encoders(model, check_encoder_warmup({**spec, "read": "text", "read_branch": "dinov2"},
+                                                         synth_data), "cpu", progress=False)
+    assert routed[0] == pytest.approx(read[0], rel=1e-5)
+    assert sum(routed[-5:]) < 0.6 * sum(routed[:5])
     for bad in (0, -1.0, True, "0.5"):
         with pytest.raises(SphinxToolsError, match="encoder_warmup.read_weight must be a positive number"):
             check_encoder_warmup({"coco": "c.json", "read": "text", "read_weight": bad}, synth_data)
+
+
+def test_routed_tokens_split_the_gradient_between_the_read_encoder_and_the_rest(synth_data):
+    from sphinx_tools.train.warmup import patch_tokens, routed_tokens
+
+    model, _ = init_model(TrainConfig.load(write_config(synth_data, "warm_routed")))
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, model.cfg.image_size, model.cfg.image_size)
+    dense, reading = routed_tokens(model, images, "dinov2")
+    whole = patch_tokens(model, images)
+    torch.testing.assert_close(dense, whole)  # the same tokens the language model reads
+    torch.testing.assert_close(reading, whole)
+    with torch.no_grad():
+        dino = model.encode_views(model.views(images))["dinov2"].shape[-1]
+    others = model.visual_proj[0].in_features - dino  # CLIP's and ConvNeXt's columns, then DINOv2's
+
+    def grads(tokens):
+        model.zero_grad(set_to_none=True)
+        (tokens * torch.randn_like(tokens)).sum().backward(retain_graph=True)
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    g = grads(reading)
+    assert g["dinov2_vitg14.patch_embed.proj.weight"].abs().sum() > 0
+    assert g["clip.visual.conv1.weight"] is None and g["openclip_convnext_xxl.stem.0.weight"] is None
+    assert g["visual_proj.0.weight"][:, :others].abs().sum() == 0  # only DINOv2's columns
+    assert g["visual_proj.0.weight"][:, others:].abs().sum() > 0
+    assert g["visual_proj.0.bias"] is None and g["visual_proj.1.weight"] is None
+    g = grads(dense)
+    assert g["dinov2_vitg14.patch_embed.proj.weight"] is None
+    assert g["clip.visual.conv1.weight"].abs().sum() > 0
+    assert g["openclip_convnext_xxl.stem.0.weight"].abs().sum() > 0
+    assert g["visual_proj.0.weight"][:, others:].abs().sum() == 0
+    assert g["visual_proj.1.weight"].abs().sum() > 0
+    with pytest.raises(SphinxToolsError, match="read_branch 'vit' is not an encoder"):
+        routed_tokens(model, images, "vit")
+    for bad, match in (({"read": "text", "read_branch": "vit"}, "read_branch must be one of clip, convnext, dinov2"),
+                       ({"read_branch": "dinov2"}, "read_branch needs encoder_warmup.read")):
+        with pytest.raises(SphinxToolsError, match=match):
+            check_encoder_warmup({"coco": "c.json", **bad}, synth_data)
