@@ -193,13 +193,17 @@ def test_sam_on_the_held_image_gives_the_masks_of_the_full_image(tmp_path):
     predictor.set_image(np.asarray(full))  # SAM as it runs on the original image
     want = []
     for box in boxes["detection"]:
-        masks, scores, _ = predictor.predict(box=box, multimask_output=True)
-        want.append(masks[scores.argmax()])
+        logits, scores, _ = predictor.predict(box=box, multimask_output=True, return_logits=True)
+        want.append(logits[scores.argmax()])
     got = [decode_rle(r) if r is not None else np.zeros((200, 300), bool)
            for r in held["masks"]["detection"]]
     assert all(g.shape == (200, 300) for g in got)
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+        differ = g != (w > predictor.model.mask_threshold)
+        # the same masks, but for a pixel whose logit sits on the threshold: the boxes are decoded
+        # together there and one by one here, which rounds apart in the last bits
+        assert differ.sum() <= 3
+        assert np.abs(w[differ] - predictor.model.mask_threshold).max(initial=0) < 1e-4
 
 
 def test_pixel_budget_bounds_the_pixels_decoded_at_once(scripted, tmp_path):
