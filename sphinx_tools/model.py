@@ -831,12 +831,14 @@ class Transformer(nn.Module):
         f["dinov2"] = dinov2_encode(self.dinov2_vitg14, dino_in)
         return f
 
+    @property
+    def fused_parts(self) -> tuple[str, ...]:
+        "The encode_views features a fused token concatenates, in visual_proj's column order."
+        return ("convnext", "dinov2") if self.light else ("clip", "convnext", "dinov2")
+
     def fused_tokens(self, f: dict) -> torch.Tensor:
         # encode_views features -> (N, 1 + g*g, dim): [CLIP +] ConvNeXt + DINOv2, projected
-        parts = [f["convnext"], f["dinov2"]]
-        if not self.light:
-            parts.insert(0, f["clip"])
-        return self.visual_proj(torch.cat(parts, dim=-1))
+        return self.visual_proj(torch.cat([f[n] for n in self.fused_parts], dim=-1))
 
     def view_tokens(self, x, cx: torch.Tensor | None = None) -> torch.Tensor:
         # views -> (N, Q + 1 + g*g, dim): 289 tokens a view for the released (257 when light)

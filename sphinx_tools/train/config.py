@@ -64,7 +64,7 @@ WARMUP_DEFAULTS = {"steps": 600, "batch_size": 4, "lr": 2e-3, "warmup": 50, "sub
                    "categories": None, "position": False, "attributes": None, "read": None,
                    "read_weight": 1.0, "read_branch": None}
 WARMUP_KEYS = {"coco", "images", *WARMUP_DEFAULTS}
-READ_BRANCHES = ("clip", "convnext", "dinov2")  # the fused tokens' encoders, in the projection's order
+READ_BRANCHES = ("clip", "convnext", "dinov2")  # encoders of a fused token (Transformer.fused_parts)
 
 # ``token_position:`` (see losses.TokenPlaces); ``coco`` is required, ``images`` defaults to its
 # folder

@@ -67,7 +67,6 @@ import torch.nn.functional as F
 from .. import dist
 from ..errors import SphinxToolsError
 from ..transforms import PaddedResize
-from .config import READ_BRANCHES
 from .schedule import lr_at, sync_grads
 
 TRAINS = ("clip.", "openclip_convnext_xxl.", "dinov2_vitg14.", "visual_proj.")  # the fused path
@@ -310,11 +309,11 @@ def routed_tokens(model, images: torch.Tensor, branch: str) -> tuple[torch.Tenso
     """:func:`patch_tokens` twice, with the same values and split gradients: ``(dense, read)``.
     ``read``'s gradient reaches only the ``branch`` encoder and its columns of the projection;
     ``dense``'s everything of the fused path but them."""
-    f = model.encode_views(model.views(images))
-    names = [n for n in READ_BRANCHES if n in f]  # the projection's order; a light model has no CLIP
+    names = model.fused_parts  # the projection's column order; a light model has no CLIP
     if branch not in names:
         raise SphinxToolsError(f"encoder_warmup.read_branch {branch!r} is not an encoder of this "
                                f"model's fused tokens ({', '.join(names)})")
+    f = model.encode_views(model.views(images))
     lin, norm = model.visual_proj
     parts, start = {}, 0
     for n in names:  # the projection of the concatenation = the sum of each part's columns
@@ -416,7 +415,7 @@ def warmup_encoders(model, spec: dict, device, log=None, progress: bool = True, 
     model.train()
     for step, (images, targets, *objects) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if reader is not None and spec.get("read_branch"):
+        if spec.get("read_branch"):  # checked: only with a reader
             tokens, reading = routed_tokens(model, images, spec["read_branch"])
         else:
             tokens = reading = patch_tokens(model, images)
