@@ -247,6 +247,35 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
     assert [log.read_text() for log in logs] == before
 
 
+def test_the_reading_recipe_is_the_staged_one_with_wider_encoders_that_read(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sphinx_tools.model import SphinxConfig
+    from sphinx_tools.train import TrainConfig
+
+    read, staged = recipe.base_recipe("single-view-read", False), recipe.SINGLE_VIEW_STAGED
+    assert read is recipe.SINGLE_VIEW_READ
+    same = ("scenes", "kinds", "data_seed", "turns", "class_lists", "replay", "vocab_size", "procs")
+    assert {k: read.get(k) for k in same} == {k: staged.get(k) for k in same}  # the same scenes
+    assert [s["kinds"] for s in read["stages"]] == [s["kinds"] for s in staged["stages"]]
+    warm = read["train"]["encoder_warmup"]
+    assert (warm["read"], warm["read_weight"], warm["steps"]) == ("text", 0.1, 7200)
+    assert warm["categories"] == staged["train"]["encoder_warmup"]["categories"] + ["word"]
+    vision = read["model"]["overrides"]["vision"]
+    cfg = SphinxConfig.from_name(read["model"]["preset"], **read["model"]["overrides"]).vision
+    narrow = SphinxConfig.from_name(staged["model"]["preset"], **staged["model"]["overrides"]).vision
+    assert (cfg.clip_width, cfg.dino_width, cfg.convnext_dims[-1]) == (
+        2 * narrow.clip_width, 2 * narrow.dino_width, 2 * narrow.convnext_dims[-1])
+    assert vision["patch_size"] == 28 and cfg.fused_width == 2 * narrow.fused_width
+    configs = recipe.training_configs(read)
+    for name, config in configs:
+        TrainConfig(**{**config, "out": str(tmp_path / name)})  # every stage's keys are valid
+    assert configs[0][1]["encoder_warmup"]["read"] == "text" and "encoder_warmup" not in configs[1][1]
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-read", "--work", "w"])
+    assert run.exit_code == 2 and "give it its own --dest" in run.output
+
+
 def test_a_single_view_build_needs_its_own_dest(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
