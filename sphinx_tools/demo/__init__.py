@@ -1,8 +1,10 @@
-"""The embedded demo model: a tiny SPHINX-1k-shaped model trained on synthetic scenes.
+"""The embedded demo model: a tiny SPHINX-shaped model (one 224-px view) trained on synthetic
+scenes.
 
 - ``weights/``: the shipped checkpoint, its training config and log, and its measured quality
   (``quality.json``) and image-token probes (``token_probe.json``);
-- ``recipe.py``: the build recipe, ``python -m sphinx_tools.demo build``;
+- ``recipe.py``: the build recipes, ``python -m sphinx_tools.demo build`` (the shipped one:
+  ``SHIPPED_SHAPE``);
 - ``synth.py``: the synthetic scenes it is trained and measured on (``sphinx-tools synth``);
 - ``quality.py``, ``probe.py``: the measurements, ``python -m sphinx_tools.demo quality|probe``.
 

@@ -12,10 +12,10 @@ from sphinx_tools.errors import SphinxToolsError
 def test_the_shipped_model_was_trained_by_the_recipe_in_the_repo():
     import yaml
 
-    shipped = yaml.safe_load((demo.DEMO_DIR / "train.yaml").read_text())
-    assert {k: shipped[k] for k in recipe.RECIPE["train"]} == recipe.RECIPE["train"]
-    assert shipped["init"] == {**recipe.RECIPE["model"], "tokenizer": "tokenizer.model"}
-    assert shipped["data"][0]["independent_turns"] == recipe.RECIPE["independent_turns"]
+    configs = recipe.training_configs(recipe.base_recipe(recipe.SHIPPED_SHAPE, False))
+    assert [name for name, _ in configs] == sorted(p.name for p in demo.DEMO_DIR.glob("train*.yaml"))[::-1]
+    for name, config in configs:  # every stage's config, as the build wrote it beside the weights
+        assert yaml.safe_load((demo.DEMO_DIR / name).read_text()) == config, name
 
 
 TINY_RECIPE = {
@@ -55,7 +55,8 @@ def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, m
 
     monkeypatch.setattr(recipe, "RECIPE", TINY_RECIPE)
     monkeypatch.chdir(tmp_path)
-    run = CliRunner().invoke(recipe.cli, ["build", "--work", "w", "--dest", "m", "--scale", "2", "--threads", "1"])
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "sphinx-1k", "--work", "w", "--dest", "m",
+                                          "--scale", "2", "--threads", "1"])
     assert run.exit_code == 0, run.output
     assert len(json.loads((tmp_path / "w" / "data" / "coco.json").read_text())["images"]) == 8
     cfg = yaml.safe_load((tmp_path / "m" / "train.yaml").read_text())
@@ -63,7 +64,8 @@ def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, m
     log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2  # the training log travels with the weights
     assert SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg.dim > 0
-    again = CliRunner().invoke(recipe.cli, ["build", "--work", "w", "--dest", "m", "--scale", "3"])
+    again = CliRunner().invoke(recipe.cli, ["build", "--shape", "sphinx-1k", "--work", "w", "--dest", "m",
+                                            "--scale", "3"])
     assert again.exit_code != 0 and "holds 8 scenes, this build wants 12" in str(again.exception)
     shipped = CliRunner().invoke(recipe.cli, ["build", "--work", "w2", "--scale", "2"])
     assert shipped.exit_code != 0 and "give it its own --dest" in shipped.output
@@ -271,9 +273,12 @@ def test_the_reading_recipe_is_the_staged_one_with_wider_encoders_that_read(tmp_
     for name, config in configs:
         TrainConfig(**{**config, "out": str(tmp_path / name)})  # every stage's keys are valid
     assert configs[0][1]["encoder_warmup"]["read"] == "text" and "encoder_warmup" not in configs[1][1]
+    assert recipe.SHIPPED_SHAPE == "single-view-read"  # the build's default: the shipped model
     monkeypatch.chdir(tmp_path)
-    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-read", "--work", "w"])
-    assert run.exit_code == 2 and "give it its own --dest" in run.output
+    for other in (["--shape", "single-view-staged"], ["--shape", "sphinx-1k"], ["--scale", "2"]):
+        run = CliRunner().invoke(recipe.cli, ["build", *other, "--work", "w"])
+        assert run.exit_code == 2 and "give it its own --dest" in run.output, other
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_single_view_build_needs_its_own_dest(tmp_path, monkeypatch):
