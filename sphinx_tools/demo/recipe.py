@@ -195,10 +195,11 @@ SINGLE_VIEW_STAGED = _changed(SINGLE_VIEW, {
 SINGLE_VIEW_READ = _changed(SINGLE_VIEW_STAGED, {
     "model": {"overrides": {"vision": {"clip_width": 192, "clip_head_width": 16, "dino_width": 192,
                                        "dino_heads": 8, "convnext_dims": [32, 64, 128, 256]}}},
-    "stages": [{"kinds": ["shapes"], "tasks": ["rec", "detection"],
-                "train": {"steps": 3000, "max_minutes": 100}}],  # warm-up (~60 min) included
-    "train": {"encoder_warmup": {"steps": 7200, "read": "text", "read_weight": 0.1,
-                                 "categories": list(SHAPES) + list(LAYOUT_CLASSES) + ["word"]},
+    "stages": [_changed(stage, {"train": {"max_minutes": 100}})  # warm-up (~60 min) included
+               for stage in SINGLE_VIEW_STAGED["stages"]],
+    "train": {"encoder_warmup": {
+                  "steps": 7200, "read": "text", "read_weight": 0.1,
+                  "categories": SINGLE_VIEW_STAGED["train"]["encoder_warmup"]["categories"] + ["word"]},
               "max_minutes": 70},  # 1.45 steps/s measured on 2 cores: about 53 min
 })
 
