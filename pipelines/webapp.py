@@ -49,7 +49,7 @@ from sphinx_tools.hookspecs import hookimpl
 from sphinx_tools.parsing import normalize_label
 from sphinx_tools.records import ALL_FIELDS, detections_to_json, plain, to_record
 from sphinx_tools.registry import get_task, list_tasks
-from sphinx_tools.run import parse_generation
+from sphinx_tools.run import parse_generation, trained_options
 from sphinx_tools.tasks import MAX_OPTION_CHARS, MAX_PROMPT_CHARS
 
 from .autolabel.engine import PERSON
@@ -445,10 +445,15 @@ class DemoBackend:
         "``(prompt, status)``: the task's human turn for these inputs, or an error status."
         try:
             size = self._image_size(image_path)
-            options = task_options(task_name, task_input, options_json, size)
+            options = self._options(task_name, task_input, options_json, size)
             return get_task(task_name).prompt(**options), ""
         except Exception as exc:  # shown in the page, never raised into the server
             return "", f"**Error:** {exc}"
+
+    def _options(self, task_name, task_input, options_json, size) -> dict:
+        "The page's options over those the model was trained to be asked with."
+        return {**trained_options(self.model, task_name),
+                **task_options(task_name, task_input, options_json, size)}
 
     @staticmethod
     def _image_size(image_path):
@@ -505,7 +510,7 @@ class DemoBackend:
             raise ValueError("upload an image first")
         check_length("the prompt", prompt or "", MAX_PROMPT_CHARS)
         image = open_image(image_path, self.max_pixels)
-        options = task_options(task_name, task_input, options_json, image.size)
+        options = self._options(task_name, task_input, options_json, image.size)
         task = get_task(task_name)
         question = (prompt or "").strip() or task.prompt(**options)
         said = len(question) + sum(len(q) + len(a) for q, a in history)

@@ -10,6 +10,12 @@ Writing: ``save_checkpoint`` writes a full state dict in the released format (on
 ``consolidated.NN-of-MM.model.pth`` shard per model-parallel rank, ``config.json``, ``meta.json``
 and ``tokenizer.model``).
 
+Optional ``task_options.json``: the prompt wording a checkpoint was trained on, as
+``{task: {option: value}}`` (e.g. ``{"layout": {"variant": "classes"}}``). Every entry point that
+asks a task (``run_task``, ``label``, ``serve``) starts from these options, and the caller's own
+options override them; the released checkpoints have none, so their tasks keep their default
+prompts.
+
 The name ``demo`` (:func:`resolve`) stands for the embedded demo model in
 ``sphinx_tools/demo/weights``.
 """
@@ -486,6 +492,35 @@ def save_checkpoint(out: Path, cfg: SphinxConfig, state_dict: dict, tokenizer_fi
         torch.save({"model": shard}, out / f"consolidated.{r:02d}-of-{mp:02d}.model.pth")
     write_metadata(out, cfg, tokenizer_file)
     return out
+
+
+TASK_OPTIONS_FILE = "task_options.json"
+
+
+def read_task_options(path) -> dict[str, dict]:
+    """A checkpoint folder's ``task_options.json`` as ``{task: {option: value}}``; ``{}`` when
+    the folder has none. Raises CheckpointError for a file that is not such an object."""
+    file = Path(path) / TASK_OPTIONS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        options = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in options.items()):
+        raise CheckpointError(f"{file} must map task names to objects of options, e.g. "
+                              '{"layout": {"variant": "classes"}}')
+    return options
+
+
+def write_task_options(out: Path, options: dict[str, dict]) -> None:
+    "Write ``task_options.json`` (or remove a stale one when ``options`` is empty)."
+    file = Path(out) / TASK_OPTIONS_FILE
+    if options:
+        file.write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
+    elif file.is_file():
+        file.unlink()
 
 
 # -- the name "demo" -------------------------------------------------------------------------------

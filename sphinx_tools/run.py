@@ -1,5 +1,6 @@
 """Asking a model one task about one image: ``run_task`` builds the prompt, generates and parses;
-``parse_generation`` parses one generation (text, and log-probs when there are some).
+``parse_generation`` parses one generation (text, and log-probs when there are some);
+``trained_options`` gives the options a checkpoint was trained to be asked with.
 
 Every entry point decodes greedily unless the caller asks otherwise, so ``run_task`` here and
 ``sphinx-tools label`` give the same answer for the same image and task.
@@ -45,7 +46,7 @@ def run_task(
             the web demo do; above 0 samples (SPHINX's own benchmarks use 0.1 with top_p 0.75).
         top_p: nucleus mass when sampling.
         sampling: extra keyword arguments passed to ``model.generate`` unchanged.
-        **options: the task's options.
+        **options: the task's options, over the model's own (:func:`trained_options`).
 
     Returns:
         The task's result (``task.output``).
@@ -56,6 +57,7 @@ def run_task(
     if isinstance(task, str):
         task = get_task(task)
     image_wh = image_size_of(image)
+    options = {**trained_options(model, task.name), **options}
     for name, value in options.items():  # before split makes one question per listed item
         check_option_size(name, value, task.name)
     if "image_size" in task.Options.model_fields and "image_size" not in options:
@@ -79,6 +81,12 @@ def run_task(
         parse_generation(task, g, image_wh, q) for g, q in zip(generations, questions, strict=True)
     ]
     return task.merge(results)
+
+
+def trained_options(model, task_name: str) -> dict:
+    """The options ``model`` was trained to be asked task ``task_name`` with (its checkpoint's
+    ``task_options.json``, as ``SphinxModel.task_options``); ``{}`` for a model without them."""
+    return dict((getattr(model, "task_options", None) or {}).get(task_name, {}))
 
 
 def parse_generation(task: Task, generation, image_wh, options):

@@ -34,6 +34,9 @@ class SphinxModel:
         self.cfg = transformer.cfg
         self.transform = PaddedResize(self.cfg.image_size)
         self.load_stats: dict = {}
+        # {task: {option: value}}: the prompt wording this checkpoint was trained on
+        # (its task_options.json); run_task, label and serve start from these options.
+        self.task_options: dict[str, dict] = {}
         # The Generations of the latest generate / generate_multi / stream call (a stream's
         # logprobs and finish reason are read here once it is exhausted).
         self.last_generations: list[Generation] = []
@@ -68,7 +71,8 @@ class SphinxModel:
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, mp_group=None,
                         quantize: str | None = None) -> "SphinxModel":
         """Load a checkpoint folder (``consolidated.NN-of-MM.model.pth``, ``tokenizer.model``,
-        ``config.json``, ``meta.json``) into this process's model-parallel slice.
+        ``config.json``, ``meta.json``, optionally ``task_options.json``) into this process's
+        model-parallel slice.
 
         Args:
             path: the folder, or ``"demo"`` for the embedded demo model when it is installed.
@@ -79,7 +83,7 @@ class SphinxModel:
             quantize: ``"int8"`` stores the LLM's linear weights as int8 with per-channel scales
                 (weight-only, torchao; see ``quantize.py``), or None.
         """
-        from .checkpoint import resolve
+        from .checkpoint import read_task_options, resolve
         from .quantize import check_mode, quantize_llm
 
         check_mode(quantize)
@@ -90,6 +94,7 @@ class SphinxModel:
         if not tok_file.is_file():
             raise CheckpointError(f"no tokenizer.model in {path}")
         tokenizer = Tokenizer(tok_file)
+        task_options = read_task_options(path)  # a bad file fails before the shards are read
         mp = dist.init_model_parallel(mp_group if isinstance(mp_group, int) else None)
         shards = [load_shard(f) for f in shards_files]
         keysets = {frozenset(sd) for sd in shards}
@@ -113,6 +118,7 @@ class SphinxModel:
         if quantize is not None:
             quantize_llm(model, quantize)
         m = cls(model.eval(), tokenizer)
+        m.task_options = task_options
         m.load_stats = {"load_s": time.perf_counter() - t0, "checkpoint_mp": len(shards_files),
                         "runtime_mp": mp, "path": str(path)}
         return m

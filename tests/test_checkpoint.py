@@ -278,3 +278,32 @@ def test_the_name_demo_is_not_shadowed_by_a_folder_without_shards(tmp_path, monk
     (tmp_path / "demo" / "consolidated.00-of-01.model.pth").unlink()
     with pytest.raises(CheckpointError, match="demo build"):
         checkpoint.resolve("demo")
+
+
+# -- the prompt wording a checkpoint was trained on -------------------------------------------------
+def test_task_options_file_is_read_into_the_model(tmp_path):
+    from sphinx_tools.checkpoint import read_task_options, write_task_options
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    assert read_task_options(ckpt) == {} and SphinxModel.from_pretrained(ckpt).task_options == {}
+    write_task_options(ckpt, {"layout": {"variant": "classes"}})
+    assert SphinxModel.from_pretrained(ckpt).task_options == {"layout": {"variant": "classes"}}
+    write_task_options(ckpt, {})  # nothing to carry: no stale file is left
+    assert not (ckpt / "task_options.json").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", '["layout"]', '{"layout": "classes"}'])
+def test_a_bad_task_options_file_is_named(tmp_path, text):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    (ckpt / "task_options.json").write_text(text)
+    with pytest.raises(CheckpointError, match="task_options.json"):
+        SphinxModel.from_pretrained(ckpt)
+
+
+def test_the_demo_model_carries_the_wording_its_scenes_ask_in():
+    from sphinx_tools.checkpoint import DEMO_DIR, read_task_options
+    from sphinx_tools.demo.synth import TRAINED_TASK_OPTIONS
+
+    if not (DEMO_DIR / "tokenizer.model").is_file():
+        pytest.skip("the demo model is not installed")
+    assert read_task_options(DEMO_DIR) == TRAINED_TASK_OPTIONS

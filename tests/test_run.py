@@ -59,3 +59,27 @@ def test_run_task_and_label_give_the_same_answer(tiny_model, image_dir, name):
     assert direct.texts == labeled.texts and len(direct.texts) == 1
     assert record["task"] == name and "error" not in record
     assert result is not None
+
+
+class Asked:
+    "A model with trained task options that records each prompt and answers one layout region."
+
+    task_options = {"layout": {"variant": "classes"}}
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, images, **kwargs):
+        from sphinx_tools.generate import Generation
+
+        self.prompts += prompts
+        return [Generation(text="<p>title</p> [0.10,0.10,0.90,0.20]", token_ids=[]) for _ in prompts]
+
+
+def test_run_task_asks_in_the_model_s_trained_wording_unless_told_otherwise():
+    model, image = Asked(), Image.new("RGB", (100, 100))
+    trained = run_task(model, image, "layout")
+    run_task(model, image, "layout", variant="default")
+    assert "Detect all layout regions (" in model.prompts[0]
+    assert "Detect the layout of the document in the image." in model.prompts[1]
+    assert list(trained.data["class_name"]) == ["title"]

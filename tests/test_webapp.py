@@ -155,6 +155,19 @@ def test_every_task_has_a_prompt_preview(tmp_path, image_path):
     assert prompt == "" and status.startswith("**Error:**")
 
 
+def test_the_page_asks_in_the_model_s_trained_wording(tmp_path, image_path):
+    model = ScriptedModel("<p>title</p> [0.10,0.10,0.90,0.20]")
+    model.task_options = {"layout": {"variant": "classes"}}
+    demo = backend(model, tmp_path)
+    prompt, _ = demo.prompt("layout", "", "", image_path)
+    assert prompt.startswith("Detect all layout regions (")
+    prompt, _ = demo.prompt("layout", "", '{"variant": "default"}', image_path)
+    assert prompt == "Detect the layout of the document in the image."
+    *_, last = demo.respond(image_path, "layout", "", "", "", [])
+    assert "Detect all layout regions (" in model.prompts[0][0]
+    assert "Error" not in last.status and last.result is not None
+
+
 # -- a chat turn -----------------------------------------------------------------------------------
 def test_respond_streams_parses_draws_and_writes_json(tmp_path, scene, image_path):
     qa = answer_for(scene, "detection")

@@ -188,13 +188,14 @@ def label_command(src, checkpoint, tasks, out, ontology, categories_file, drop_u
         flt = AnnotationFilter(min_score=min_score, nms=nms, class_agnostic=nms_class_agnostic)
         names = _split_list(tasks, "--tasks")
         options = parse_task_options(task_option)
-        from sphinx_tools.checkpoint import resolve
+        from sphinx_tools.checkpoint import read_task_options, resolve
 
         checkpoint = resolve(checkpoint)  # `demo` -> the embedded demo model
         if not checkpoint.is_dir():
             raise click.BadParameter(f"checkpoint folder {str(checkpoint)!r} does not exist",
                                      param_hint="--checkpoint")
-        common = dict(task_options=options, ontology=onto, max_gen_len=max_gen_len,
+        common = dict(task_options=options, trained_options=read_task_options(checkpoint),
+                      ontology=onto, max_gen_len=max_gen_len,
                       temperature=temperature, top_p=top_p, seed=seed,
                       model_id=model_fingerprint(checkpoint), sam_id=_sam_id(sam, sam_type))
         if dry_run:

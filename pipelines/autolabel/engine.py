@@ -105,7 +105,11 @@ class Labeler:
     Args:
         model: a ``SphinxModel`` (anything with ``generate_multi(images, questions, ...)``).
         tasks: task names, e.g. ``["detection", "pose", "ocr", "caption", "layout"]``.
-        task_options: per task, options for its prompt (``{"vqa": {"question": "..."}}``).
+        task_options: per task, options for its prompt (``{"vqa": {"question": "..."}}``); they
+            override ``trained_options``.
+        trained_options: per task, the options the checkpoint was trained to be asked with (its
+            ``task_options.json``); ``None``: the model's own (``model.task_options``), so give
+            them when the model is set later.
         ontology: maps detection phrases to categories; its classes are asked for by detection
             (unless ``task_options["detection"]["classes"]`` is given) and pick pose's persons.
         max_gen_len: generation budget of every question; ``None``: each task's own
@@ -125,7 +129,8 @@ class Labeler:
         UnknownTaskError: for a task name that is not registered.
     """
 
-    def __init__(self, model, tasks, *, task_options=None, ontology: Ontology | None = None,
+    def __init__(self, model, tasks, *, task_options=None, trained_options: dict | None = None,
+                 ontology: Ontology | None = None,
                  max_gen_len: int | None = None, temperature: float = 0.0, top_p: float = 0.95,
                  seed: int = 0, model_id: str = "model", sam_predictor=None,
                  sam_id: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS):
@@ -135,7 +140,9 @@ class Labeler:
             raise ValueError("need at least one task, got none")
         self.tasks = {name: get_task(name) for name in self.names}
         self.ontology = ontology
-        self.options = self._task_options(task_options or {})
+        if trained_options is None:
+            trained_options = getattr(model, "task_options", None) or {}
+        self.options = self._task_options(task_options or {}, trained_options)
         if max_gen_len is not None and int(max_gen_len) < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
         self.max_gen_len = None if max_gen_len is None else int(max_gen_len)
@@ -150,12 +157,13 @@ class Labeler:
         self._check_options()
 
     # -- configuration -----------------------------------------------------------------------
-    def _task_options(self, given: dict) -> dict:
+    def _task_options(self, given: dict, trained: dict) -> dict:
         unknown = sorted(set(given) - set(self.names))
         if unknown:
             raise ValueError(f"options given for task(s) {unknown} that are not run; "
                              f"tasks: {self.names}")
-        options = {n: {**DEFAULT_TASK_OPTIONS.get(n, {}), **given.get(n, {})} for n in self.names}
+        options = {n: {**DEFAULT_TASK_OPTIONS.get(n, {}), **trained.get(n, {}), **given.get(n, {})}
+                   for n in self.names}
         if "detection" in options and self.ontology is not None and self.ontology.classes:
             options["detection"].setdefault("classes", self.ontology.prompt_classes())
         return options

@@ -1,7 +1,8 @@
 """The embedded demo model: a tiny SPHINX-shaped model (one 224-px view) trained on synthetic
 scenes.
 
-- ``weights/``: the shipped checkpoint, its training config and log, and its measured quality
+- ``weights/``: the shipped checkpoint (with ``task_options.json``: the wording its scenes ask
+  layout in), its training configs and logs, and its measured quality
   (``quality.json``) and image-token probes (``token_probe.json``);
 - ``recipe.py``: the build recipes, ``python -m sphinx_tools.demo build`` (the shipped one:
   ``SHIPPED_SHAPE``);

@@ -11,7 +11,11 @@ project's own ``evaluate``:
 - shapes: detection AP50 (COCOeval bbox) and REC Acc@0.5 (``rec.json``); detection AP50 again
   with the ground truth's categories asked by name, as ``label --categories`` asks
   (``detection_ap50_with_categories``);
-- pose: keypoint AP (COCOeval keypoints on the detected persons);
+- pose: keypoint AP (COCOeval keypoints on the detected persons). Its object scale is the
+  person's ink area, a stick figure's few lines, so it asks for a precision of a pixel or two at
+  the head; ``pose_pck`` says how far the key points are in the person's own size: the share of
+  ground-truth key points that the person's match (the predicted person with the highest box IoU,
+  at least 0.5) puts within 0.1 (and 0.2) of the longer side of its box;
 - words: OCR word accuracy (a GT word counts when a prediction with IoU >= 0.5 reads it exactly);
 - document: layout AP50.
 
@@ -53,9 +57,8 @@ def label(model, src: Path, tasks: list[str], out: Path, max_gen_len: int, categ
     for those classes by name, and the output takes their names and ids."""
     from sphinx_tools.pipelines.autolabel import Labeler, Ontology, label_dataset, open_source, write_coco
 
-    # the demo model is asked layout in the wording it was trained on
-    options = {"layout": {"variant": "classes"}} if "layout" in tasks else None
-    labeler = Labeler(model, tasks, task_options=options, max_gen_len=max_gen_len, model_id="bench",
+    # no task options: the model's own (its checkpoint's task_options.json) apply, as in `label`
+    labeler = Labeler(model, tasks, max_gen_len=max_gen_len, model_id="bench",
                       ontology=None if categories is None else Ontology.from_categories(categories))
     source = open_source(src)
     label_dataset(labeler, source, out, batch_size=8, progress=False, workers=1)
@@ -87,6 +90,46 @@ def ocr_word_accuracy(pred: dict, gt: dict) -> float:
                 hit += 1
                 break
     return hit / max(len(words), 1)
+
+
+def pose_pck(pred: dict, gt: dict, fractions=(0.1, 0.2)) -> dict:
+    """PCK: the share of ground-truth key points (visible ones) that lie within ``f`` x the longer
+    side of their person's box of the key point predicted for them, for each ``f``. Each true
+    person takes the predicted person with the highest box IoU (at least 0.5); one with no match
+    misses all its points. Also the matched persons' share (``persons_matched``)."""
+    from sphinx_tools.pipelines.autolabel.evaluate import box_iou
+
+    names = {i["id"]: i["file_name"] for i in pred["images"]}
+    gt_ids = {i["file_name"]: i["id"] for i in gt["images"]}
+    preds = {}
+    for a in pred["annotations"]:
+        if a.get("keypoints") and names.get(a["image_id"]) in gt_ids:
+            preds.setdefault(gt_ids[names[a["image_id"]]], []).append(a)
+    hits, total, matched, persons = [0] * len(fractions), 0, 0, 0
+    for g in gt["annotations"]:
+        if not g.get("keypoints"):
+            continue
+        persons += 1
+        true = [g["keypoints"][k:k + 3] for k in range(0, len(g["keypoints"]), 3)]
+        visible = [i for i, (_, _, v) in enumerate(true) if v > 0]
+        total += len(visible)
+        cands = [(box_iou(_xyxy(p["bbox"]), _xyxy(g["bbox"])), k)
+                 for k, p in enumerate(preds.get(g["image_id"], []))]
+        iou, k = max(cands, default=(0.0, None))
+        if k is None or iou < 0.5:
+            continue
+        matched += 1
+        guess = preds[g["image_id"]][k]["keypoints"]
+        side = max(g["bbox"][2], g["bbox"][3])
+        for i in visible:
+            x, y, v = guess[3 * i:3 * i + 3]
+            if v <= 0:
+                continue
+            d = ((x - true[i][0]) ** 2 + (y - true[i][1]) ** 2) ** 0.5
+            for j, f in enumerate(fractions):
+                hits[j] += d <= f * side
+    out = {f"pck@{f:g}": round(h / max(total, 1), 4) for f, h in zip(fractions, hits)}
+    return {**out, "persons_matched": round(matched / max(persons, 1), 4), "persons": persons}
 
 
 def _xyxy(b):
@@ -369,6 +412,7 @@ def measure(model, checkpoint: str, n: int, seed: int, max_gen_len: int | None, 
         pose = label(model, sets["pose"] / "images", ["detection", "pose"], tmp / "pose.json", max_gen_len)
         res["pose_keypoint_ap"] = (evaluate(pose, gt["pose"], iou_types=("keypoints",))
                                    .get("keypoints") or {}).get("AP")
+        res["pose_pck"] = pose_pck(pose, gt["pose"])
         ocr = label(model, sets["words"] / "images", ["ocr"], tmp / "ocr.json", max_gen_len)
         res["ocr_word_accuracy"] = ocr_word_accuracy(ocr, gt["words"])
         lay = label(model, sets["document"] / "images", ["layout"], tmp / "layout.json", max_gen_len)

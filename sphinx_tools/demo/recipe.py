@@ -353,11 +353,16 @@ def _write_tokenizer(work: Path, recipe: dict):
 
 
 def install(checkpoint: Path, dest: Path = DEMO_DIR) -> Path:
-    "Copy a trained checkpoint (weights, tokenizer, config, meta; no optimizer state) to ``dest``."
+    """Copy a trained checkpoint (weights, tokenizer, config, meta; no optimizer state) to ``dest``,
+    with the task options its scenes ask in (``task_options.json``)."""
+    from ..checkpoint import write_task_options
+    from .synth import TRAINED_TASK_OPTIONS
+
     dest.mkdir(parents=True, exist_ok=True)
     for f in checkpoint.iterdir():
         if f.name.startswith("consolidated.") or f.name in ("tokenizer.model", "config.json", "meta.json"):
             shutil.copyfile(f, dest / f.name)
+    write_task_options(dest, TRAINED_TASK_OPTIONS)
     return dest
 
 

@@ -13,7 +13,10 @@ read from the ink, not from the drawing arguments. Boxes are pixel ``[x1, y1, x2
 exclusive right/bottom edges (``PIL.Image.getbbox``); key points are pixel centres (``x + 0.5``).
 Answers are written in SPHINX's output formats (those the task plugins parse) with
 :class:`~sphinx_tools.transforms.PaddedResize` and 2 decimals; questions come from the built-in
-task plugins' default templates, so training and inference prompts match exactly.
+task plugins' templates, so training and inference prompts match exactly. Where a task is asked
+in another of its templates than the default one (:data:`TRAINED_TASK_OPTIONS`), a model built
+on these scenes carries that choice in its checkpoint (``task_options.json``), and every entry
+point asks the task that way.
 
 Same ``seed`` -> byte-identical images, answers and ground truth::
 
@@ -72,6 +75,9 @@ CATEGORIES = (
        for i, c in enumerate(LAYOUT_CLASSES)]
 )
 CATEGORY_NAMES = tuple(c["name"] for c in CATEGORIES)
+# The options a task is asked with here where they are not its default prompt: layout lists its
+# classes in the question. A demo build writes them to its checkpoint's task_options.json.
+TRAINED_TASK_OPTIONS = {"layout": {"variant": "classes"}}
 CATEGORY_ID = {c["name"]: c["id"] for c in CATEGORIES}
 _TRANSFORM = PaddedResize()
 
@@ -697,9 +703,8 @@ def _document_qas(scene: Scene, rng) -> list[QA]:
     names = {"title": ("title", "titles"), "text": ("paragraph", "paragraphs"), "list": ("list", "lists"),
              "table": ("table", "tables"), "figure": ("figure", "figures")}
     parts = [_count_phrase(len(groups[c]), *names[c]) for c in order]
-    # the wording the demo model is trained on (the task's "classes" variant)
     qas = [_qa("layout", layout, [i for c in order for i in groups[c]],
-               variant="classes")] if order else []
+               **TRAINED_TASK_OPTIONS["layout"])] if order else []
     caption = f"A document page with {_join(parts)}." if parts else "An empty document page."
     qas.append(_qa("caption", caption))
     return qas

@@ -92,6 +92,39 @@ def test_bad_option_names_the_value(synth_dir, tiny_ckpt, tmp_path):
     assert result.exit_code != 0 and "'vqa'" in result.output
 
 
+def test_the_checkpoint_s_trained_wording_is_asked_unless_an_option_overrides_it(
+        synth_dir, tiny_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    from sphinx_tools.pipelines.autolabel import cli as label_cli
+
+    from .conftest import ScriptedModel
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "task_options.json").write_text('{"layout": {"variant": "classes"}, "vqa": {}}')
+    models = []
+    monkeypatch.setattr(label_cli, "_load_model", lambda *a, **k: models.append(ScriptedModel())
+                        or models[-1])
+
+    def asked(*extra):
+        out = tmp_path / f"{len(models)}.json"
+        res = CliRunner().invoke(main, ["label", str(synth_dir / "images"), "-c", str(ckpt), "--out",
+                                        str(out), "--tasks", "layout", "--limit", "1",
+                                        "--no-progress", *extra])
+        assert res.exit_code == 0, res.output  # trained options of tasks not run are no error
+        return {q for _, rows in models[-1].calls for qs in rows for q in qs}
+
+    (classes,) = asked()
+    assert "Detect all layout regions (text, title, list, table or figure)" in classes
+    (default,) = asked("--option", "layout.variant=default")
+    assert "Detect the layout of the document in the image." in default
+    (ckpt / "task_options.json").write_text('{"layout": {"bogus": 1}}')
+    res = CliRunner().invoke(main, ["label", str(synth_dir / "images"), "-c", str(ckpt), "--out",
+                                    str(tmp_path / "x.json"), "--tasks", "layout", "--no-progress"])
+    assert res.exit_code != 0 and "bogus" in res.output and len(models) == 2  # before loading
+
+
 def command(src, ckpt, out, *extra):
     return [sys.executable, "-m", "sphinx_tools.cli", "label", str(src), "-c", str(ckpt),
             "--out", str(out), *ARGS, *extra]

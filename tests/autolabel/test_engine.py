@@ -96,6 +96,21 @@ def test_keys_change_with_prompt_model_and_content(scripted):
     assert ka != a.keys("other-content", item)
 
 
+def test_the_model_s_trained_options_apply_and_given_ones_win():
+    model = ScriptedModel()
+    model.task_options = {"layout": {"variant": "classes"}, "relation": {"variant": "default"}}
+    trained = Labeler(model, ["layout"])  # relation is not run: its entry is not an error
+    given = Labeler(model, ["layout"], task_options={"layout": {"variant": "default"}})
+    explicit = Labeler(None, ["layout"], trained_options=model.task_options)
+    assert trained.options["layout"]["variant"] == explicit.options["layout"]["variant"] == "classes"
+    assert given.options["layout"]["variant"] == "default"
+    item = ImageItem(0, None, "a.png", 1)
+    assert trained.keys("h", item) == explicit.keys("h", item) != given.keys("h", item)
+    trained.label(works(1, ["layout"], trained))
+    (question,) = model.calls[0][1][0]
+    assert "### Human: Detect all layout regions (text, title, list, table or figure)" in question
+
+
 @pytest.mark.parametrize(
     "tasks, options, error",
     [

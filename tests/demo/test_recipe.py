@@ -63,7 +63,11 @@ def test_a_scaled_build_trains_on_more_scenes_and_keeps_its_own_dest(tmp_path, m
     assert cfg["batch_size"] == 2 and cfg["encoder_warmup"]["batch_size"] == 2 and cfg["max_minutes"] is None
     log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2  # the training log travels with the weights
-    assert SphinxModel.from_pretrained(tmp_path / "m").transformer.cfg.dim > 0
+    built = SphinxModel.from_pretrained(tmp_path / "m")
+    assert built.transformer.cfg.dim > 0
+    # the prompt wording of the training scenes travels with the weights
+    from sphinx_tools.demo.synth import TRAINED_TASK_OPTIONS
+    assert built.task_options == TRAINED_TASK_OPTIONS and "layout" in built.task_options
     again = CliRunner().invoke(recipe.cli, ["build", "--shape", "sphinx-1k", "--work", "w", "--dest", "m",
                                             "--scale", "3"])
     assert again.exit_code != 0 and "holds 8 scenes, this build wants 12" in str(again.exception)
