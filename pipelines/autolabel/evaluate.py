@@ -4,6 +4,11 @@
   each run when both files have the data. Prediction categories map to GT categories by name
   (exact, then normalized: case, plural), images by ``file_name`` (then base name). Only the GT
   images the predictions cover are scored (a ``--limit`` run scores its images).
+  Beside them, where the files have the data: OCR text accuracy (``text``: the share of GT
+  annotations with a ``text`` that a prediction boxing it at IoU >= 0.5 reads exactly) and key-point
+  PCK (``pck``: the share of labelled GT key points that the matched person, the prediction with
+  the highest box IoU >= 0.5, puts within 0.1 and 0.2 of the longer side of the person's box), a
+  scale-free view of key points next to COCO's OKS-based AP.
 - RefCOCO-style GT (a list of ``{question_id, answer: [x1, y1, x2, y2] px, ...}``): REC accuracy,
   the share of questions whose predicted box has IoU >= 0.5 with the answer. Predictions are a
   COCO file from ``label`` (``task: "rec"`` annotations with ``question_id``; the best-scored one
@@ -101,7 +106,70 @@ def coco_metrics(pred: dict, gt: dict, iou_types) -> dict:
         result = _cocoeval(gt_coco, gt, dts, iou_type, sorted(set(images.values())))
         if result is not None:
             out[iou_type] = result
+    by_image = {}
+    for ann in pred["annotations"]:  # text and key points are scored whatever their category
+        if ann.get("image_id") in images and ann.get("bbox") is not None:
+            by_image.setdefault(images[ann["image_id"]], []).append(ann)
+    covered = [a for a in gt.get("annotations", []) if a.get("image_id") in set(images.values())]
+    text = text_accuracy(by_image, covered)
+    if text is not None:
+        out["text"] = text
+    pck = keypoint_pck(by_image, covered) if "keypoints" in iou_types else None
+    if pck is not None:
+        out["pck"] = pck
     return out
+
+
+def text_accuracy(pred_by_image: dict, gt_anns: list, iou: float = 0.5) -> dict | None:
+    """The share of GT annotations with a ``text`` that some prediction of their image (one with a
+    ``text``) boxes at IoU >= ``iou`` and reads exactly (surrounding spaces ignored); ``None``
+    when no GT annotation has a text."""
+    words = [a for a in gt_anns if isinstance(a.get("text"), str)]
+    if not words:
+        return None
+    read = 0
+    for w in words:
+        for p in pred_by_image.get(w["image_id"], []):
+            if (isinstance(p.get("text"), str) and p["text"].strip() == w["text"].strip()
+                    and box_iou(_xyxy(p["bbox"]), _xyxy(w["bbox"])) >= iou):
+                read += 1
+                break
+    return {"accuracy": read / len(words), "read": read, "words": len(words), "iou_threshold": iou}
+
+
+def keypoint_pck(pred_by_image: dict, gt_anns: list, fractions=(0.1, 0.2)) -> dict | None:
+    """PCK: the share of labelled GT key points (visibility > 0) within ``f`` x the longer side of
+    their person's box of the point predicted for them, for each ``f``. Each GT person takes the
+    prediction with key points of the highest box IoU (at least 0.5); a person with no match
+    misses all its points. ``None`` when no GT annotation has key points."""
+    persons = [a for a in gt_anns if a.get("keypoints") and a.get("bbox") is not None]
+    if not persons:
+        return None
+    hits, total, matched = [0] * len(fractions), 0, 0
+    for g in persons:
+        true = np.asarray(g["keypoints"], dtype=float).reshape(-1, 3)
+        visible = true[:, 2] > 0
+        total += int(visible.sum())
+        cands = [p for p in pred_by_image.get(g["image_id"], []) if p.get("keypoints")]
+        ious = [box_iou(_xyxy(p["bbox"]), _xyxy(g["bbox"])) for p in cands]
+        if not ious or max(ious) < 0.5:
+            continue
+        matched += 1
+        guess = np.asarray(cands[int(np.argmax(ious))]["keypoints"], dtype=float).reshape(-1, 3)
+        if len(guess) != len(true):
+            continue
+        ok = visible & (guess[:, 2] > 0)
+        dist = np.hypot(*(guess[:, :2] - true[:, :2]).T)
+        side = max(g["bbox"][2], g["bbox"][3])
+        for j, f in enumerate(fractions):
+            hits[j] += int((ok & (dist <= f * side)).sum())
+    out = {f"pck@{f:g}": h / max(total, 1) for f, h in zip(fractions, hits)}
+    return {**out, "persons_matched": matched, "persons": len(persons), "keypoints": total}
+
+
+def _xyxy(b):
+    "COCO ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``."
+    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
 
 
 def _coco(data: dict):
@@ -239,7 +307,18 @@ def format_table(metrics: dict) -> str:
     m = metrics.get("matching", {})
     head = (f"matched {m.get('images', 0)} images, {m.get('categories', 0)} categories, "
             f"{m.get('annotations', 0)} predictions ({m.get('dropped', 0)} unmatched)")
+    extra = []
+    if "text" in metrics:
+        t = metrics["text"]
+        extra.append(f"text     accuracy {t['accuracy']:.4f} ({t['read']}/{t['words']} GT texts read "
+                     f"exactly by a box with IoU >= {t['iou_threshold']})")
+    if "pck" in metrics:
+        p = metrics["pck"]
+        levels = ", ".join(f"{k.upper()} {v:.4f}" for k, v in p.items() if k.startswith("pck@"))
+        extra.append(f"pose     {levels} ({p['persons_matched']}/{p['persons']} persons matched)")
     if not kinds:
+        if extra:
+            return "\n".join([head, *extra])
         return head + "\nnothing to evaluate (no IoU type has data on both sides)"
     names = list(dict.fromkeys(n for k in kinds for n in STAT_NAMES[k]))
     lines = [head, f"{'metric':<8}" + "".join(f"{k:>11}" for k in kinds)]
@@ -247,4 +326,4 @@ def format_table(metrics: dict) -> str:
         cells = [metrics[k].get(name) for k in kinds]
         lines.append(f"{name:<8}" + "".join(f"{'-':>11}" if v is None else f"{v:>11.4f}"
                                             for v in cells))
-    return "\n".join(lines)
+    return "\n".join(lines + extra)

@@ -13,9 +13,9 @@ project's own ``evaluate``:
   (``detection_ap50_with_categories``);
 - pose: keypoint AP (COCOeval keypoints on the detected persons). Its object scale is the
   person's ink area, a stick figure's few lines, so it asks for a precision of a pixel or two at
-  the head; ``pose_pck`` says how far the key points are in the person's own size: the share of
-  ground-truth key points that the person's match (the predicted person with the highest box IoU,
-  at least 0.5) puts within 0.1 (and 0.2) of the longer side of its box;
+  the head; ``pose_pck`` (``evaluate``'s PCK) says how far the key points are in the person's
+  own size: the share of ground-truth key points that the person's match (the predicted person
+  with the highest box IoU, at least 0.5) puts within 0.1 (and 0.2) of the longer side of its box;
 - words: OCR word accuracy (a GT word counts when a prediction with IoU >= 0.5 reads it exactly);
 - document: layout AP50.
 
@@ -72,68 +72,10 @@ def ap50(metrics: dict, iou_type: str = "bbox") -> float | None:
 
 
 def ocr_word_accuracy(pred: dict, gt: dict) -> float:
-    "The share of ground-truth words that a prediction with IoU >= 0.5 reads exactly."
-    from sphinx_tools.pipelines.autolabel.evaluate import box_iou
+    "The share of ground-truth words that a prediction with IoU >= 0.5 reads exactly (``evaluate``'s text accuracy)."
+    from sphinx_tools.pipelines.autolabel import evaluate
 
-    by_image = {}
-    for a in pred["annotations"]:
-        if a.get("text") is not None:
-            by_image.setdefault(a["image_id"], []).append(a)
-    names = {i["id"]: i["file_name"] for i in pred["images"]}
-    gt_ids = {i["file_name"]: i["id"] for i in gt["images"]}
-    preds = {gt_ids[names[k]]: v for k, v in by_image.items() if names[k] in gt_ids}
-    words = [a for a in gt["annotations"] if a.get("text")]
-    hit = 0
-    for w in words:
-        for p in preds.get(w["image_id"], []):
-            if box_iou(_xyxy(p["bbox"]), _xyxy(w["bbox"])) >= 0.5 and p["text"].strip() == w["text"]:
-                hit += 1
-                break
-    return hit / max(len(words), 1)
-
-
-def pose_pck(pred: dict, gt: dict, fractions=(0.1, 0.2)) -> dict:
-    """PCK: the share of ground-truth key points (visible ones) that lie within ``f`` x the longer
-    side of their person's box of the key point predicted for them, for each ``f``. Each true
-    person takes the predicted person with the highest box IoU (at least 0.5); one with no match
-    misses all its points. Also the matched persons' share (``persons_matched``)."""
-    from sphinx_tools.pipelines.autolabel.evaluate import box_iou
-
-    names = {i["id"]: i["file_name"] for i in pred["images"]}
-    gt_ids = {i["file_name"]: i["id"] for i in gt["images"]}
-    preds = {}
-    for a in pred["annotations"]:
-        if a.get("keypoints") and names.get(a["image_id"]) in gt_ids:
-            preds.setdefault(gt_ids[names[a["image_id"]]], []).append(a)
-    hits, total, matched, persons = [0] * len(fractions), 0, 0, 0
-    for g in gt["annotations"]:
-        if not g.get("keypoints"):
-            continue
-        persons += 1
-        true = [g["keypoints"][k:k + 3] for k in range(0, len(g["keypoints"]), 3)]
-        visible = [i for i, (_, _, v) in enumerate(true) if v > 0]
-        total += len(visible)
-        cands = [(box_iou(_xyxy(p["bbox"]), _xyxy(g["bbox"])), k)
-                 for k, p in enumerate(preds.get(g["image_id"], []))]
-        iou, k = max(cands, default=(0.0, None))
-        if k is None or iou < 0.5:
-            continue
-        matched += 1
-        guess = preds[g["image_id"]][k]["keypoints"]
-        side = max(g["bbox"][2], g["bbox"][3])
-        for i in visible:
-            x, y, v = guess[3 * i:3 * i + 3]
-            if v <= 0:
-                continue
-            d = ((x - true[i][0]) ** 2 + (y - true[i][1]) ** 2) ** 0.5
-            for j, f in enumerate(fractions):
-                hits[j] += d <= f * side
-    out = {f"pck@{f:g}": round(h / max(total, 1), 4) for f, h in zip(fractions, hits)}
-    return {**out, "persons_matched": round(matched / max(persons, 1), 4), "persons": persons}
-
-
-def _xyxy(b):
-    return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
+    return (evaluate(pred, gt, iou_types=()).get("text") or {}).get("accuracy", 0.0)
 
 
 def constant_scores(pred: dict) -> dict:
@@ -410,9 +352,9 @@ def measure(model, checkpoint: str, n: int, seed: int, max_gen_len: int | None, 
         res["rec_acc50"] = evaluate(rec, rec_gt)["rec"]["accuracy"]
         res["rec_misses"] = rec_misses(rec, rec_gt, gt["shapes"])
         pose = label(model, sets["pose"] / "images", ["detection", "pose"], tmp / "pose.json", max_gen_len)
-        res["pose_keypoint_ap"] = (evaluate(pose, gt["pose"], iou_types=("keypoints",))
-                                   .get("keypoints") or {}).get("AP")
-        res["pose_pck"] = pose_pck(pose, gt["pose"])
+        scored = evaluate(pose, gt["pose"], iou_types=("keypoints",))
+        res["pose_keypoint_ap"] = (scored.get("keypoints") or {}).get("AP")
+        res["pose_pck"] = scored.get("pck")
         ocr = label(model, sets["words"] / "images", ["ocr"], tmp / "ocr.json", max_gen_len)
         res["ocr_word_accuracy"] = ocr_word_accuracy(ocr, gt["words"])
         lay = label(model, sets["document"] / "images", ["layout"], tmp / "layout.json", max_gen_len)

