@@ -323,3 +323,39 @@ def test_every_pilot_hypothesis_is_a_valid_training_config(tmp_path):
     two_hop = recipe.pilot_recipe("two-hop")
     hops = two_hop["train"]["object_attention"]
     assert hops["question_layer"] < hops["layer"] < two_hop["model"]["overrides"]["n_layers"]
+
+
+def test_the_polish_run_trains_last_on_every_record_with_its_kinds_twice(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sphinx_tools.train import TrainConfig
+
+    read = recipe.SINGLE_VIEW_READ
+    assert read["polish"]["kinds"] == ["pose", "words"] and read["polish"]["ratio"] == 1.0
+    name, polish = recipe.training_configs(read)[-1]
+    TrainConfig(**{**polish, "out": str(tmp_path / "p")})
+    assert name == "train_polish.yaml" and polish["init"] == {"checkpoint": "run/last"}
+    assert polish["lr"] == read["polish"]["train"]["lr"] < read["train"]["lr"]
+    assert recipe.scaled_recipe(2, 2, read)["polish"]["train"]["max_minutes"] is None
+
+    tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "polish": {"kinds": ["pose", "words"], "ratio": 1.0,
+                                                       "train": {"steps": 1, "lr": 5e-4}}}
+    monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
+                                          "--dest", "m", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    data = tmp_path / "w" / "data"
+    kind = {i["file_name"]: i["kind"] for i in json.loads((data / "coco.json").read_text())["images"]}
+    every = json.loads((data / "conversations.json").read_text())
+    again = json.loads((data / "polish.json").read_text())
+    assert again == [r for r in every if kind[r["image"].split("/")[-1]] in ("pose", "words")] != []
+    cfg = yaml.safe_load((tmp_path / "m" / "train_polish.yaml").read_text())
+    assert cfg["init"] == {"checkpoint": "run/last"} and "encoder_warmup" not in cfg
+    assert [d["path"] for d in cfg["data"]] == ["data/conversations.json", "data/polish.json"]
+    assert (tmp_path / "m" / "train_polish_log.jsonl").is_file()
+    installed = (tmp_path / "m" / "consolidated.00-of-01.model.pth").read_bytes()
+    assert installed == (tmp_path / "w" / "run_polish" / "last" / "consolidated.00-of-01.model.pth").read_bytes()
