@@ -187,6 +187,18 @@ def test_the_full_single_view_recipe_trains_every_kind_with_both_hops(tmp_path, 
     assert (model_cfg.llama_type, model_cfg.n_views, model_cfg.image_size) == ("llama_ens", 1, 224)
 
 
+def build_staged(tiny: dict, tmp_path, monkeypatch):
+    "Build ``tiny`` as the single-view-staged recipe into w/ (installed in m/); returns w/data."
+    from click.testing import CliRunner
+
+    monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
+                                          "--dest", "m", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    return tmp_path / "w" / "data"
+
+
 def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_path, monkeypatch):
     import json
 
@@ -211,12 +223,7 @@ def test_the_staged_recipe_trains_shapes_rec_and_detection_then_every_task(tmp_p
                 "object_attention": {"boxes": "named"},
                 "encoder_warmup": {"steps": 2, "batch_size": 4, "read": "text", "read_weight": 0.3}}),
             "stages": [{"kinds": ["shapes"], "tasks": ["rec", "detection"], "train": {"steps": 2}}]}
-    monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
-    monkeypatch.chdir(tmp_path)
-    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
-                                          "--dest", "m", "--threads", "1"])
-    assert run.exit_code == 0, run.output
-    data = tmp_path / "w" / "data"
+    data = build_staged(tiny, tmp_path, monkeypatch)
     images = json.loads((data / "coco.json").read_text())["images"]
     kind = {i["file_name"]: i["kind"] for i in images}
     first = json.loads((data / "stage1.json").read_text())
@@ -343,12 +350,7 @@ def test_the_polish_run_trains_last_on_every_record_with_its_kinds_twice(tmp_pat
 
     tiny = {**TINY_SINGLE_VIEW, "scenes": 8, "polish": {"kinds": ["pose", "words"], "ratio": 1.0,
                                                        "train": {"steps": 1, "lr": 5e-4}}}
-    monkeypatch.setattr(recipe, "SINGLE_VIEW_STAGED", tiny)
-    monkeypatch.chdir(tmp_path)
-    run = CliRunner().invoke(recipe.cli, ["build", "--shape", "single-view-staged", "--work", "w",
-                                          "--dest", "m", "--threads", "1"])
-    assert run.exit_code == 0, run.output
-    data = tmp_path / "w" / "data"
+    data = build_staged(tiny, tmp_path, monkeypatch)
     kind = {i["file_name"]: i["kind"] for i in json.loads((data / "coco.json").read_text())["images"]}
     every = json.loads((data / "conversations.json").read_text())
     again = json.loads((data / "polish.json").read_text())
