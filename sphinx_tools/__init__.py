@@ -12,7 +12,7 @@ from .conversation import build_prompt
 from .errors import CheckpointError, SphinxToolsError, UnknownTaskError
 from .hookspecs import hookimpl
 from .registry import get_task, list_tasks, load_plugins, pm
-from .run import run_task
+from .run import run_task, trained_options
 from .tasks import DetectionsTask, Task, TaskOptions
 from .transforms import PaddedResize
 
@@ -37,5 +37,5 @@ __all__ = [
     "CheckpointError", "DetectionsTask", "Entity", "Generation", "GroundedCaption", "PaddedResize",
     "SceneGraph", "SphinxConfig", "SphinxModel", "SphinxToolsError", "Task", "TaskOptions",
     "UnknownTaskError", "VisionConfig", "build_prompt", "get_task", "hookimpl", "list_tasks",
-    "load_plugins", "make_tiny_checkpoint", "pm", "run_task",
+    "load_plugins", "make_tiny_checkpoint", "pm", "run_task", "trained_options",
 ]
