@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sphinx_tools.demo.quality import TARGETS
+
 # kind -> (label input, tasks, evaluate ground truth, [(measure, metrics key path)])
 JOBS = {
     "shapes": ("coco.json", "detection", "coco.json", [("detection_ap50", ("bbox", "AP50"))]),
@@ -28,8 +30,6 @@ JOBS = {
     "words": ("coco.json", "ocr", "coco.json", [("ocr_word_accuracy", ("text", "accuracy"))]),
     "document": ("coco.json", "layout", "coco.json", [("layout_ap50", ("bbox", "AP50"))]),
 }
-TARGETS = {"detection_ap50": 0.90, "rec_acc50": 0.90, "pose_keypoint_ap": 0.5,
-           "ocr_word_accuracy": 0.8, "layout_ap50": 0.8}
 
 
 def cli(*args) -> None:

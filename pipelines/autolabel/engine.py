@@ -29,7 +29,7 @@ from sphinx_tools.conversation import build_prompt
 from sphinx_tools.parsing import Answer, normalize_label
 from sphinx_tools.records import detections_to_json, record_boxes, to_record
 from sphinx_tools.registry import get_task
-from sphinx_tools.run import parse_generation
+from sphinx_tools.run import parse_generation, trained_options as model_trained_options
 
 from .ontology import Ontology
 from .sources import ImageItem
@@ -141,7 +141,7 @@ class Labeler:
         self.tasks = {name: get_task(name) for name in self.names}
         self.ontology = ontology
         if trained_options is None:
-            trained_options = getattr(model, "task_options", None) or {}
+            trained_options = {n: model_trained_options(model, n) for n in self.names}
         self.options = self._task_options(task_options or {}, trained_options)
         if max_gen_len is not None and int(max_gen_len) < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")

@@ -99,18 +99,19 @@ def coco_metrics(pred: dict, gt: dict, iou_types) -> dict:
                         "image_id": images[ann["image_id"]]})
         else:
             dropped += 1
-    gt_coco = _coco(gt)
     out = {"matching": {"images": len(images), "categories": len(cats),
                         "annotations": len(dts), "dropped": dropped}}
+    scored = set(images.values())  # the GT images the predictions cover
+    gt_coco = _coco(gt) if iou_types else None
     for iou_type in iou_types:
-        result = _cocoeval(gt_coco, gt, dts, iou_type, sorted(set(images.values())))
+        result = _cocoeval(gt_coco, gt, dts, iou_type, sorted(scored))
         if result is not None:
             out[iou_type] = result
     by_image = {}
     for ann in pred["annotations"]:  # text and key points are scored whatever their category
         if ann.get("image_id") in images and ann.get("bbox") is not None:
             by_image.setdefault(images[ann["image_id"]], []).append(ann)
-    covered = [a for a in gt.get("annotations", []) if a.get("image_id") in set(images.values())]
+    covered = [a for a in gt.get("annotations", []) if a.get("image_id") in scored]
     text = text_accuracy(by_image, covered)
     if text is not None:
         out["text"] = text
